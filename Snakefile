@@ -1,0 +1,32 @@
+# Meta-Transfer Learning (Sun et al., CVPR 2019): download -> HDF5 -> pre-train -> meta-train
+# -> fixed test episodes -> evaluate -> results/summary.csv. See README.md and config.yaml.
+from snakemake.utils import min_version, validate
+
+min_version("8.20")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "rules/config.schema.yaml")
+
+
+# --resources gpu=N counts GPUs per machine: on a cluster each node has its own.
+resource_scopes:
+    gpu="local",
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_output(),
+
+
+# Partial target: every dataset's HDF5 splits.
+rule all_hdf5:
+    input:
+        get_hdf5_targets(),

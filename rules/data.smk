@@ -1,0 +1,40 @@
+# Raw files -> HDF5 splits (DESIGN.md "Data flow").
+
+
+# Compute nodes often have no internet: downloads always run where Snakemake runs.
+# The manifest is the only declared output, so .part files beside it survive a failure and resume.
+rule download:
+    output:
+        manifest="data/raw/{dataset}/manifest.json",
+    log:
+        "logs/download/{dataset}.log",
+    localrule: True
+    conda:
+        "../envs/mtl.yaml"
+    params:
+        entry=dataset_entry,
+        raw_dir=subpath(output.manifest, parent=True),
+    script:
+        "../workflow_scripts/download.py"
+
+
+rule build_hdf5:
+    input:
+        manifest=rules.download.output.manifest,
+    output:
+        train="data/{dataset}/train.h5",
+        val="data/{dataset}/val.h5",
+        test="data/{dataset}/test.h5",
+    log:
+        "logs/build_hdf5/{dataset}.log",
+    benchmark:
+        "benchmarks/build_hdf5/{dataset}.tsv"
+    conda:
+        "../envs/mtl.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    params:
+        options=dataset_build_options,
+    script:
+        "../workflow_scripts/build_hdf5.py"

@@ -1,0 +1,155 @@
+"""What every backbone shares, the factory, and the meta-phase helpers built on SSConv2d.
+
+A backbone maps images ``(B, 3, H, W)`` to features ``(B, out_dim)`` (global average pool, so any
+``H, W >= 16`` works). ``Backbone.config`` (name, width) is all a checkpoint needs to rebuild the
+architecture: ``build_backbone(**model.config, ss=...)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from mtl.errors import ConfigError
+from mtl.models.ss_conv import SSConv2d
+
+MIN_INPUT_SIZE = 16
+
+
+def scaled_channels(channels: int, width: float) -> int:
+    """Channel count under a width multiplier: rounded, never below 1 (width 0.125 for tests)."""
+    return max(1, int(round(channels * width)))
+
+
+def check_width(width: float) -> float:
+    """Return ``width`` as a float, or raise ConfigError for a non-positive / non-finite value."""
+    try:
+        value = float(width)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"backbone width must be a positive number (1.0 = the published network), "
+                          f"got {width!r}; set backbone.width in config.yaml")
+    return value
+
+
+class Backbone(nn.Module):
+    """Base class of the feature extractors; subclasses set ``name``, ``native_size``, ``out_dim``."""
+
+    name: str = ""
+    native_size: int = 0
+
+    def __init__(self, *, width: float = 1.0, ss: bool = False) -> None:
+        super().__init__()
+        self.width = check_width(width)
+        self.ss = bool(ss)
+        self.out_dim = 0
+
+    @property
+    def config(self) -> dict:
+        """What a checkpoint stores to rebuild this architecture (``ss`` is chosen at load time)."""
+        return {"name": self.name, "width": self.width}
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Fail early, with the shape seen, on input that would break deep in the network."""
+        if x.dim() != 4 or x.shape[1] != 3 or min(x.shape[-2:]) < MIN_INPUT_SIZE:
+            raise ValueError(f"{self.name} expects float images (B, 3, H, W) with H, W >= "
+                             f"{MIN_INPUT_SIZE} (native {self.native_size}), got {tuple(x.shape)}")
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, ss={self.ss}, out_dim={self.out_dim}"
+
+
+def backbone_classes() -> dict[str, type[Backbone]]:
+    """Known backbones by name (imported here, not at module level, to avoid an import cycle)."""
+    from mtl.models.resnet12 import ResNet12
+    from mtl.models.resnet25 import ResNet25
+
+    return {"resnet12": ResNet12, "resnet25": ResNet25}
+
+
+def build_backbone(name: str, *, width: float = 1.0, ss: bool = False) -> Backbone:
+    """Build ``resnet12`` (the paper's, 84x84 -> 512-d) or ``resnet25`` (PyTorch reference, 80x80 -> 640-d).
+
+    ``ss=False`` gives the pre-train form, ``ss=True`` the meta form with frozen convs and
+    scale/shift parameters; both share state-dict keys for conv weights/biases and BN.
+    """
+    classes = backbone_classes()
+    if name not in classes:
+        raise ConfigError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(classes))} "
+                          f"(set backbone.name in config.yaml)")
+    return classes[name](width=width, ss=ss)
+
+
+def init_conv_and_bn(model: nn.Module, *, nonlinearity: str = "relu", a: float = 0.0) -> None:
+    """Reference init: conv weights kaiming_normal(fan_out), BN gamma 1 / beta 0 (biases untouched)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, a=a, mode="fan_out", nonlinearity=nonlinearity)
+        elif isinstance(module, _BatchNorm) and module.affine:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def ss_convs(model: nn.Module) -> list[SSConv2d]:
+    """The convs of ``model`` that are in the SS form."""
+    return [m for m in model.modules() if isinstance(m, SSConv2d) and m.ss]
+
+
+def meta_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters meta-training updates: every ``scale``, every ``shift`` and every BN gamma/beta.
+
+    The reference trains BN affine together with the scales (REFERENCE.md section 2). Order is the
+    module order, each parameter once, so optimiser state lines up across runs.
+    """
+    params: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, SSConv2d) and module.ss:
+            params += [p for p in (module.scale, module.shift) if p is not None]
+        elif isinstance(module, _BatchNorm) and module.affine:
+            params += [module.weight, module.bias]
+    unique = {id(p): p for p in params}
+    return list(unique.values())
+
+
+def freeze_for_meta(model: nn.Module) -> list[nn.Parameter]:
+    """Make exactly :func:`meta_parameters` require grad and freeze everything else; return them.
+
+    Raises ValueError on a model without SS convs: meta-training it would silently train BN only.
+    """
+    if not ss_convs(model):
+        raise ValueError("freeze_for_meta needs a model built with ss=True (no scale/shift convs "
+                         "found); build it with build_backbone(..., ss=True) and load the "
+                         "pre-trained state into it")
+    model.requires_grad_(False)
+    params = meta_parameters(model)
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def fold_scales(model: Backbone) -> Backbone:
+    """A plain backbone computing the same function: ``W * scale`` and ``b + shift`` folded in.
+
+    Used to embed images fast at meta-test time (no per-forward weight products). BN parameters
+    and running statistics are copied (cloned, so later updates of ``model`` do not leak in); the
+    result lives on the same device/dtype and has the same train/eval mode as ``model``.
+    """
+    if not isinstance(model, Backbone) or not model.ss:
+        raise ValueError("fold_scales expects a Backbone built with ss=True, "
+                         f"got {type(model).__name__} (ss={getattr(model, 'ss', None)})")
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()
+             if not key.endswith((".scale", ".shift"))}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, SSConv2d) and module.ss:
+                weight, bias = module.effective_weight_and_bias()
+                state[f"{name}.weight"] = weight.detach().clone()
+                if bias is not None:
+                    state[f"{name}.bias"] = bias.detach().clone()
+    with torch.device("meta"):
+        plain = build_backbone(**model.config, ss=False)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain.train(model.training)

@@ -18,6 +18,10 @@ resource_scopes:
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/pretrain.smk"
+include: "rules/meta.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -26,7 +30,12 @@ rule all:
         get_final_output(),
 
 
-# Partial target: every dataset's HDF5 splits.
+# Partial targets: every dataset's HDF5 splits; every pre-trained encoder.
 rule all_hdf5:
     input:
         get_hdf5_targets(),
+
+
+rule all_encoders:
+    input:
+        get_encoder_targets(),

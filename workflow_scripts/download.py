@@ -1,11 +1,7 @@
 """Rule download: make a dataset's raw files available and write their manifest."""
-import sys
+from mtl.logs import log_to_file
 
-sys.stderr = open(snakemake.log[0], "w", buffering=1)
-
-import logging
-
-logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+log_to_file(snakemake.log[0])
 
 from mtl.data.prepare import fetch_raw
 

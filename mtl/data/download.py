@@ -404,15 +404,20 @@ def _describe(exc: BaseException) -> str:
 
 
 def _expected_facts(remote: Remote, sha256: str | None) -> _Expected:
-    """Registry facts, with a user-pinned SHA-256 taking precedence over the registry's."""
-    if sha256 and remote.sha256 and sha256.lower() != remote.sha256.lower():
-        log.warning(
-            "%s: the pinned SHA-256 %s differs from the registry's %s; using the pinned one",
-            remote.name,
-            sha256,
-            remote.sha256,
-        )
-    return _Expected(size=remote.size, md5=remote.md5, sha256=sha256 or remote.sha256)
+    """Registry facts, unless the user pinned another SHA-256: then that pin alone decides.
+
+    A pin that differs from the registry's digest names a different file (a re-packed archive, a
+    deliberate subset), whose size and MD5 the registry cannot know.
+    """
+    if sha256 and sha256.lower() != (remote.sha256 or "").lower():
+        if remote.sha256 or remote.md5 or remote.size is not None:
+            log.warning(
+                "%s: the pinned SHA-256 %s differs from the registry's facts; accepting only the pinned file",
+                remote.name,
+                sha256,
+            )
+        return _Expected(size=None, md5=None, sha256=sha256.lower())
+    return _Expected(size=remote.size, md5=remote.md5, sha256=remote.sha256)
 
 
 def _describe_expected(expected: _Expected) -> str:

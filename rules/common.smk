@@ -3,11 +3,20 @@
 
 SPLITS = ["train", "val", "test"]
 DATASETS = [name for name, entry in config["data"].items() if entry["enabled"]]
+BACKBONE = config["backbone"]["name"]
+METHODS = config["methods"]
+META_METHODS = [m for m in ["mtl", "mtl_ht"] if m in METHODS]
+WAY = config["protocol"]["way"]
+SHOTS = config["protocol"]["shots"]
 
 
 wildcard_constraints:
     dataset="|".join(DATASETS) or "NO_DATASET_ENABLED",
     split="|".join(SPLITS),
+    backbone=BACKBONE,
+    method="|".join(METHODS),
+    shot=r"\d+",
+    way=r"\d+",
 
 
 def dataset_entry(wildcards):
@@ -19,9 +28,73 @@ def dataset_build_options(wildcards):
     return {"strict_counts": entry["strict_counts"], "image_size": entry["image_size"]}
 
 
+def is_hard_task_method(wildcards):
+    return wildcards.method == "mtl_ht"
+
+
+def get_evaluated_model(wildcards):
+    """Meta-trained methods are scored with their model, the baselines with the pre-trained encoder."""
+    if wildcards.method in META_METHODS:
+        return rules.meta_train.output.model.format(**wildcards)
+    return rules.pretrain.output.encoder.format(**wildcards)
+
+
+def get_episodes_file(wildcards):
+    return rules.episodes.output.episodes.format(
+        dataset=wildcards.dataset, way=WAY, shot=wildcards.shot
+    )
+
+
+def get_run_protocol(wildcards):
+    """What a metrics.json records next to its accuracy, besides what the episode file fixes."""
+    return {
+        "dataset": wildcards.dataset,
+        "backbone": BACKBONE,
+        "backbone_width": config["backbone"]["width"],
+        "method": wildcards.method,
+    }
+
+
+def _run_files(name):
+    return expand(
+        "results/{dataset}/{backbone}/{method}/{shot}shot/{name}",
+        dataset=DATASETS,
+        backbone=BACKBONE,
+        method=METHODS,
+        shot=SHOTS,
+        name=name,
+    )
+
+
+def get_metrics_files():
+    return _run_files("metrics.json")
+
+
+def get_episode_result_files():
+    return _run_files("episodes.csv")
+
+
+def get_history_files():
+    pretrain = expand(
+        rules.pretrain.output.history, dataset=DATASETS, backbone=BACKBONE
+    )
+    meta = expand(
+        rules.meta_train.output.history,
+        dataset=DATASETS,
+        backbone=BACKBONE,
+        method=META_METHODS,
+        shot=SHOTS,
+    )
+    return pretrain + meta
+
+
 def get_hdf5_targets():
     return expand("data/{dataset}/{split}.h5", dataset=DATASETS, split=SPLITS)
 
 
+def get_encoder_targets():
+    return expand(rules.pretrain.output.encoder, dataset=DATASETS, backbone=BACKBONE)
+
+
 def get_final_output():
-    return get_hdf5_targets()
+    return ["results/summary.csv"]

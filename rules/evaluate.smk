@@ -1,0 +1,44 @@
+# Fixed test episodes shared by every method, then meta-test on them.
+
+
+rule episodes:
+    input:
+        test="data/{dataset}/test.h5",
+    output:
+        episodes="results/{dataset}/episodes/{way}way{shot}shot.npz",
+    log:
+        "logs/episodes/{dataset}/{way}way{shot}shot.log",
+    conda:
+        "../envs/mtl.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    params:
+        protocol=config["protocol"],
+    script:
+        "../workflow_scripts/episodes.py"
+
+
+rule evaluate:
+    input:
+        test="data/{dataset}/test.h5",
+        model=get_evaluated_model,
+        episodes=get_episodes_file,
+    output:
+        episodes="results/{dataset}/{backbone}/{method}/{shot}shot/episodes.csv",
+        metrics="results/{dataset}/{backbone}/{method}/{shot}shot/metrics.json",
+    log:
+        "logs/evaluate/{dataset}/{backbone}/{method}/{shot}shot.log",
+    benchmark:
+        "benchmarks/evaluate/{dataset}/{backbone}/{method}/{shot}shot.tsv"
+    conda:
+        "../envs/mtl.yaml"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=8000,
+    params:
+        protocol=get_run_protocol,
+        device=config["device"],
+    script:
+        "../workflow_scripts/evaluate.py"

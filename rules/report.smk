@@ -1,0 +1,30 @@
+# results/summary.csv: what users read.
+
+
+rule summarize:
+    input:
+        metrics=get_metrics_files(),
+        episodes=get_episode_result_files(),
+        histories=get_history_files(),
+    output:
+        csv="results/summary.csv",
+        md="results/summary.md",
+        accuracy_plot=report(
+            "results/plots/accuracy.png",
+            caption="../report/accuracy.rst",
+            category="Accuracy",
+        ),
+        history_plot=report(
+            "results/plots/training.png",
+            caption="../report/training.rst",
+            category="Training",
+        ),
+    log:
+        "logs/summarize/summarize.log",
+    conda:
+        "../envs/mtl.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    script:
+        "../workflow_scripts/summarize.py"

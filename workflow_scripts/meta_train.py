@@ -1,0 +1,27 @@
+"""Rule meta_train: learn the scaling/shifting of the frozen encoder for one dataset, shot and method."""
+from mtl.logs import log_to_file
+
+log_to_file(snakemake.log[0])
+
+import torch
+
+from mtl.train.meta import MetaConfig, meta_train
+
+torch.set_num_threads(snakemake.threads)
+protocol = snakemake.params.protocol
+meta_train(
+    snakemake.input.train,
+    snakemake.input.val,
+    snakemake.input.encoder,
+    model_out=snakemake.output.model,
+    history_out=snakemake.output.history,
+    checkpoint_dir=snakemake.params.checkpoint_dir,
+    config=MetaConfig.from_dict(dict(snakemake.params.config)),
+    way=protocol["way"],
+    shot=int(snakemake.wildcards.shot),
+    query=protocol["query"],
+    val_episodes=protocol["val_episodes"],
+    seed=protocol["seed"],
+    hard_tasks=snakemake.params.hard_tasks,
+    device=snakemake.params.device,
+)

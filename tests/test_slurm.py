@@ -1,0 +1,79 @@
+"""profiles/slurm against a real local Slurm (tests/slurm_cluster.py).
+
+Marked `slurm`; they run only with MTL_TEST_SLURM=1 (or CI=true). Each workflow scenario is one
+call of :func:`run_workflow_on_slurm` with a config overlay and targets, plus what to check.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.slurm_cluster import (
+    REPO,
+    SLURM_PROFILE,
+    SlurmCluster,
+    WorkflowRun,
+    run,
+    run_workflow_on_slurm,
+    slurm_cluster,  # noqa: F401  (session fixture)
+    scenario_config,
+    venv_env,
+)
+
+
+def assert_all_remote_jobs_went_through_slurm(result: WorkflowRun, cluster: SlurmCluster) -> None:
+    assert result.returncode == 0, result.explain()
+    unsubmitted = {job: rule for job, rule in result.remote_jobs.items() if job not in result.submitted}
+    assert not unsubmitted, f"jobs run without sbatch: {unsubmitted}\n{result.explain()}"
+    states = cluster.jobs_state(list(result.submitted.values()))
+    failed = {job: state for job, state in states.items() if state != "COMPLETED"}
+    assert not failed and len(states) == len(result.submitted), f"Slurm job states {states}\n{result.explain()}"
+
+
+@pytest.mark.slurm
+def test_gpu_request_sets_cuda_visible_devices(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    out = tmp_path / "gpu-%j.out"
+    job = run(
+        ["sbatch", "--parsable", "--wait", "--gpus=1", "--mem=100", "-t", "5", "-o", str(out),
+         "--wrap", "echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"],
+        timeout=120,
+    )  # fmt: skip
+    job_id = job.stdout.strip().split(";")[0]
+    printed = (tmp_path / f"gpu-{job_id}.out").read_text().strip()
+    assert printed in {f"CUDA_VISIBLE_DEVICES={i}" for i in range(slurm_cluster.gpus)}, printed
+
+
+@pytest.mark.slurm
+def test_data_stage_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    result = run_workflow_on_slurm(slurm_cluster, tmp_path / "run", ["all_hdf5"])
+
+    assert_all_remote_jobs_went_through_slurm(result, slurm_cluster)
+    # Downloads are a localrule: they run where snakemake runs, never on a compute node.
+    assert "download" in result.local_jobs.values(), result.explain()
+    assert "build_hdf5" in result.remote_jobs.values(), result.explain()
+    for split in ("train", "val", "test"):
+        assert (result.workdir / "data" / "digits" / f"{split}.h5").stat().st_size > 0
+    slurm_logs = list((result.workdir / ".snakemake" / "slurm_logs" / "rule_build_hdf5").rglob("*.log"))
+    assert slurm_logs, result.explain()
+
+
+def test_slurm_profile_is_accepted_by_the_installed_plugin(tmp_path: Path) -> None:
+    """A dry run parses every profile key against the plugin's options; needs no Slurm."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(scenario_config(), sort_keys=False))
+    cmd = [
+        sys.executable, "-m", "snakemake", "-n", "all_hdf5",
+        "--profile", str(SLURM_PROFILE),
+        "--snakefile", str(REPO / "Snakefile"),
+        "--directory", str(tmp_path),
+        "--configfile", str(config),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=venv_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "build_hdf5" in proc.stdout + proc.stderr

@@ -1,0 +1,128 @@
+"""One validation pass: batched evaluation (embed each image once) vs the per-episode protocol.
+
+Synthetic split (16 classes x 600 images, 84x84, like miniImageNet's val split), resnet12 at a
+reduced width (default 0.25: the full width is ~16x the CPU time), 600 5-way 1-shot 15-query
+episodes, fresh linear learner (100 SGD steps, lr 0.01) per episode, as in pre-train validation.
+
+- batched: `mtl.train.learner.evaluate_encoder` -- embed the distinct images used by any episode
+  once, then adapt all 600 learners together (`evaluate_episodes`).
+- per-episode (reference protocol): for each episode read its 80 images, embed them, adapt one
+  learner with autograd (100 steps). Its cost is linear in the number of episodes, so on a CPU
+  it is timed on the first ``--baseline-episodes`` episodes and scaled to 600 (stated in the output).
+
+Run: .venv/bin/python bench/validation_pass.py [--width 0.25] [--baseline-episodes 100] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtl.data.episodes import EpisodeSampler, EpisodeSet
+from mtl.data.hdf5 import HDF5Split, write_split
+from mtl.data.transforms import EvalTransform
+from mtl.device import autocast, select_device
+from mtl.models import build_backbone
+from mtl.train.learner import evaluate_encoder
+
+
+def synthetic_split(path: Path, classes: int, per_class: int, size: int) -> Path:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(classes), per_class)
+    chunks = (rng.integers(0, 256, size=(per_class, size, size, 3), dtype=np.uint8) for _ in range(classes))
+    names = [f"c{c:02d}" for c in range(classes)]
+    return write_split(path, chunks, labels, names, {"dataset": "bench", "split": "val"})
+
+
+def per_episode_protocol(encoder, split, episodes: EpisodeSet, transform, device, count: int, way: int,
+                         steps: int = 100, lr: float = 0.01) -> np.ndarray:
+    """The straightforward protocol: each episode embeds its own images and adapts its own learner."""
+    generator = torch.Generator().manual_seed(0)
+    s_t = torch.arange(way, device=device).repeat_interleave(episodes.shot)
+    q_t = torch.arange(way, device=device).repeat_interleave(episodes.n_query)
+    accs = []
+    encoder.eval()
+    for e in range(count):
+        rows = np.concatenate([episodes.support[e], episodes.query[e]])
+        with torch.no_grad(), autocast(device):
+            feats = encoder(transform(split.get_images(rows), device=device)).float()
+        support, query = feats[: len(s_t)], feats[len(s_t):]
+        weight = torch.nn.init.kaiming_normal_(torch.empty(way, feats.shape[1]), generator=generator).to(device)
+        weight.requires_grad_()
+        bias = torch.zeros(way, device=device, requires_grad=True)
+        for _ in range(steps):
+            loss = F.cross_entropy(F.linear(support, weight, bias), s_t)
+            grad_w, grad_b = torch.autograd.grad(loss, (weight, bias))
+            weight = (weight - lr * grad_w).detach().requires_grad_()
+            bias = (bias - lr * grad_b).detach().requires_grad_()
+        with torch.no_grad():
+            accs.append((F.linear(query, weight, bias).argmax(1) == q_t).float().mean().item())
+    return np.array(accs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--episodes", type=int, default=600)
+    parser.add_argument("--baseline-episodes", type=int, default=100)
+    parser.add_argument("--classes", type=int, default=16)
+    parser.add_argument("--per-class", type=int, default=600)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    way, shot, query, size = 5, 1, 15, 84
+    torch.manual_seed(0)
+    encoder = build_backbone("resnet12", width=args.width).to(device).eval()
+    transform = EvalTransform(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        split = HDF5Split(synthetic_split(Path(tmp) / "val.h5", args.classes, args.per_class, size))
+        sampler = EpisodeSampler(split.labels, way, shot, query, seed=1)
+        episodes = EpisodeSet.from_episodes(sampler.sample(args.episodes))
+        distinct = len(np.unique(np.concatenate([episodes.support.ravel(), episodes.query.ravel()])))
+
+        def timed(fn):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out, time.perf_counter() - start
+
+        # warm-up (kernel selection, allocator), not timed
+        per_episode_protocol(encoder, split, episodes, transform, device, 2, way)
+        batched, t_batched = timed(lambda: evaluate_encoder(
+            encoder, split, episodes, transform, way, shot, query, device=device,
+            generator=torch.Generator().manual_seed(0)))
+        n_base = min(args.baseline_episodes, args.episodes)
+        baseline, t_base = timed(
+            lambda: per_episode_protocol(encoder, split, episodes, transform, device, n_base, way))
+        split.close()
+    t_base_full = t_base * args.episodes / n_base
+    diff = np.abs(batched[:n_base] - baseline).max()
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(f"setup: resnet12 width {args.width} (out_dim {encoder.out_dim}), {size}x{size}, "
+          f"{args.classes} classes x {args.per_class} images, {args.episodes} episodes {way}-way {shot}-shot "
+          f"{query}-query, 100 SGD steps lr 0.01")
+    print(f"batched (embed {distinct} distinct images once + adapt all): {t_batched:.1f} s, "
+          f"mean acc {batched.mean():.4f}")
+    print(f"per-episode protocol ({args.episodes * way * (shot + query)} image embeddings): {t_base:.1f} s for "
+          f"{n_base} episodes -> {t_base_full:.1f} s for {args.episodes}"
+          + (" (extrapolated linearly)" if n_base < args.episodes else ""))
+    print(f"speed-up: {t_base_full / t_batched:.1f}x; "
+          f"max |acc difference| on the {n_base} common episodes: {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()

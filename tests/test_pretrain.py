@@ -1,0 +1,91 @@
+"""Pre-training on a tiny separable synthetic split: learns, writes its outputs, resumes."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from mtl.data.hdf5 import write_split
+from mtl.errors import CheckpointError, ConfigError
+from mtl.models import load_encoder
+from mtl.train.pretrain import PretrainConfig, lr_at, pretrain
+
+BACKBONE = {"name": "resnet12", "width": 0.125, "image_size": 16}
+
+
+def make_split(path, n_classes, per_class, seed, split):
+    """Class c = a colour plus noise: separable, so a few steps must lower the loss."""
+    rng = np.random.default_rng(seed)
+    colours = np.random.default_rng(0).integers(0, 256, size=(n_classes, 3))
+    labels = np.repeat(np.arange(n_classes), per_class)
+    noise = rng.normal(0, 20, size=(len(labels), 20, 20, 3))
+    images = np.clip(colours[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    names = [f"class{c:02d}" for c in range(n_classes)]
+    return write_split(path, images, labels, names, {"dataset": "toy", "split": split})
+
+
+@pytest.fixture
+def splits(tmp_path):
+    torch.set_num_threads(1)
+    return (make_split(tmp_path / "train.h5", 4, 16, 1, "train"), make_split(tmp_path / "val.h5", 3, 6, 2, "val"))
+
+
+def run(tmp_path, splits, epochs, **overrides):
+    config = PretrainConfig.from_dict({"epochs": epochs, "batch_size": 16, "lr": 0.05, "num_workers": 0,
+                                       "step_size": 2, **overrides})
+    return pretrain(*splits, encoder_out=tmp_path / "out" / "encoder.pt", history_out=tmp_path / "out" / "history.csv",
+                    checkpoint_dir=tmp_path / "ckpt", backbone=BACKBONE, config=config, way=3, query=2,
+                    val_episodes=4, seed=0, device="cpu")
+
+
+def read_history(tmp_path):
+    with open(tmp_path / "out" / "history.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_pretrain_lowers_loss_and_writes_encoder(tmp_path, splits):
+    encoder_path = run(tmp_path, splits, epochs=4, augment=False)
+    rows = read_history(tmp_path)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert float(rows[2]["lr"]) == pytest.approx(0.05 * 0.2)  # StepLR(2, 0.2): epochs 3-4
+    assert all(0 <= float(r["val_acc"]) <= 1 for r in rows)
+    payload = torch.load(encoder_path, weights_only=True)
+    assert payload["image_size"] == 16 and payload["backbone"] == {"name": "resnet12", "width": 0.125}
+    best = max(rows, key=lambda r: float(r["val_acc"]))
+    assert payload["val_acc"] == pytest.approx(float(best["val_acc"]), abs=1e-5)
+    encoder = load_encoder(encoder_path).eval()
+    assert encoder(torch.zeros(2, 3, 16, 16)).shape == (2, encoder.out_dim)
+
+
+def test_pretrain_resumes_after_a_stop(tmp_path, splits, caplog):
+    run(tmp_path, splits, epochs=1)
+    assert len(read_history(tmp_path)) == 1
+    (tmp_path / "out" / "history.csv").unlink()  # Snakemake deletes a failed job's outputs
+    caplog.set_level("INFO", logger="mtl.train.pretrain")
+    run(tmp_path, splits, epochs=2)
+    assert "resuming from epoch 2" in caplog.text
+    assert [int(r["epoch"]) for r in read_history(tmp_path)] == [1, 2]
+    with pytest.raises(CheckpointError, match=r"lr: checkpoint 0.05 vs now 0.1.*Delete the folder"):
+        run(tmp_path, splits, epochs=3, lr=0.1)
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['epoch'\].*valid keys.*epochs"):
+        PretrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ConfigError, match="batch_size"):
+        PretrainConfig.from_dict({"batch_size": 0})
+    assert PretrainConfig.from_dict({"weight_decay": "5e-4"}).weight_decay == 5e-4
+    config = PretrainConfig()
+    assert [lr_at(e, config) for e in (1, 30, 31, 61)] == pytest.approx([0.1, 0.1, 0.02, 0.004])
+
+
+def test_resumed_run_trains_like_an_uninterrupted_one(tmp_path, splits):
+    run(tmp_path / "a", splits, epochs=1)
+    run(tmp_path / "a", splits, epochs=2)
+    run(tmp_path / "b", splits, epochs=2)
+    resumed, straight = read_history(tmp_path / "a"), read_history(tmp_path / "b")
+    for key in ("train_loss", "train_acc", "val_acc"):
+        assert float(resumed[1][key]) == pytest.approx(float(straight[1][key]), rel=1e-5, abs=1e-6)

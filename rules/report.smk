@@ -11,12 +11,12 @@ rule summarize:
         md="results/summary.md",
         accuracy_plot=report(
             "results/plots/accuracy.png",
-            caption="../report/accuracy.rst",
+            caption="report/accuracy.rst",
             category="Accuracy",
         ),
         history_plot=report(
             "results/plots/training.png",
-            caption="../report/training.rst",
+            caption="report/training.rst",
             category="Training",
         ),
     log:

@@ -32,9 +32,9 @@ from typing import Iterator
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.workflow import REPO, scenario_config
+
 SLURM_PROFILE = REPO / "profiles" / "slurm"
-TEST_OVERLAY = Path(__file__).resolve().parent / "workflow" / "slurm" / "config.yaml"
 
 APT_INSTALL = "apt-get update && apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
 REQUIRED_PROGRAMS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol")
@@ -423,27 +423,6 @@ class WorkflowRun:
         return f"snakemake exited {self.returncode} in {self.workdir}; its output ends:\n{self.output[-6000:]}"
 
 
-def scenario_config(overlay: dict | None = None) -> dict:
-    """The repo's config.yaml with the test overlay's keys on top (its `data` replaces the datasets)."""
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    layers = [yaml.safe_load(TEST_OVERLAY.read_text()) or {}] if TEST_OVERLAY.exists() else []
-    for layer in layers + [overlay or {}]:
-        if "data" in layer:
-            config["data"] = {}
-        config = deep_merge(config, layer)
-    return config
-
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def profile_for(cluster: SlurmCluster, dest: Path) -> Path:
     """profiles/slurm with each memory and GPU request capped at what the test node has.
 
@@ -489,14 +468,14 @@ def run_workflow_on_slurm(
 ) -> WorkflowRun:
     """Run the workflow under profiles/slurm in ``workdir`` and say which jobs went through sbatch.
 
-    ``config`` is the whole workflow config (default: :func:`scenario_config`). The run is bounded
+    ``config`` is the whole workflow config (default: the `tiny` scenario). The run is bounded
     by ``timeout -s INT``: the plugin ignores SIGTERM while it waits on Slurm, and SIGINT makes
     Snakemake scancel its jobs.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config or scenario_config(), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(config or scenario_config("tiny"), sort_keys=False))
     profile = profile_for(cluster, workdir.parent / f"{workdir.name}-profile")
     cmd = [
         "timeout", "-s", "INT", "-k", "30", str(timeout),

@@ -14,16 +14,15 @@ import pytest
 import yaml
 
 from tests.slurm_cluster import (
-    REPO,
     SLURM_PROFILE,
     SlurmCluster,
     WorkflowRun,
     run,
     run_workflow_on_slurm,
     slurm_cluster,  # noqa: F401  (session fixture)
-    scenario_config,
     venv_env,
 )
+from tests.workflow import REPO, scenario_config
 
 
 def assert_all_remote_jobs_went_through_slurm(result: WorkflowRun, cluster: SlurmCluster) -> None:
@@ -66,7 +65,7 @@ def test_slurm_profile_is_accepted_by_the_installed_plugin(tmp_path: Path) -> No
     """A dry run parses every profile key against the plugin's options; needs no Slurm."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(scenario_config(), sort_keys=False))
+    config.write_text(yaml.safe_dump(scenario_config("tiny"), sort_keys=False))
     cmd = [
         sys.executable, "-m", "snakemake", "-n", "all_hdf5",
         "--profile", str(SLURM_PROFILE),

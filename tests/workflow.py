@@ -10,6 +10,27 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO / "Snakefile"
+SCENARIOS = Path(__file__).resolve().parent / "workflow"
+
+
+def scenario_config(name: str, overlay: dict | None = None) -> dict:
+    """config.yaml with ``tests/workflow/<name>/config.yaml`` on top; a layer's `data` replaces the datasets."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    for layer in (yaml.safe_load((SCENARIOS / name / "config.yaml").read_text()), overlay or {}):
+        if "data" in layer:
+            config["data"] = {}
+        config = deep_merge(config, layer)
+    return config
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def write_config(workdir: Path, config: dict) -> Path:

@@ -5,23 +5,26 @@ log_to_file(snakemake.log[0])
 
 import torch
 
+from mtl.device import claim_device
 from mtl.train.meta import MetaConfig, meta_train
 
 torch.set_num_threads(snakemake.threads)
 protocol = snakemake.params.protocol
-meta_train(
-    snakemake.input.train,
-    snakemake.input.val,
-    snakemake.input.encoder,
-    model_out=snakemake.output.model,
-    history_out=snakemake.output.history,
-    checkpoint_dir=snakemake.params.checkpoint_dir,
-    config=MetaConfig.from_dict(dict(snakemake.params.config)),
-    way=protocol["way"],
-    shot=int(snakemake.wildcards.shot),
-    query=protocol["query"],
-    val_episodes=protocol["val_episodes"],
-    seed=protocol["seed"],
-    hard_tasks=snakemake.params.hard_tasks,
-    device=snakemake.params.device,
-)
+# Several GPU jobs on one machine each take a different GPU; a scheduler's choice is kept.
+with claim_device(snakemake.params.device) as device:
+    meta_train(
+        snakemake.input.train,
+        snakemake.input.val,
+        snakemake.input.encoder,
+        model_out=snakemake.output.model,
+        history_out=snakemake.output.history,
+        checkpoint_dir=snakemake.params.checkpoint_dir,
+        config=MetaConfig.from_dict(dict(snakemake.params.config)),
+        way=protocol["way"],
+        shot=int(snakemake.wildcards.shot),
+        query=protocol["query"],
+        val_episodes=protocol["val_episodes"],
+        seed=protocol["seed"],
+        hard_tasks=snakemake.params.hard_tasks,
+        device=device,
+    )

@@ -1,0 +1,167 @@
+"""Meta-test: the batched evaluator (embed once, adapt all episodes together) against the
+straightforward per-episode computation, and the fixed episode files every method shares."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtl.data.episodes import load_episodes, write_test_episodes
+from mtl.data.hdf5 import HDF5Split, write_split
+from mtl.data.transforms import EvalTransform
+from mtl.errors import DataError
+from mtl.evaluate import evaluate
+from mtl.io import atomic_torch_save
+from mtl.models import build_backbone, save_encoder
+from mtl.train.learner import fresh_init
+
+WAY, SHOT, QUERY, EPISODES, SIZE = 3, 2, 4, 12, 16
+NORMALIZE = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+@pytest.fixture(scope="module")
+def test_split(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("evaluate")
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 10)
+    images = rng.integers(0, 256, size=(len(labels), 20, 20, 3), dtype=np.uint8)
+    path = write_split(folder / "test.h5", images, labels, [f"class{c}" for c in range(4)], {"dataset": "toy", "split": "test"})
+    episodes = write_test_episodes(path, folder / "episodes.npz", way=WAY, shot=SHOT, query=QUERY, count=EPISODES, seed=3)
+    return folder, path, episodes
+
+
+def plain_encoder(folder):
+    encoder = build_backbone("resnet12", width=0.125)
+    path = folder / "encoder.pt"
+    save_encoder(encoder, path, image_size=SIZE, normalize=NORMALIZE)
+    return encoder, path
+
+
+def meta_model(folder):
+    """An SS encoder with non-trivial scales and a learner init, saved as meta_train does."""
+    encoder = build_backbone("resnet12", width=0.125, ss=True)
+    with torch.no_grad():
+        for name, param in encoder.named_parameters():
+            if name.endswith("scale"):
+                param.uniform_(0.5, 1.5)
+    weight, bias = torch.randn(WAY, encoder.out_dim) * 0.1, torch.randn(WAY) * 0.1
+    path = folder / "model.pt"
+    atomic_torch_save(
+        {
+            "backbone": encoder.config,
+            "state_dict": encoder.state_dict(),
+            "learner": {"weight": weight, "bias": bias},
+            "image_size": SIZE,
+            "normalize": NORMALIZE,
+            "inner": {"update_step": 30, "base_lr": 0.02},
+        },
+        path,
+    )
+    return encoder, (weight, bias), path
+
+
+def per_episode_accuracies(encoder, split_path, episodes_path, init, steps, lr, seed):
+    """The reference protocol: per episode, embed its images, adapt one learner with autograd SGD."""
+    split, episodes = HDF5Split(split_path), load_episodes(episodes_path)
+    transform = EvalTransform(SIZE, **NORMALIZE)
+    generator = torch.Generator().manual_seed(seed)
+    support_targets = torch.arange(WAY).repeat_interleave(SHOT)
+    query_targets = torch.arange(WAY).repeat_interleave(QUERY)
+    encoder.eval()
+    accuracies = []
+    for support, query in zip(episodes.support, episodes.query):
+        with torch.no_grad():
+            support_feats = encoder(transform(split.get_images(support)))
+            query_feats = encoder(transform(split.get_images(query)))
+        if init is None:
+            weight, bias = (t[0] for t in fresh_init(1, WAY, support_feats.shape[1], generator=generator))
+        else:
+            weight, bias = init
+        weight, bias = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        for _ in range(steps):
+            loss = F.cross_entropy(F.linear(support_feats, weight, bias), support_targets)
+            grad_w, grad_b = torch.autograd.grad(loss, (weight, bias))
+            weight, bias = weight - lr * grad_w, bias - lr * grad_b
+        predicted = F.linear(query_feats, weight, bias).argmax(dim=1)
+        accuracies.append((predicted == query_targets).float().mean().item())
+    return np.array(accuracies)
+
+
+def run_evaluate(folder, method, model, split_path, episodes_path):
+    return evaluate(
+        method, model, split_path, episodes_path,
+        episodes_out=folder / f"{method}.csv", metrics_out=folder / f"{method}.json",
+        protocol={"dataset": "toy", "backbone": "resnet12"}, device="cpu",
+    )
+
+
+def episode_column(folder, method):
+    import pandas as pd
+
+    return pd.read_csv(folder / f"{method}.csv")["accuracy"].to_numpy()
+
+
+def test_ft_equals_the_per_episode_protocol(test_split):
+    folder, split_path, episodes_path = test_split
+    encoder, model = plain_encoder(folder)
+    run_evaluate(folder, "ft", model, split_path, episodes_path)
+    expected = per_episode_accuracies(encoder, split_path, episodes_path, None, steps=100, lr=0.01, seed=3)
+    np.testing.assert_allclose(episode_column(folder, "ft"), expected, atol=1e-5)
+
+
+def test_mtl_with_folded_scales_equals_the_per_episode_protocol(test_split):
+    folder, split_path, episodes_path = test_split
+    encoder, init, model = meta_model(folder)
+    run_evaluate(folder, "mtl", model, split_path, episodes_path)
+    expected = per_episode_accuracies(encoder, split_path, episodes_path, init, steps=30, lr=0.02, seed=3)
+    np.testing.assert_allclose(episode_column(folder, "mtl"), expected, atol=1e-5)
+
+
+def test_proto_assigns_queries_to_the_nearest_class_mean(test_split):
+    folder, split_path, episodes_path = test_split
+    encoder, model = plain_encoder(folder)
+    run_evaluate(folder, "proto", model, split_path, episodes_path)
+    split, episodes = HDF5Split(split_path), load_episodes(episodes_path)
+    transform = EvalTransform(SIZE, **NORMALIZE)
+    encoder.eval()
+    expected = []
+    with torch.no_grad():
+        for support, query in zip(episodes.support, episodes.query):
+            means = encoder(transform(split.get_images(support))).reshape(WAY, SHOT, -1).mean(1)
+            distances = torch.cdist(encoder(transform(split.get_images(query))), means)
+            expected.append((distances.argmin(1) == torch.arange(WAY).repeat_interleave(QUERY)).float().mean().item())
+    np.testing.assert_allclose(episode_column(folder, "proto"), expected, atol=1e-6)
+
+
+def test_metrics_record_protocol_and_the_episode_file(test_split):
+    folder, split_path, episodes_path = test_split
+    _, model = plain_encoder(folder)
+    run_evaluate(folder, "ft", model, split_path, episodes_path)
+    metrics = json.loads((folder / "ft.json").read_text())
+    assert (metrics["way"], metrics["shot"], metrics["query"], metrics["episodes"], metrics["seed"]) == (WAY, SHOT, QUERY, EPISODES, 3)
+    assert metrics["episodes_sha256"] == load_episodes(episodes_path).sha256
+    accuracies = episode_column(folder, "ft")
+    assert metrics["accuracy"] == pytest.approx(100 * accuracies.mean())
+    assert metrics["ci95"] == pytest.approx(100 * 1.96 * accuracies.std() / np.sqrt(EPISODES))
+
+
+def test_episode_files_repeat_with_a_seed_and_change_with_another(test_split, tmp_path):
+    _, split_path, episodes_path = test_split
+    again = write_test_episodes(split_path, tmp_path / "again.npz", way=WAY, shot=SHOT, query=QUERY, count=EPISODES, seed=3)
+    other = write_test_episodes(split_path, tmp_path / "other.npz", way=WAY, shot=SHOT, query=QUERY, count=EPISODES, seed=4)
+    assert load_episodes(again).sha256 == load_episodes(episodes_path).sha256
+    assert not np.array_equal(load_episodes(other).support, load_episodes(episodes_path).support)
+
+
+def test_episodes_from_another_split_are_refused_with_the_fix(test_split, tmp_path):
+    folder, _, episodes_path = test_split
+    _, model = plain_encoder(folder)
+    labels = np.repeat(np.arange(3), 5)  # a smaller split than the one the episodes were drawn from
+    images = np.zeros((len(labels), 20, 20, 3), dtype=np.uint8)
+    small = write_split(tmp_path / "small.h5", images, labels, ["a", "b", "c"], {"dataset": "toy", "split": "test"})
+    with pytest.raises(DataError, match="Delete .*episodes.npz"):
+        run_evaluate(tmp_path, "ft", model, small, episodes_path)

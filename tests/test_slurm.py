@@ -6,10 +6,12 @@ call of :func:`run_workflow_on_slurm` with a config overlay and targets, plus wh
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -48,16 +50,24 @@ def test_gpu_request_sets_cuda_visible_devices(slurm_cluster: SlurmCluster, tmp_
 
 
 @pytest.mark.slurm
-def test_data_stage_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    result = run_workflow_on_slurm(slurm_cluster, tmp_path / "run", ["all_hdf5"])
+def test_whole_workflow_runs_through_slurm_and_gpu_rules_get_a_slurm_gpu(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    result = run_workflow_on_slurm(slurm_cluster, tmp_path / "run", ["all"], timeout=1200)
 
     assert_all_remote_jobs_went_through_slurm(result, slurm_cluster)
     # Downloads are a localrule: they run where snakemake runs, never on a compute node.
     assert "download" in result.local_jobs.values(), result.explain()
-    assert "build_hdf5" in result.remote_jobs.values(), result.explain()
-    for split in ("train", "val", "test"):
-        assert (result.workdir / "data" / "digits" / f"{split}.h5").stat().st_size > 0
-    slurm_logs = list((result.workdir / ".snakemake" / "slurm_logs" / "rule_build_hdf5").rglob("*.log"))
+    for rule in ("build_hdf5", "pretrain", "meta_train", "episodes", "evaluate", "summarize"):
+        assert rule in result.remote_jobs.values(), result.explain()
+    summary = pd.read_csv(result.workdir / "results" / "summary.csv")
+    assert len(summary) == 8 and summary["accuracy"].notna().all()
+    # Slurm (--gpus=1) chose the GPU: every GPU job's log names the CUDA_VISIBLE_DEVICES it was given.
+    # The fake GPUs have no CUDA behind them, so `device: auto` then runs on the CPU.
+    for rule in ("pretrain", "meta_train", "evaluate"):
+        logs = list((result.workdir / "logs" / rule).rglob("*.log"))
+        assert logs, result.explain()
+        for log in logs:
+            assert re.search(r"CUDA_VISIBLE_DEVICES='\d'", log.read_text()), log
+    slurm_logs = list((result.workdir / ".snakemake" / "slurm_logs" / "rule_pretrain").rglob("*.log"))
     assert slurm_logs, result.explain()
 
 

@@ -1,0 +1,289 @@
+"""Meta-test cost: `mtl.evaluate.evaluate` (batched) vs the per-episode protocol, and vs one embedding pass.
+
+    .venv/bin/python bench/evaluate.py                          # both parts, resnet12 width 0.25, CPU
+    .venv/bin/python bench/evaluate.py --part 1 --baseline-episodes 100
+    .venv/bin/python bench/evaluate.py --part 2 --big-episodes 2000   # quick look at part 2
+
+Synthetic split: 20 classes x 600 random 84x84 images (miniImageNet's test split shape), written
+with `write_split` to a temporary folder; a pre-trained-style encoder file (`save_encoder`, random
+resnet12 weights at a reduced width: the full width is ~16x the conv cost on a CPU); episode files
+drawn with `write_test_episodes` (5-way 1-shot 15-query, seed 1), as the `episodes` rule does.
+
+Part 1, 600 episodes: `evaluate("ft", ...)` (embed each used image once, adapt all 600 fresh
+learners together, 100 SGD steps lr 0.01) vs the per-episode protocol (per episode: read its 80
+images from the HDF5 file, embed them, adapt one learner with a 100-step autograd SGD loop). The
+per-episode cost is linear in the number of episodes, so it is timed on the first
+``--baseline-episodes`` episodes and scaled; both draw the fresh learners from the same generator
+(seeded with the episode seed, as `evaluate` does), so their per-episode accuracies must agree.
+
+Part 2, ``--big-episodes`` (10,000) episodes: embedding every image of the split once with
+`mtl.train.learner.embed` (the same HDF5 read path and batch size `evaluate` uses), then the full
+`evaluate("ft", ...)`; the target is evaluate <= 1.3x the embedding pass. Each `evaluate` call is
+profiled by wrapping the functions it calls (library code is not changed), so the report shows
+where its non-embedding time goes; the 10,000-episode sampling (`write_test_episodes`, the
+`episodes` rule, not part of `evaluate`) is timed too.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import mtl.evaluate
+import mtl.train.learner
+from mtl.data.episodes import load_episodes, write_test_episodes
+from mtl.data.hdf5 import HDF5Split, write_split
+from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform
+from mtl.device import autocast, select_device
+from mtl.models import build_backbone, load_encoder, save_encoder
+
+WAY, SHOT, QUERY, SIZE, SEED = 5, 1, 15, 84, 1
+STEPS, LR = 100, 0.01
+
+# What `evaluate` calls, wrapped to time it: (owner, attribute, label). Nested: embed_episodes
+# contains embed, which contains get_images; evaluate_episodes contains adapt_linear (which
+# contains fresh_init) and episode_accuracy.
+PROFILED = (
+    (mtl.evaluate, "_load_for_method", "load model"),
+    (mtl.evaluate, "load_episodes", "load + check episode file (sha256)"),
+    (mtl.evaluate, "embed_episodes", "embed_episodes"),
+    (mtl.train.learner, "embed", "  embed (read + transform + forward)"),
+    (HDF5Split, "get_images", "    HDF5 reads"),
+    (mtl.evaluate, "evaluate_episodes", "evaluate_episodes"),
+    (mtl.train.learner, "adapt_linear", "  adapt_linear (100 SGD steps, all episodes)"),
+    (mtl.train.learner, "fresh_init", "    fresh_init (kaiming draws, one per episode)"),
+    (mtl.train.learner, "episode_accuracy", "  episode_accuracy"),
+    (mtl.evaluate, "write_episode_results", "write episodes.csv + metrics.json"),
+)
+
+
+# ----------------------------------------------------------------------------- setup
+def synthetic_split(path: Path, classes: int, per_class: int) -> Path:
+    """Random images, class-contiguous, through the real writer (as bench/validation_pass.py)."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(classes), per_class)
+    chunks = (rng.integers(0, 256, size=(per_class, SIZE, SIZE, 3), dtype=np.uint8) for _ in range(classes))
+    names = [f"c{c:02d}" for c in range(classes)]
+    return write_split(path, chunks, labels, names, {"dataset": "bench", "split": "test"})
+
+
+def encoder_file(path: Path, width: float) -> Path:
+    """A pre-trained-encoder file as the `pretrain` rule writes it (random weights: cost, not accuracy)."""
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet12", width=width)
+    normalize = {"mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
+    return save_encoder(backbone, path, image_size=SIZE, normalize=normalize, epoch=0, val_acc=0.0)
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    """(result, seconds, (load average before, after))."""
+    load_before = os.getloadavg()[0]
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start, (load_before, os.getloadavg()[0])
+
+
+@contextlib.contextmanager
+def profiled_calls(targets=PROFILED):
+    """Wrap the listed functions to add up their wall time per label; restore them afterwards."""
+    totals: dict[str, float] = defaultdict(float)
+    saved = []
+
+    def wrap(fn, label):
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[label] += time.perf_counter() - start
+        return timed_call
+
+    try:
+        for owner, name, label in targets:
+            original = owner.__dict__[name]
+            saved.append((owner, name, original))
+            setattr(owner, name, wrap(original, label))
+        yield totals
+    finally:
+        for owner, name, original in reversed(saved):
+            setattr(owner, name, original)
+
+
+def run_evaluate(model: Path, split_path: Path, episodes: Path, out_dir: Path, device: torch.device):
+    """`evaluate("ft", ...)` as the `evaluate` rule calls it, profiled; (accuracies, seconds, load, profile)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv = out_dir / "episodes.csv"
+    with profiled_calls() as profile:
+        _, seconds, load = timed(lambda: mtl.evaluate.evaluate(
+            "ft", model, split_path, episodes, episodes_out=csv, metrics_out=out_dir / "metrics.json",
+            protocol={"dataset": "bench", "backbone": "resnet12"}, ft_steps=STEPS, ft_lr=LR,
+            device=str(device)), device)
+    accuracies = np.loadtxt(csv, delimiter=",", skiprows=1)[:, 1]
+    return accuracies, seconds, load, dict(profile)
+
+
+# ----------------------------------------------------------------------------- per-episode protocol
+def per_episode_protocol(encoder, split: HDF5Split, support: np.ndarray, query: np.ndarray, transform,
+                         device: torch.device, count: int, seed: int) -> np.ndarray:
+    """The straightforward meta-test: each episode reads and embeds its own 80 images and adapts its
+    own fresh learner with autograd. Fresh weights come from a generator seeded like `evaluate`'s,
+    drawn episode after episode, so episode e gets the same initial learner in both."""
+    generator = torch.Generator().manual_seed(seed)
+    s_t = torch.arange(WAY, device=device).repeat_interleave(SHOT)
+    q_t = torch.arange(WAY, device=device).repeat_interleave(QUERY)
+    accs = []
+    encoder.eval()
+    for e in range(count):
+        rows = np.concatenate([support[e], query[e]])
+        with torch.no_grad(), autocast(device):
+            feats = encoder(transform(split.get_images(rows), device=device)).float()
+        s_feats, q_feats = feats[: len(s_t)], feats[len(s_t):]
+        weight = torch.nn.init.kaiming_normal_(torch.empty(WAY, feats.shape[1]), generator=generator)
+        weight = weight.to(device).requires_grad_()
+        bias = torch.zeros(WAY, device=device, requires_grad=True)
+        for _ in range(STEPS):
+            loss = F.cross_entropy(F.linear(s_feats, weight, bias), s_t)
+            grad_w, grad_b = torch.autograd.grad(loss, (weight, bias))
+            weight = (weight - LR * grad_w).detach().requires_grad_()
+            bias = (bias - LR * grad_b).detach().requires_grad_()
+        with torch.no_grad():
+            accs.append((F.linear(q_feats, weight, bias).argmax(1) == q_t).float().mean().item())
+    return np.array(accs)
+
+
+# ----------------------------------------------------------------------------- parts
+def warm_up(encoder, split: HDF5Split, transform, device: torch.device) -> None:
+    """One untimed batch of 256 (kernel selection, allocator), as evaluate's embedding batches."""
+    mtl.train.learner.embed(encoder, split, transform, 256, device, indices=np.arange(min(256, len(split))))
+
+
+def part1(args, tmp: Path, split_path: Path, model: Path, device: torch.device) -> None:
+    episodes_path = write_test_episodes(split_path, tmp / "episodes600.npz", way=WAY, shot=SHOT, query=QUERY,
+                                        count=args.episodes, seed=SEED)
+    eps = load_episodes(episodes_path)
+    distinct = len(np.unique(np.concatenate([eps.support.ravel(), eps.query.ravel()])))
+    encoder = load_encoder(model).to(device).eval()
+    transform = EvalTransform(SIZE)
+    split = HDF5Split(split_path)
+    warm_up(encoder, split, transform, device)
+    per_episode_protocol(encoder, split, eps.support, eps.query, transform, device, 2, SEED)  # warm-up
+    batched, t_batched, load_b, profile = run_evaluate(model, split_path, episodes_path, tmp / "part1", device)
+    n_base = min(args.baseline_episodes, args.episodes)
+    baseline, t_base, load_p = timed(lambda: per_episode_protocol(
+        encoder, split, eps.support, eps.query, transform, device, n_base, SEED), device)
+    split.close()
+    t_base_full = t_base * args.episodes / n_base
+    diff = float(np.abs(batched[:n_base] - baseline).max())
+    embeddings = args.episodes * WAY * (SHOT + QUERY)
+    print(f"\n== part 1: {args.episodes} episodes, batched evaluate vs per-episode protocol")
+    print(f"batched `evaluate('ft')` (embeds {distinct} distinct images once, adapts all {args.episodes} learners): "
+          f"{t_batched:.1f} s (load {load_b[0]:.1f} -> {load_b[1]:.1f}), mean acc {batched.mean():.4f}")
+    print_profile(profile, t_batched)
+    print(f"per-episode protocol ({embeddings} embeddings): {t_base:.1f} s for {n_base} episodes "
+          f"({t_base / n_base:.3f} s/episode, load {load_p[0]:.1f} -> {load_p[1]:.1f})"
+          + (f" -> {t_base_full:.1f} s for {args.episodes} (scaled x{args.episodes / n_base:g})"
+             if n_base < args.episodes else ""))
+    print(f"embeddings: {embeddings} -> {distinct} ({embeddings / distinct:.2f}x fewer)")
+    speedup = t_base_full / t_batched
+    print(f"speed-up: {speedup:.2f}x (target >= 3.5x: {'met' if speedup >= 3.5 else 'NOT met'}); "
+          f"max |acc difference| on the {n_base} common episodes: {diff:.2e}")
+
+
+def part2(args, tmp: Path, split_path: Path, model: Path, device: torch.device) -> None:
+    episodes_path, t_sample, _ = timed(lambda: write_test_episodes(
+        split_path, tmp / "episodes_big.npz", way=WAY, shot=SHOT, query=QUERY, count=args.big_episodes,
+        seed=SEED), device)
+    encoder = load_encoder(model).to(device).eval()
+    split = HDF5Split(split_path)
+    transform = EvalTransform(SIZE)
+    warm_up(encoder, split, transform, device)
+    feats, t_embed, load_e = timed(lambda: mtl.train.learner.embed(
+        encoder, split, transform, 256, device, indices=np.arange(len(split))), device)
+    split.close()
+    accs, t_eval, load_v, profile = run_evaluate(model, split_path, episodes_path, tmp / "part2", device)
+    ratio = t_eval / t_embed
+    print(f"\n== part 2: {args.big_episodes} episodes vs one embedding pass over the split")
+    print(f"sampling {args.big_episodes} episodes (`write_test_episodes`, the episodes rule; not in evaluate): "
+          f"{t_sample:.2f} s")
+    print(f"embed the split once ({len(split)} images, `embed`, batch 256): {t_embed:.1f} s "
+          f"({len(split) / t_embed:.0f} images/s, load {load_e[0]:.1f} -> {load_e[1]:.1f})")
+    print(f"`evaluate('ft')` on {args.big_episodes} episodes: {t_eval:.1f} s (load {load_v[0]:.1f} -> "
+          f"{load_v[1]:.1f}), mean acc {accs.mean():.4f}")
+    print_profile(profile, t_eval)
+    non_embed = t_eval - profile.get("  embed (read + transform + forward)", 0.0)
+    print(f"ratio evaluate / embedding pass: {ratio:.3f}x (target <= 1.3x: {'met' if ratio <= 1.3 else 'NOT met'}); "
+          f"non-embedding part of evaluate {non_embed:.2f} s = {non_embed / t_embed:.3f}x of the embedding pass "
+          f"(same-run view, immune to load changes between the two timings: 1 + that = {1 + non_embed / t_embed:.3f}x)")
+    del feats
+
+
+def print_profile(profile: dict, total: float) -> None:
+    print("  where evaluate's time goes (wrapped calls, nested labels indented):")
+    for _, _, label in PROFILED:
+        if label in profile:
+            print(f"    {label:<52s} {profile[label]:8.2f} s {100 * profile[label] / total:6.1f}%")
+    top = sum(v for k, v in profile.items() if not k.startswith(" "))
+    rest = total - top
+    print(f"    {'rest (open split, device, protocol dict)':<52s} {rest:8.2f} s {100 * rest / total:6.1f}%")
+
+
+def machine_line(device: torch.device) -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
+    except OSError:
+        cpu = "?"
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return (f"machine: {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}, device {device}{gpu}, load average {os.getloadavg()[0]:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("1", "2", "both"), default="both")
+    parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--episodes", type=int, default=600, help="part 1 episodes")
+    parser.add_argument("--baseline-episodes", type=int, default=30, help="part 1 per-episode prefix timed")
+    parser.add_argument("--big-episodes", type=int, default=10_000, help="part 2 episodes")
+    parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--per-class", type=int, default=600)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    began = time.perf_counter()
+    print(machine_line(device))
+    print(f"setup: resnet12 width {args.width}, {SIZE}x{SIZE}, {args.classes} classes x {args.per_class} images, "
+          f"{WAY}-way {SHOT}-shot {QUERY}-query, seed {SEED}, fresh learner {STEPS} SGD steps lr {LR}")
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        split_path = synthetic_split(tmp / "test.h5", args.classes, args.per_class)
+        model = encoder_file(tmp / "encoder.pt", args.width)
+        if args.part in ("1", "both"):
+            part1(args, tmp, split_path, model, device)
+        if args.part in ("2", "both"):
+            part2(args, tmp, split_path, model, device)
+    print(f"\ntotal bench wall time {time.perf_counter() - began:.0f} s, load average now {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -35,3 +36,21 @@ def atomic_torch_save(obj, dest: str | os.PathLike) -> Path:
     with atomic_path(dest) as tmp:
         torch.save(obj, tmp)
     return Path(dest)
+
+
+CHUNK_SIZE = 1 << 20
+
+
+def file_digests(path: str | os.PathLike, algorithms: Iterable[str] = ("sha256",)) -> dict[str, str]:
+    """Hex digests of a file for several algorithms in one pass, read in 1 MiB chunks so
+    multi-GB pickles never sit in memory."""
+    hashers = {name: hashlib.new(name) for name in algorithms}
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_SIZE):
+            for hasher in hashers.values():
+                hasher.update(chunk)
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    return file_digests(path)["sha256"]

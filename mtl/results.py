@@ -118,6 +118,12 @@ def ci95(values) -> float:
     return float(Z_95 * array.std(ddof=0) / math.sqrt(array.size))
 
 
+def mean_ci95(accuracies) -> tuple[float, float]:
+    """Mean and :func:`ci95` of per-episode accuracies, in their own unit (validation uses fractions)."""
+    array = _as_vector(accuracies, "mean_ci95")
+    return float(array.mean()), ci95(array)
+
+
 def summarize_accuracies(accuracies) -> dict:
     """Mean accuracy, its 95% interval and the population std, all in %, from per-episode fractions."""
     array = _as_fractions(accuracies, "summarize_accuracies")

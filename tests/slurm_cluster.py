@@ -380,29 +380,6 @@ def local_slurm_cluster() -> Iterator[SlurmCluster]:
         files.restore()
 
 
-# ----------------------------------------------------------------------------- pytest fixture
-
-try:
-    import pytest
-except ImportError:  # importable without pytest
-    pytest = None
-
-if pytest is not None:
-
-    @pytest.fixture(scope="session")
-    def slurm_cluster() -> Iterator[SlurmCluster]:
-        """The local Slurm, or a skip (a failure under CI=true) saying why there is none."""
-        if not slurm_tests_requested():
-            pytest.skip(SKIP_REASON)
-        reason = why_unavailable()
-        if reason:
-            if in_ci():
-                pytest.fail(f"CI=true but no local Slurm can run: {reason}", pytrace=False)
-            pytest.skip(reason)
-        with local_slurm_cluster() as cluster:
-            yield cluster
-
-
 # ----------------------------------------------------------------------------- the workflow on it
 
 

@@ -21,7 +21,6 @@ from tests.slurm_cluster import (
     WorkflowRun,
     run,
     run_workflow_on_slurm,
-    slurm_cluster,  # noqa: F401  (session fixture)
     venv_env,
 )
 from tests.workflow import REPO, scenario_config

@@ -6,7 +6,6 @@ folder the user filled by hand, and an image-folder tree from disk; nothing leav
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
 

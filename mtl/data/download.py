@@ -15,7 +15,6 @@ address, which is how the tests point it at a loopback server.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import http.client
 import logging
@@ -41,7 +40,7 @@ from tqdm import tqdm
 
 from mtl.data.sources import DatasetSource, RemoteArchive, RemoteFile
 from mtl.errors import ConfigError, DataError
-from mtl.io import atomic_path
+from mtl.io import atomic_path, file_digests
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +63,9 @@ Remote = RemoteFile | RemoteArchive
 # ------------------------------------------------------------------------------ checksums
 
 
-def _digests(path: Path, algorithms: Iterable[str]) -> dict[str, str]:
-    """Hex digests of ``path`` for several algorithms in one chunked pass over the file."""
-    hashers = {name: hashlib.new(name) for name in algorithms}
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            for h in hashers.values():
-                h.update(chunk)
-    return {name: h.hexdigest() for name, h in hashers.items()}
-
-
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in 1 MiB chunks so multi-GB pickles never sit in memory."""
-    return _digests(Path(path), [algorithm])[algorithm]
+    return file_digests(path, [algorithm])[algorithm]
 
 
 def _check(
@@ -93,7 +82,7 @@ def _check(
         ), None
     wanted = {k: v.lower() for k, v in {"md5": md5, "sha256": sha256}.items() if v}
     algorithms = set(wanted) | ({"sha256"} if want_sha256 else set())
-    seen = _digests(path, sorted(algorithms)) if algorithms else {}
+    seen = file_digests(path, sorted(algorithms)) if algorithms else {}
     for algorithm, expected in wanted.items():
         if seen[algorithm] != expected:
             label = "MD5" if algorithm == "md5" else "SHA-256"

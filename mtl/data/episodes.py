@@ -14,7 +14,6 @@ target k, so support targets are ``np.repeat(arange(way), shot)`` and query targ
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mtl.errors import DataError
-from mtl.io import atomic_path
+from mtl.io import atomic_path, file_sha256
 
 EPISODE_FILE_VERSION = 1
 REQUIRED_META = ("way", "shot", "query", "seed", "count", "split", "num_classes", "num_images")
@@ -304,15 +303,7 @@ def _read_episode_file(path: Path) -> EpisodeSet:
             raise DataError(f"episode file {path}: '{name}' must be a 2-D integer array, "
                             f"got {arrays[name].dtype} {arrays[name].shape}; delete it so it is drawn again.")
     return EpisodeSet(arrays["support"].astype(np.int64), arrays["query"].astype(np.int64),
-                      arrays["classes"].astype(np.int64), meta, _file_sha256(path))
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+                      arrays["classes"].astype(np.int64), meta, file_sha256(path))
 
 
 def _check_range(path: Path, name: str, values: np.ndarray, bound: int, redo: str) -> None:

@@ -21,11 +21,11 @@ turns the returned :class:`~mtl.data.episodes.Episode` into images.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
-from mtl.errors import ConfigError
+from mtl.errors import ConfigError, check_known_keys
 
 FILL_MODES = ("random", "skip")
 _HT_STREAM = 0x4854  # "HT": keeps hard-task draws independent of the ordinary episode stream
@@ -78,14 +78,7 @@ class HardTaskConfig:
     @classmethod
     def from_dict(cls, values: dict | None) -> HardTaskConfig:
         """Build from the config dict, rejecting unknown keys (a typo must not run the default)."""
-        values = dict(values or {})
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ConfigError(
-                f"Unknown key(s) {unknown} in config meta.hard_tasks. Valid keys are {valid}"
-            )
-        return cls(**values)
+        return cls(**check_known_keys(values, cls, "meta.hard_tasks"))
 
     @property
     def round_length(self) -> int:

@@ -19,7 +19,6 @@ Three modes of ``adapt_linear``:
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -225,9 +224,3 @@ def evaluate_encoder(encoder: torch.nn.Module, images, episodes, transform: Call
                                                device=device, amp=amp, progress=progress)
     return evaluate_episodes(feats, (support, query_idx), way, shot, query, init=init, steps=steps, lr=lr,
                              generator=generator)
-
-
-def mean_ci95(accuracies: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% half-interval ``1.96 * population std / sqrt(n)`` (the reference's convention)."""
-    accuracies = np.asarray(accuracies, dtype=np.float64)
-    return float(accuracies.mean()), float(1.96 * accuracies.std() / math.sqrt(len(accuracies)))

@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +48,13 @@ from mtl.data.episodes import EpisodeSampler
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
 from mtl.device import autocast, grad_scaler, select_device
-from mtl.errors import CheckpointError, ConfigError
-from mtl.io import atomic_path, atomic_torch_save
+from mtl.errors import CheckpointError, ConfigError, check_known_keys
+from mtl.io import atomic_path, atomic_torch_save, file_sha256
 from mtl.models import fold_scales, freeze_for_meta, load_encoder
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, failure_class
-from mtl.train.learner import adapt_linear, embed_episodes, evaluate_episodes, mean_ci95
+from mtl.results import mean_ci95
+from mtl.train.learner import adapt_linear, embed_episodes, evaluate_episodes
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,7 @@ class MetaConfig:
     @classmethod
     def from_dict(cls, values: dict | None) -> MetaConfig:
         """Build from the config's ``meta`` dict; an unknown key is an error naming the valid ones."""
-        values = dict(values or {})
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ConfigError(f"Unknown key(s) {unknown} in config meta. Valid keys are {valid}")
+        values = check_known_keys(values, cls, "meta")
         if "hard_tasks" in values and not isinstance(values["hard_tasks"], HardTaskConfig):
             values["hard_tasks"] = HardTaskConfig.from_dict(values["hard_tasks"])
         return cls(**values)
@@ -202,15 +198,6 @@ class TaskStream:
 
 
 # --------------------------------------------------------------------------- helpers
-def file_fingerprint(path: Path) -> str:
-    """SHA-256 of a file: a resumed run must start from the same pre-trained encoder."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_encoder_meta(path: Path) -> dict:
     """image_size and normalize stored by pretrain beside the encoder weights."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -448,7 +435,7 @@ def run_identity(model, config: MetaConfig, protocol: dict, val_episodes: int, i
         "config": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_KEYS},
         "protocol": {**protocol, "val_episodes": val_episodes},
         "image_size": image_size,
-        "encoder_sha256": file_fingerprint(encoder_path),
+        "encoder_sha256": file_sha256(encoder_path),
     }
 
 

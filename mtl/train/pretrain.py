@@ -38,11 +38,12 @@ from mtl.data.episodes import EpisodeSampler, EpisodeSet
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
 from mtl.device import autocast, grad_scaler, select_device
-from mtl.errors import CheckpointError, ConfigError, MTLError
+from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
 from mtl.io import atomic_path
 from mtl.models import PretrainClassifier, build_backbone, save_encoder
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from mtl.train.learner import evaluate_encoder, mean_ci95
+from mtl.results import mean_ci95
+from mtl.train.learner import evaluate_encoder
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,7 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, values: dict | None) -> PretrainConfig:
         """Build from a config dict; unknown keys and bad values are a ConfigError, not a default run."""
-        values = dict(values or {})
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [key for key in values if key not in known]
-        if unknown:
-            raise ConfigError(f"pretrain: unknown key(s) {unknown}; valid keys are {known}")
-        config = cls(**values)
+        config = cls(**check_known_keys(values, cls, "pretrain"))
         config.validate()
         return config
 

@@ -70,18 +70,24 @@ def test_whole_workflow_runs_through_slurm_and_gpu_rules_get_a_slurm_gpu(slurm_c
     assert slurm_logs, result.explain()
 
 
-def test_slurm_profile_is_accepted_by_the_installed_plugin(tmp_path: Path) -> None:
-    """A dry run parses every profile key against the plugin's options; needs no Slurm."""
+def test_slurm_profile_dry_run_shows_what_each_rule_requests(tmp_path: Path) -> None:
+    """A dry run parses every profile key against the plugin's options and prints each job's
+    request; needs no Slurm."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(scenario_config("tiny"), sort_keys=False))
     cmd = [
-        sys.executable, "-m", "snakemake", "-n", "all_hdf5",
+        sys.executable, "-m", "snakemake", "-n", "all", "--cores", "64",
         "--profile", str(SLURM_PROFILE),
         "--snakefile", str(REPO / "Snakefile"),
         "--directory", str(tmp_path),
         "--configfile", str(config),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=venv_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "build_hdf5" in proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    requests = dict(re.findall(r"^(?:local)?rule (\w+):\n(?:\s+.*\n)*?\s+resources: (.*)$", output, re.MULTILINE))
+    for rule in ("pretrain", "meta_train", "evaluate"):
+        assert "gpu=1" in requests[rule] and "mem_mb=" in requests[rule] and "runtime=" in requests[rule], requests
+    for rule in ("build_hdf5", "episodes", "summarize"):
+        assert "gpu=" not in requests[rule], requests

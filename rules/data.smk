@@ -33,7 +33,7 @@ rule build_hdf5:
         "../envs/mtl.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=3000,
     params:
         options=dataset_build_options,
     script:

@@ -12,7 +12,7 @@ rule episodes:
         "../envs/mtl.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=1000,
     params:
         protocol=config["protocol"],
     script:
@@ -36,7 +36,7 @@ rule evaluate:
     threads: 4
     resources:
         gpu=1,
-        mem_mb=8000,
+        mem_mb=6000,
     params:
         protocol=get_run_protocol,
         device=config["device"],

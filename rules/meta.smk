@@ -20,7 +20,7 @@ rule meta_train:
     threads: 4
     resources:
         gpu=1,
-        mem_mb=16000,
+        mem_mb=9000,
     params:
         checkpoint_dir="checkpoints/{dataset}/{backbone}/{method}/{shot}shot",
         config=config["meta"],

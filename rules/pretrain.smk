@@ -17,7 +17,7 @@ rule pretrain:
     threads: 4
     resources:
         gpu=1,
-        mem_mb=16000,
+        mem_mb=8000,
     params:
         # Resume state lives outside the declared outputs: Snakemake deletes those on failure.
         checkpoint_dir="checkpoints/{dataset}/{backbone}/pretrain",

@@ -25,6 +25,6 @@ rule summarize:
         "../envs/mtl.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=1000,
     script:
         "../workflow_scripts/summarize.py"

@@ -89,3 +89,10 @@ def test_resumed_run_trains_like_an_uninterrupted_one(tmp_path, splits):
     resumed, straight = read_history(tmp_path / "a"), read_history(tmp_path / "b")
     for key in ("train_loss", "train_acc", "val_acc"):
         assert float(resumed[1][key]) == pytest.approx(float(straight[1][key]), rel=1e-5, abs=1e-6)
+
+
+def test_dataloader_workers_read_the_hdf5_split_as_the_default_config_does(tmp_path, splits):
+    """config.yaml trains with 2 DataLoader workers, each reopening the HDF5 file in its process."""
+    run(tmp_path, splits, epochs=1, num_workers=2)
+    rows = read_history(tmp_path)
+    assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0

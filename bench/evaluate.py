@@ -36,15 +36,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import mtl.evaluate
 import mtl.train.learner
 from mtl.data.episodes import load_episodes, write_test_episodes
 from mtl.data.hdf5 import HDF5Split, write_split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform
-from mtl.device import autocast, select_device
+from mtl.device import select_device
 from mtl.models import build_backbone, load_encoder, save_encoder
+from validation_pass import per_episode_protocol  # bench/ is on sys.path when run as a script
 
 WAY, SHOT, QUERY, SIZE, SEED = 5, 1, 15, 84, 1
 STEPS, LR = 100, 0.01
@@ -139,33 +139,6 @@ def run_evaluate(model: Path, split_path: Path, episodes: Path, out_dir: Path, d
     return accuracies, seconds, load, dict(profile)
 
 
-# ----------------------------------------------------------------------------- per-episode protocol
-def per_episode_protocol(encoder, split: HDF5Split, support: np.ndarray, query: np.ndarray, transform,
-                         device: torch.device, count: int, seed: int) -> np.ndarray:
-    """The straightforward meta-test: each episode reads and embeds its own 80 images and adapts its
-    own fresh learner with autograd. Fresh weights come from a generator seeded like `evaluate`'s,
-    drawn episode after episode, so episode e gets the same initial learner in both."""
-    generator = torch.Generator().manual_seed(seed)
-    s_t = torch.arange(WAY, device=device).repeat_interleave(SHOT)
-    q_t = torch.arange(WAY, device=device).repeat_interleave(QUERY)
-    accs = []
-    encoder.eval()
-    for e in range(count):
-        rows = np.concatenate([support[e], query[e]])
-        with torch.no_grad(), autocast(device):
-            feats = encoder(transform(split.get_images(rows), device=device)).float()
-        s_feats, q_feats = feats[: len(s_t)], feats[len(s_t):]
-        weight = torch.nn.init.kaiming_normal_(torch.empty(WAY, feats.shape[1]), generator=generator)
-        weight = weight.to(device).requires_grad_()
-        bias = torch.zeros(WAY, device=device, requires_grad=True)
-        for _ in range(STEPS):
-            loss = F.cross_entropy(F.linear(s_feats, weight, bias), s_t)
-            grad_w, grad_b = torch.autograd.grad(loss, (weight, bias))
-            weight = (weight - LR * grad_w).detach().requires_grad_()
-            bias = (bias - LR * grad_b).detach().requires_grad_()
-        with torch.no_grad():
-            accs.append((F.linear(q_feats, weight, bias).argmax(1) == q_t).float().mean().item())
-    return np.array(accs)
 
 
 # ----------------------------------------------------------------------------- parts
@@ -183,11 +156,11 @@ def part1(args, tmp: Path, split_path: Path, model: Path, device: torch.device) 
     transform = EvalTransform(SIZE)
     split = HDF5Split(split_path)
     warm_up(encoder, split, transform, device)
-    per_episode_protocol(encoder, split, eps.support, eps.query, transform, device, 2, SEED)  # warm-up
+    per_episode_protocol(encoder, split, eps.support, eps.query, transform, device, 2, WAY, seed=SEED)  # warm-up
     batched, t_batched, load_b, profile = run_evaluate(model, split_path, episodes_path, tmp / "part1", device)
     n_base = min(args.baseline_episodes, args.episodes)
     baseline, t_base, load_p = timed(lambda: per_episode_protocol(
-        encoder, split, eps.support, eps.query, transform, device, n_base, SEED), device)
+        encoder, split, eps.support, eps.query, transform, device, n_base, WAY, seed=SEED, steps=STEPS, lr=LR), device)
     split.close()
     t_base_full = t_base * args.episodes / n_base
     diff = float(np.abs(batched[:n_base] - baseline).max())

@@ -40,29 +40,32 @@ def synthetic_split(path: Path, classes: int, per_class: int, size: int) -> Path
     return write_split(path, chunks, labels, names, {"dataset": "bench", "split": "val"})
 
 
-def per_episode_protocol(encoder, split, episodes: EpisodeSet, transform, device, count: int, way: int,
-                         steps: int = 100, lr: float = 0.01) -> np.ndarray:
-    """The straightforward protocol: each episode embeds its own images and adapts its own learner."""
-    generator = torch.Generator().manual_seed(0)
-    s_t = torch.arange(way, device=device).repeat_interleave(episodes.shot)
-    q_t = torch.arange(way, device=device).repeat_interleave(episodes.n_query)
+def per_episode_protocol(encoder, split, support: np.ndarray, query: np.ndarray, transform, device, count: int,
+                         way: int, *, seed: int = 0, steps: int = 100, lr: float = 0.01) -> np.ndarray:
+    """The straightforward protocol: each episode reads and embeds its own images and adapts its
+    own fresh learner with autograd. Fresh weights come from a generator seeded like the batched
+    path's, drawn episode after episode, so episode e starts from the same learner in both.
+    Shared with bench/evaluate.py."""
+    generator = torch.Generator().manual_seed(seed)
+    s_t = torch.arange(way, device=device).repeat_interleave(support.shape[1] // way)
+    q_t = torch.arange(way, device=device).repeat_interleave(query.shape[1] // way)
     accs = []
     encoder.eval()
     for e in range(count):
-        rows = np.concatenate([episodes.support[e], episodes.query[e]])
+        rows = np.concatenate([support[e], query[e]])
         with torch.no_grad(), autocast(device):
             feats = encoder(transform(split.get_images(rows), device=device)).float()
-        support, query = feats[: len(s_t)], feats[len(s_t):]
-        weight = torch.nn.init.kaiming_normal_(torch.empty(way, feats.shape[1]), generator=generator).to(device)
-        weight.requires_grad_()
+        s_feats, q_feats = feats[: len(s_t)], feats[len(s_t):]
+        weight = torch.nn.init.kaiming_normal_(torch.empty(way, feats.shape[1]), generator=generator)
+        weight = weight.to(device).requires_grad_()
         bias = torch.zeros(way, device=device, requires_grad=True)
         for _ in range(steps):
-            loss = F.cross_entropy(F.linear(support, weight, bias), s_t)
+            loss = F.cross_entropy(F.linear(s_feats, weight, bias), s_t)
             grad_w, grad_b = torch.autograd.grad(loss, (weight, bias))
             weight = (weight - lr * grad_w).detach().requires_grad_()
             bias = (bias - lr * grad_b).detach().requires_grad_()
         with torch.no_grad():
-            accs.append((F.linear(query, weight, bias).argmax(1) == q_t).float().mean().item())
+            accs.append((F.linear(q_feats, weight, bias).argmax(1) == q_t).float().mean().item())
     return np.array(accs)
 
 
@@ -99,13 +102,13 @@ def main() -> None:
             return out, time.perf_counter() - start
 
         # warm-up (kernel selection, allocator), not timed
-        per_episode_protocol(encoder, split, episodes, transform, device, 2, way)
+        per_episode_protocol(encoder, split, episodes.support, episodes.query, transform, device, 2, way)
         batched, t_batched = timed(lambda: evaluate_encoder(
             encoder, split, episodes, transform, way, shot, query, device=device,
             generator=torch.Generator().manual_seed(0)))
         n_base = min(args.baseline_episodes, args.episodes)
         baseline, t_base = timed(
-            lambda: per_episode_protocol(encoder, split, episodes, transform, device, n_base, way))
+            lambda: per_episode_protocol(encoder, split, episodes.support, episodes.query, transform, device, n_base, way))
         split.close()
     t_base_full = t_base * args.episodes / n_base
     diff = np.abs(batched[:n_base] - baseline).max()

@@ -1,5 +1,7 @@
 # Meta-Transfer Learning (Sun et al., CVPR 2019): download -> HDF5 -> pre-train -> meta-train
 # -> fixed test episodes -> evaluate -> results/summary.csv. See README.md and config.yaml.
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("8.20")
@@ -14,6 +16,16 @@ validate(config, "rules/config.schema.yaml")
 # --resources gpu=N counts GPUs per machine: on a cluster each node has its own.
 resource_scopes:
     gpu="local",
+
+
+# The scripts import the `mtl` library from this repository whether or not it is installed
+# (conda environments of --sdm conda, cluster jobs): jobs inherit this environment.
+# (We set the variable, we do not require it from the user, so no `envvars:` entry.)
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])
+    )
+)
 
 
 include: "rules/common.smk"

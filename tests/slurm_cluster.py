@@ -429,8 +429,6 @@ def venv_env() -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", ""), *SBIN_DIRS])
     env["PYTHONUNBUFFERED"] = "1"
-    # The workflow's scripts import `mtl` from this checkout, installed or not.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
 

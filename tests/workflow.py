@@ -63,8 +63,7 @@ def run_snakemake(
     command += list(args)
     if config is not None:  # last: --configfile takes several values and would swallow targets
         command += ["--configfile", str(write_config(workdir, config))]
-    # The workflow's scripts import `mtl` from this checkout, whichever Python runs them.
-    run_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    run_env = {**os.environ, **(env or {})}
     run_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{run_env.get('PATH', '')}"
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=run_env)
     if check and result.returncode != 0:

@@ -12,13 +12,6 @@ from mtl.train.learner import adapt_linear, embed, episode_accuracy, evaluate_en
 WAY, SHOT, QUERY, DIM, E = 5, 2, 3, 12, 7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def loop_adapt(feats, targets, weight, bias, steps, lr):
     """Reference: one episode, autograd on F.cross_entropy, plain SGD (as the MTL reference code)."""

@@ -21,13 +21,6 @@ from mtl.train.meta import MetaConfig, MetaTrainer, TaskStream, meta_train, task
 WAY, SHOT, QUERY, SIZE = 3, 1, 2, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def write_fake_split(path, split, num_classes=6, per_class=5, seed=0):
     """Tiny split whose classes differ in colour, so accuracy is above chance."""

@@ -26,14 +26,6 @@ BACKBONES = ["resnet12", "resnet25"]
 SMALL = 0.125
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine's cores are shared; keep every test on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def images(batch: int = 4, size: int = 24, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))

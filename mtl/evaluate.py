@@ -26,7 +26,7 @@ from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import EvalTransform
 from mtl.device import select_device
 from mtl.errors import CheckpointError, ConfigError
-from mtl.models import fold_scales, load_encoder
+from mtl.models import load_encoder_file
 from mtl.results import write_episode_results
 from mtl.train.learner import embed_episodes, evaluate_episodes
 
@@ -98,19 +98,16 @@ def nearest_mean_accuracies(features: torch.Tensor, support: np.ndarray, query: 
 
 
 def _load_for_method(method: str, model_path, dev: torch.device):
-    """The encoder to embed with, its preprocessing, and the learner initialisation (None: fresh)."""
-    checkpoint = torch.load(model_path, map_location="cpu", weights_only=True)
+    """The encoder to embed with (scales folded in), the file's entries, and the learner
+    initialisation (None: a fresh learner per episode)."""
+    encoder, info = load_encoder_file(model_path)
+    init = None
     if method in META_METHODS:
-        if "learner" not in checkpoint:
+        if "learner" not in info:
             raise CheckpointError(
                 f"{model_path} is not a meta-trained model (no learner initialisation); "
                 "the meta_train rule writes results/<dataset>/<backbone>/<method>/<shot>shot/model.pt."
             )
-        encoder = fold_scales(load_encoder(model_path, ss=True))
-        init = (checkpoint["learner"]["weight"].float(), checkpoint["learner"]["bias"].float())
-        info = {**checkpoint, **checkpoint["inner"]}
-    else:
-        encoder = load_encoder(model_path, ss=False)
-        init = None
-        info = checkpoint
+        init = (info["learner"]["weight"].float(), info["learner"]["bias"].float())
+        info = {**info, **info["inner"]}
     return encoder.to(dev).eval(), info, init

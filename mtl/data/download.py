@@ -116,12 +116,24 @@ def verify_file(
         )
 
 
+def _sha256_record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def _write_sha256_record(path: Path, digest: str) -> None:
     """Record a file's SHA-256 in ``<name>.sha256`` (sha256sum format) so users can pin it later."""
-    record = path.with_name(path.name + ".sha256")
-    if not record.is_file() or record.read_text().split()[:1] != [digest]:
+    record = _sha256_record_path(path)
+    if read_sha256_record(path) != digest:
         with atomic_path(record) as tmp:
             tmp.write_text(f"{digest}  {path.name}\n")
+
+
+def read_sha256_record(path: str | os.PathLike) -> str | None:
+    """The digest the download step recorded beside ``path`` (``<name>.sha256``), if any."""
+    try:
+        return _sha256_record_path(Path(path)).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 # ------------------------------------------------------------------------------ HTTP
@@ -689,10 +701,7 @@ def _use_manual_files(source, dest_dir: Path, manual_dir: Path, pinned) -> list[
     paths = []
     for remote in source.files:
         src = manual_dir / remote.name
-        expected = _expected_facts(remote, pinned.get(remote.name))
-        problem, digest = _check(
-            src, expected.md5, expected.sha256, expected.size, want_sha256=True
-        )
+        problem, digest = _check_remote(src, remote, pinned)
         if problem:
             raise DataError(
                 f"{src} (from the manual folder set by `data.{source.name}.path`) {problem}. "
@@ -706,14 +715,20 @@ def _use_manual_files(source, dest_dir: Path, manual_dir: Path, pinned) -> list[
     return paths
 
 
-def _accept_existing(dest: Path, expected: _Expected) -> bool:
+def _check_remote(path: Path, remote: Remote, pinned: dict[str, str]) -> tuple[str | None, str | None]:
+    """:func:`_check` against what the registry, or the user's pin, says ``remote`` must be."""
+    expected = _expected_facts(remote, pinned.get(remote.name))
+    return _check(path, expected.md5, expected.sha256, expected.size, want_sha256=True)
+
+
+def _accept_existing(dest: Path, remote: Remote, pinned: dict[str, str]) -> bool:
     """True when a file already at ``dest`` (downloaded or dropped by hand) verifies.
 
     A file that fails is moved to ``<name>.corrupt`` so nothing unverified stays under the name.
     """
     if not dest.is_file():
         return False
-    problem, digest = _check(dest, expected.md5, expected.sha256, expected.size, want_sha256=True)
+    problem, digest = _check_remote(dest, remote, pinned)
     if problem is None:
         _write_sha256_record(dest, digest)
         log.info("%s is already present and verifies; skipping its download", dest)
@@ -725,9 +740,8 @@ def _accept_existing(dest: Path, expected: _Expected) -> bool:
 
 
 def _ensure(remote: Remote, dest_dir: Path, pinned, dataset: str, progress: bool) -> Path:
-    expected = _expected_facts(remote, pinned.get(remote.name))
     dest = dest_dir / remote.name
-    if _accept_existing(dest, expected):
+    if _accept_existing(dest, remote, pinned):
         return dest
     return download_file(
         remote, dest_dir, sha256=pinned.get(remote.name), progress=progress, dataset=dataset
@@ -750,10 +764,7 @@ def _from_archive(
                 f"archive is not the expected one: delete it and rerun, or {advice}."
             )
         extracted = safe_extract(archive_path, tmp, members=[matches[0]])[0]
-        expected = _expected_facts(remote, pinned.get(remote.name))
-        problem, digest = _check(
-            extracted, expected.md5, expected.sha256, expected.size, want_sha256=True
-        )
+        problem, digest = _check_remote(extracted, remote, pinned)
         if problem:
             raise DataError(
                 f"{remote.name}, extracted from {archive_path} (member '{matches[0]}'), {problem}. "

@@ -78,25 +78,25 @@ def relabel(way: int, per_class: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- episodes
-@dataclass(frozen=True)
-class Episode:
-    """One task: image indices into a split and the class ids behind targets 0..way-1."""
+class _EpisodeShape:
+    """way/shot/query and targets, read off the last axis of ``support``, ``query`` and ``classes``
+    (one episode, or a stack of them)."""
 
-    support: np.ndarray  # (way*shot,) int64
-    query: np.ndarray  # (way*query,) int64
-    classes: np.ndarray  # (way,) int64
+    support: np.ndarray
+    query: np.ndarray
+    classes: np.ndarray
 
     @property
     def way(self) -> int:
-        return len(self.classes)
+        return self.classes.shape[-1]
 
     @property
     def shot(self) -> int:
-        return len(self.support) // self.way
+        return self.support.shape[-1] // self.way
 
     @property
     def n_query(self) -> int:
-        return len(self.query) // self.way
+        return self.query.shape[-1] // self.way
 
     @property
     def support_targets(self) -> np.ndarray:
@@ -105,6 +105,15 @@ class Episode:
     @property
     def query_targets(self) -> np.ndarray:
         return relabel(self.way, self.n_query)
+
+
+@dataclass(frozen=True)
+class Episode(_EpisodeShape):
+    """One task: image indices into a split and the class ids behind targets 0..way-1."""
+
+    support: np.ndarray  # (way*shot,) int64
+    query: np.ndarray  # (way*query,) int64
+    classes: np.ndarray  # (way,) int64
 
 
 class EpisodeSampler:
@@ -159,7 +168,7 @@ class EpisodeSampler:
 
 
 @dataclass(frozen=True)
-class EpisodeSet:
+class EpisodeSet(_EpisodeShape):
     """E episodes as stacked arrays (what an episode file holds); ``set[i]`` is an `Episode`."""
 
     support: np.ndarray  # (E, way*shot) int64
@@ -180,26 +189,6 @@ class EpisodeSet:
 
     def __getitem__(self, i: int) -> Episode:
         return Episode(self.support[i], self.query[i], self.classes[i])
-
-    @property
-    def way(self) -> int:
-        return self.classes.shape[1]
-
-    @property
-    def shot(self) -> int:
-        return self.support.shape[1] // self.way
-
-    @property
-    def n_query(self) -> int:
-        return self.query.shape[1] // self.way
-
-    @property
-    def support_targets(self) -> np.ndarray:
-        return relabel(self.way, self.shot)
-
-    @property
-    def query_targets(self) -> np.ndarray:
-        return relabel(self.way, self.n_query)
 
 
 # ----------------------------------------------------------------------------- files

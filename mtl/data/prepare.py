@@ -41,7 +41,7 @@ def with_mirrors(source: DatasetSource, mirrors: dict[str, list[str]] | None) ->
 
 def fetch_raw(name: str, conf: dict, raw_dir: str | Path, manifest: str | Path, *, progress: bool = True) -> Path:
     """Make the raw files of dataset ``name`` available and write ``manifest`` (JSON) naming them."""
-    from mtl.data.download import fetch_dataset
+    from mtl.data.download import fetch_dataset, read_sha256_record
 
     raw_dir = Path(raw_dir)
     kind = conf["source"]
@@ -54,7 +54,7 @@ def fetch_raw(name: str, conf: dict, raw_dir: str | Path, manifest: str | Path, 
             checksums=conf.get("checksums") or {},
             progress=progress,
         )
-        record = {"raw_dir": str(raw_dir.resolve()), "files": {p.name: _recorded_sha256(p) for p in paths}}
+        record = {"raw_dir": str(raw_dir.resolve()), "files": {p.name: read_sha256_record(p) for p in paths}}
     elif kind == "imagefolder":
         root = _image_folder_root(name, conf)
         record = {"raw_dir": str(root), "files": {}}
@@ -100,11 +100,6 @@ def read_manifest(manifest: str | Path) -> dict:
             "Delete it and rerun the download rule."
         )
     return record
-
-
-def _recorded_sha256(path: Path) -> str | None:
-    record = path.with_name(path.name + ".sha256")
-    return record.read_text().split()[0] if record.exists() else None
 
 
 def _image_folder_root(name: str, conf: dict) -> Path:

@@ -17,7 +17,7 @@ from mtl.models.backbone import (
     meta_parameters,
     scaled_channels,
 )
-from mtl.models.encoder_io import load_backbone_state, load_encoder, save_encoder
+from mtl.models.encoder_io import load_backbone_state, load_encoder, load_encoder_file, save_encoder
 from mtl.models.heads import PretrainClassifier
 from mtl.models.resnet12 import ResNet12
 from mtl.models.resnet25 import ResNet25
@@ -34,6 +34,7 @@ __all__ = [
     "freeze_for_meta",
     "load_backbone_state",
     "load_encoder",
+    "load_encoder_file",
     "meta_parameters",
     "save_encoder",
     "scaled_channels",

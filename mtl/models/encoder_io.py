@@ -36,7 +36,14 @@ def save_encoder(backbone: Backbone, path: str | os.PathLike, **extra) -> Path:
 
 def load_encoder(path: str | os.PathLike, *, ss: bool = False, map_location="cpu",
                  expected: Mapping | None = None) -> Backbone:
-    """Rebuild the backbone stored in ``path`` and load its weights.
+    """Rebuild the backbone stored in ``path`` and load its weights (see :func:`load_encoder_file`)."""
+    return load_encoder_file(path, ss=ss, map_location=map_location, expected=expected)[0]
+
+
+def load_encoder_file(path: str | os.PathLike, *, ss: bool = False, map_location="cpu",
+                      expected: Mapping | None = None) -> tuple[Backbone, dict]:
+    """Rebuild the backbone stored in ``path``, load its weights, and return it with the file's
+    other entries (image_size, normalize, learner, ...), so callers read the file once.
 
     ``ss=False`` returns the plain form; a file holding scale/shift (a meta-trained model) is
     folded into plain weights with :func:`fold_scales`. ``ss=True`` returns the SS form; a plain
@@ -57,9 +64,10 @@ def load_encoder(path: str | os.PathLike, *, ss: bool = False, map_location="cpu
         raise CheckpointError(f"encoder {path}: cannot rebuild its backbone {config}: {error}") from error
     load_backbone_state(model, state, source=str(path))
     model = model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+    extras = {key: value for key, value in payload.items() if key != "state_dict"}
     if has_ss and not ss:
-        return fold_scales(model)
-    return model
+        return fold_scales(model), extras
+    return model, extras
 
 
 def check_expected_backbone(config: dict, expected: Mapping, path: Path) -> None:

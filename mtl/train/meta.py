@@ -50,7 +50,7 @@ from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainT
 from mtl.device import autocast, grad_scaler, select_device
 from mtl.errors import CheckpointError, ConfigError, check_known_keys
 from mtl.io import atomic_path, atomic_torch_save, file_sha256
-from mtl.models import fold_scales, freeze_for_meta, load_encoder
+from mtl.models import fold_scales, freeze_for_meta, load_encoder_file
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, failure_class
 from mtl.results import mean_ci95
@@ -198,12 +198,6 @@ class TaskStream:
 
 
 # --------------------------------------------------------------------------- helpers
-def read_encoder_meta(path: Path) -> dict:
-    """image_size and normalize stored by pretrain beside the encoder weights."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return {"image_size": payload.get("image_size"), "normalize": payload.get("normalize")}
-
-
 def normalize_stats(normalize) -> tuple[list[float], list[float]]:
     """(mean, std) from the encoder's ``normalize`` entry; the reference statistics when absent."""
     if not normalize:
@@ -374,10 +368,10 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
         raise ConfigError(f"protocol.val_episodes must be >= 1 (meta-validation picks the best epoch), "
                           f"got {val_episodes!r}")
     device = select_device(device)
-    model = load_encoder(encoder_path, ss=True)  # missing file: its error names the pretrain rule
-    encoder_meta = read_encoder_meta(Path(encoder_path))
-    image_size = int(encoder_meta["image_size"] or model.native_size)
-    mean, std = normalize_stats(encoder_meta["normalize"])
+    # missing file: its error names the pretrain rule
+    model, encoder_meta = load_encoder_file(encoder_path, ss=True)
+    image_size = int(encoder_meta.get("image_size") or model.native_size)
+    mean, std = normalize_stats(encoder_meta.get("normalize"))
     protocol = {"way": way, "shot": shot, "query": query, "seed": seed,
                 "method": "mtl_ht" if config.hard_tasks.enabled else "mtl"}
     identity = run_identity(model, config, protocol, val_episodes, image_size, Path(encoder_path))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtl.data.download import read_sha256_record
 from mtl.data.sources import SPLITS, DatasetSource, SplitFacts
 from mtl.errors import ConfigError, DataError
 
@@ -103,15 +104,6 @@ def check_counts(
     log.warning("%s Continuing because strict_counts is false.", message)
 
 
-def recorded_sha256(path: Path) -> str | None:
-    """The digest the download step wrote beside ``path`` (``<name>.sha256``), if any."""
-    record = path.with_name(path.name + ".sha256")
-    try:
-        return record.read_text().split()[0]
-    except (OSError, IndexError):
-        return None
-
-
 def source_files(source: DatasetSource | None, paths: Iterable[Path]) -> dict[str, str | None]:
     """Raw file name -> SHA-256 for the HDF5 ``source_files`` attribute: the registry's digest,
     else the one the download step recorded beside the file, else None (not recomputed: the
@@ -120,7 +112,7 @@ def source_files(source: DatasetSource | None, paths: Iterable[Path]) -> dict[st
     digests = {}
     for path in paths:
         remote = registry.get(path.name)
-        digests[path.name] = (remote.sha256 if remote else None) or recorded_sha256(path)
+        digests[path.name] = (remote.sha256 if remote else None) or read_sha256_record(path)
     return digests
 
 

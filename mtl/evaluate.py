@@ -28,7 +28,7 @@ from mtl.device import select_device
 from mtl.errors import CheckpointError, ConfigError
 from mtl.models import load_encoder_file
 from mtl.results import write_episode_results
-from mtl.train.learner import embed_episodes, evaluate_episodes
+from mtl.train.learner import DEFAULT_EMBED_BATCH, embed_episodes, evaluate_episodes
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,13 @@ def evaluate(
     protocol: dict,
     ft_steps: int = 100,
     ft_lr: float = 0.01,
-    batch_size: int = 256,
+    batch_size: int = DEFAULT_EMBED_BATCH,
     device: str = "auto",
 ) -> dict:
-    """Score ``method`` on the fixed episodes and write ``episodes_out`` (CSV) and ``metrics_out`` (JSON)."""
+    """Score ``method`` on the fixed episodes and write ``episodes_out`` (CSV) and ``metrics_out`` (JSON).
+
+    ``batch_size``: images per forward pass of the embedding (choose it with mtl.batching).
+    """
     if method not in METHODS:
         raise ConfigError(f"Unknown value '{method}' for argument method. Valid values are {{{', '.join(METHODS)}}}.")
     dev = select_device(device)

@@ -8,6 +8,9 @@ METHODS = config["methods"]
 META_METHODS = [m for m in ["mtl", "mtl_ht"] if m in METHODS]
 WAY = config["protocol"]["way"]
 SHOTS = config["protocol"]["shots"]
+# Where the measured inference batch size is cached per machine, model and image size
+# (mtl/batching.py); a disposable record, kept outside every rule's outputs.
+INFERENCE_CACHE = "results/.cache"
 
 
 wildcard_constraints:

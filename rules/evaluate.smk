@@ -40,5 +40,8 @@ rule evaluate:
     params:
         protocol=get_run_protocol,
         device=config["device"],
+        backbone=config["backbone"],
+        inference_batch=config["inference"]["batch_size"],
+        inference_cache=INFERENCE_CACHE,
     script:
         "../workflow_scripts/evaluate.py"

@@ -27,5 +27,8 @@ rule meta_train:
         protocol=config["protocol"],
         hard_tasks=is_hard_task_method,
         device=config["device"],
+        backbone=config["backbone"],
+        inference_batch=config["inference"]["batch_size"],
+        inference_cache=INFERENCE_CACHE,
     script:
         "../workflow_scripts/meta_train.py"

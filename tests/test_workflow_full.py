@@ -1,6 +1,8 @@
 """The whole workflow, every rule, both shots and all four methods, through the Snakemake CLI."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from tests.workflow import job_counts, run_snakemake, scenario_config
@@ -31,6 +33,11 @@ def test_tiny_scenario_runs_end_to_end_and_writes_a_complete_summary(tmp_path):
     for shot in (1, 5):
         ids = {m: pd.read_csv(tmp_path / f"results/digits/resnet12/{m}/{shot}shot/episodes.csv")["episode"].tolist() for m in METHODS}
         assert all(ids[m] == ids["ft"] for m in METHODS)
+
+    # inference.batch_size: auto was measured for this machine and model, and cached for later jobs
+    cache = json.loads((tmp_path / "results/.cache/inference_batch_size.json").read_text())
+    assert cache and all(key.endswith("resnet12 width 0.125 | 16 px") for key in cache)
+    assert all(entry["batch_size"] in (4, 8, 16, 32, 64, 128, 256, 512) for entry in cache.values())
 
     # the HTML report renders from the finished run
     run_snakemake(tmp_path, scenario_config("tiny"), "--report", str(tmp_path / "report.html"))

@@ -5,6 +5,7 @@ log_to_file(snakemake.log[0])
 
 import torch
 
+from mtl.batching import inference_batch_size
 from mtl.device import claim_device
 from mtl.train.pretrain import PretrainConfig, pretrain
 
@@ -12,6 +13,9 @@ torch.set_num_threads(snakemake.threads)
 protocol = snakemake.params.protocol
 # Several GPU jobs on one machine each take a different GPU; a scheduler's choice is kept.
 with claim_device(snakemake.params.device) as device:
+    # measured once per machine and model (a ~2 s probe), then read from the cache
+    batch_size = inference_batch_size(snakemake.params.inference_batch, dict(snakemake.params.backbone), device,
+                                      cache_dir=snakemake.params.inference_cache)
     pretrain(
         snakemake.input.train,
         snakemake.input.val,
@@ -25,4 +29,5 @@ with claim_device(snakemake.params.device) as device:
         val_episodes=protocol["val_episodes"],
         seed=protocol["seed"],
         device=device,
+        inference_batch_size=batch_size,
     )

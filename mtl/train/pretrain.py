@@ -43,7 +43,7 @@ from mtl.io import atomic_path
 from mtl.models import PretrainClassifier, build_backbone, save_encoder
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from mtl.results import mean_ci95
-from mtl.train.learner import evaluate_encoder
+from mtl.train.learner import DEFAULT_EMBED_BATCH, evaluate_encoder
 
 log = logging.getLogger(__name__)
 
@@ -147,17 +147,19 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 # ----------------------------------------------------------------------------- entry point
 def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, backbone: dict,
              config: PretrainConfig | dict, way: int = 5, shot: int | None = None, query: int = 15,
-             val_episodes: int = 600, seed: int = 1, device: str = "auto") -> Path:
+             val_episodes: int = 600, seed: int = 1, device: str = "auto",
+             inference_batch_size: int = DEFAULT_EMBED_BATCH) -> Path:
     """Pre-train an encoder on ``train_h5``, select it on ``val_h5`` episodes, write ``encoder_out``.
 
     ``backbone``: {name, width, image_size (None = native)}. ``shot``: validation shot, default
     ``config.val_shot``. Writes ``history_out`` (CSV, one row per epoch) and keeps resume state in
-    ``checkpoint_dir/last.pt``. Returns ``encoder_out``.
+    ``checkpoint_dir/last.pt``. ``inference_batch_size``: images per forward pass of the validation
+    embedding (see mtl.batching). Returns ``encoder_out``.
     """
     config = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
     config.validate()
     run = _Run(train_h5, val_h5, backbone, config, way, config.val_shot if shot is None else shot,
-               query, val_episodes, seed, select_device(device), Path(checkpoint_dir))
+               query, val_episodes, seed, select_device(device), Path(checkpoint_dir), inference_batch_size)
     run.resume_or_start()
     run.write_history(history_out)
     epochs = tqdm(range(run.next_epoch, config.epochs + 1), desc="pretrain", unit="epoch",
@@ -173,8 +175,9 @@ class _Run:
     """One pre-training run's state; methods are the steps `pretrain` reads top to bottom."""
 
     def __init__(self, train_h5, val_h5, backbone, config, way, shot, query, val_episodes, seed, device,
-                 checkpoint_dir):
+                 checkpoint_dir, inference_batch_size):
         self.config, self.device, self.seed = config, device, int(seed)
+        self.inference_batch_size = int(inference_batch_size)
         self.way, self.shot, self.query = int(way), int(shot), int(query)
         self.train, self.val = HDF5Split(train_h5), HDF5Split(val_h5)
         self.backbone_spec = _backbone_spec(backbone)
@@ -293,7 +296,7 @@ class _Run:
         """Fresh linear learner per fixed val episode on frozen eval-mode features (seeded init)."""
         accs = evaluate_encoder(self.model.encoder, self.val, self.val_set, self.eval_transform, self.way,
                                 self.shot, self.query, steps=VAL_STEPS, lr=VAL_LR,
-                                batch_size=2 * self.config.batch_size, device=self.device,
+                                batch_size=self.inference_batch_size, device=self.device,
                                 generator=torch.Generator().manual_seed(self.seed))
         return mean_ci95(accs)
 

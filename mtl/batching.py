@@ -26,7 +26,6 @@ import fcntl
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 from mtl.errors import ConfigError
 from mtl.io import atomic_path
+from mtl.machine import cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +58,6 @@ def parse_setting(setting) -> int | None:
 
 
 # ----------------------------------------------------------------------------- cache key
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform module knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def device_name(device: torch.device) -> str:
     """What decides a device's speed: the GPU's name, or the CPU's model."""
     if device.type == "cuda":

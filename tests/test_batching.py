@@ -236,3 +236,65 @@ def test_cache_ignores_an_entry_without_a_valid_size(tmp_path):
     cache.put("k", {"batch_size": 0})
     cache.put("j", {"batch_size": 16})
     assert cache.get("k") is None and cache.get("j") == 16 and cache.get("missing") is None
+
+
+# ----------------------------------------------------------------------------- every inference pass
+def colour_split(path, split, classes, per_class, seed):
+    """Classes differ in colour: accuracies above chance, so a changed feature would show."""
+    from mtl.data.hdf5 import write_split
+
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), per_class)
+    base = rng.integers(0, 256, size=(classes, 1, 1, 3))
+    pixels = np.clip(base[labels] + rng.integers(-60, 60, size=(len(labels), 20, 20, 3)), 0, 255)
+    return write_split(path, pixels.astype(np.uint8), labels, [f"c{c}" for c in range(classes)],
+                       {"dataset": "toy", "split": split})
+
+
+@pytest.fixture
+def embed_batch_sizes(monkeypatch):
+    """The batch size of every `embed` call (all inference passes go through it)."""
+    import mtl.train.learner as learner
+
+    seen, original = [], learner.embed
+
+    def spy(encoder, images, transform, batch_size=64, *args, **kwargs):
+        seen.append(batch_size)
+        return original(encoder, images, transform, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(learner, "embed", spy)
+    return seen
+
+
+def test_every_inference_pass_uses_the_given_batch_size_with_the_same_results(tmp_path, embed_batch_sizes):
+    import csv
+
+    from mtl.data.episodes import write_test_episodes
+    from mtl.evaluate import evaluate
+    from mtl.train.meta import MetaConfig, meta_train
+    from mtl.train.pretrain import PretrainConfig, pretrain
+
+    train = colour_split(tmp_path / "train.h5", "train", 4, 12, 1)
+    val = colour_split(tmp_path / "val.h5", "val", 4, 8, 2)
+    episodes = write_test_episodes(val, tmp_path / "episodes.npz", way=3, shot=1, query=3, count=8, seed=5)
+    protocol = {"way": 3, "query": 3, "val_episodes": 8, "seed": 0}
+    results = {}
+    for batch in (3, 64):
+        out = tmp_path / f"batch{batch}"
+        embed_batch_sizes.clear()
+        encoder = pretrain(train, val, encoder_out=out / "encoder.pt", history_out=out / "pretrain.csv",
+                           checkpoint_dir=out / "ckpt", device="cpu", inference_batch_size=batch,
+                           backbone={"name": "resnet12", "width": 0.125, "image_size": 16},
+                           config=PretrainConfig.from_dict({"epochs": 1, "batch_size": 16, "num_workers": 0}),
+                           **protocol)
+        meta_train(train, val, encoder, model_out=out / "model.pt", history_out=out / "meta.csv",
+                   checkpoint_dir=out / "mckpt", shot=1, hard_tasks=False, device="cpu", inference_batch_size=batch,
+                   config=MetaConfig.from_dict({"epochs": 1, "episodes_per_epoch": 1, "update_step": 5}),
+                   **protocol)
+        evaluate("ft", encoder, val, episodes, episodes_out=out / "episodes.csv", metrics_out=out / "metrics.json",
+                 protocol={"dataset": "toy", "backbone": "resnet12"}, batch_size=batch, device="cpu")
+        assert embed_batch_sizes == [batch] * 3  # pre-train validation, meta-validation, meta-test
+        results[batch] = [[row[key] for row in csv.DictReader(open(out / name)) for key in keys]
+                          for name, keys in (("pretrain.csv", ["val_acc"]), ("meta.csv", ["val_acc"]),
+                                             ("episodes.csv", ["accuracy"]))]
+    assert results[3] == results[64]

@@ -14,6 +14,8 @@ the size is measured, not assumed:
 - :class:`BatchSizeCache` keeps the choice in ``<cache folder>/inference_batch_size.json`` per
   :func:`cache_key`: device (CPU model or GPU name), torch threads, torch version, backbone,
   width and image size. Each machine probes once; delete the file (or its entry) to probe again.
+  ``$MTL_INFERENCE_CACHE`` names a folder that replaces the caller's (one cache for every project
+  on a machine: fresh clones then embed with the same batch and reproduce each other bit for bit).
 
 :func:`inference_batch_size` puts them together; the config key ``inference.batch_size`` is
 ``auto`` (probe, cached) or a fixed integer (no probe).
@@ -44,13 +46,19 @@ CANDIDATES = (4, 8, 16, 32, 64, 128, 256, 512)
 PROBE_BUDGET_S = 1.5
 TOLERANCE = 0.05  # sizes within 5% of the best rate count as equally fast
 CACHE_FILE = "inference_batch_size.json"
+CACHE_ENV = "MTL_INFERENCE_CACHE"  # a cache folder that replaces the caller's (share one across projects)
 
 
 # ----------------------------------------------------------------------------- setting
 def parse_setting(setting) -> int | None:
-    """The config value ``inference.batch_size``: None for ``auto``, else the fixed size (>= 1)."""
+    """The config value ``inference.batch_size``: None for ``auto``, else the fixed size (>= 1).
+
+    Digits in a string count as the integer (a nested ``--config`` value arrives as a string).
+    """
     if isinstance(setting, str) and setting.strip().lower() == AUTO:
         return None
+    if isinstance(setting, str) and setting.strip().isdigit():
+        setting = int(setting)
     if isinstance(setting, bool) or not isinstance(setting, (int, np.integer)) or setting < 1:
         raise ConfigError(f"inference.batch_size must be 'auto' or an integer >= 1, got {setting!r}; "
                           "fix it in config.yaml")
@@ -187,12 +195,13 @@ def inference_batch_size(setting, backbone: dict, device: torch.device | str, *,
 
     ``setting``: ``inference.batch_size`` ("auto" or an integer). ``backbone``: {name, width,
     image_size (None: the backbone's native size)}, as config.yaml's ``backbone``. ``cache_dir``:
-    folder of the cache file (None: probe every time). ``run_batch`` / ``timer`` replace the real
-    embedding and clock (tests).
+    folder of the cache file (None: probe every time); ``$MTL_INFERENCE_CACHE``, when set, replaces
+    it. ``run_batch`` / ``timer`` replace the real embedding and clock (tests).
     """
     fixed = parse_setting(setting)
     if fixed is not None:
         return fixed
+    cache_dir = os.environ.get(CACHE_ENV) or cache_dir
     from mtl.models import backbone_class
 
     device = torch.device(device)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mtl.batching import (
+    CACHE_ENV,
     BatchSizeCache,
     cache_key,
     inference_batch_size,
@@ -170,10 +171,16 @@ def test_pick_needs_a_measurement():
 BACKBONE = {"name": "resnet12", "width": 0.25, "image_size": None}
 
 
+@pytest.fixture(autouse=True)
+def no_cache_override(monkeypatch):
+    """A developer's $MTL_INFERENCE_CACHE must not redirect these tests' caches."""
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+
+
 def test_setting_is_auto_or_a_positive_integer():
     assert parse_setting("auto") is None and parse_setting("AUTO ") is None
-    assert parse_setting(32) == 32
-    for bad in (0, -4, "64", 1.5, True, None):
+    assert parse_setting(32) == 32 and parse_setting("64") == 64  # from --config, values are strings
+    for bad in (0, -4, "0", "fast", 1.5, True, None):
         with pytest.raises(ConfigError, match="inference.batch_size"):
             parse_setting(bad)
 
@@ -213,6 +220,14 @@ def test_another_model_size_or_thread_count_is_a_miss(tmp_path, change):
     assert inference_batch_size("auto", other, "cpu", cache_dir=tmp_path, run_batch=second.run_batch,
                                 timer=second.timer) == 256
     assert len(json.loads((tmp_path / "inference_batch_size.json").read_text())) == 2  # both kept
+
+
+def test_environment_variable_replaces_the_cache_folder(tmp_path, monkeypatch):
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    monkeypatch.setenv(CACHE_ENV, str(shared))
+    probe = FakeDevice(CPU_LIKE)
+    inference_batch_size("auto", BACKBONE, "cpu", cache_dir=own, run_batch=probe.run_batch, timer=probe.timer)
+    assert (shared / "inference_batch_size.json").exists() and not own.exists()
 
 
 def test_key_names_machine_threads_torch_model_and_size():
@@ -292,7 +307,7 @@ def test_every_inference_pass_uses_the_given_batch_size_with_the_same_results(tm
                    config=MetaConfig.from_dict({"epochs": 1, "episodes_per_epoch": 1, "update_step": 5}),
                    **protocol)
         evaluate("ft", encoder, val, episodes, episodes_out=out / "episodes.csv", metrics_out=out / "metrics.json",
-                 protocol={"dataset": "toy", "backbone": "resnet12"}, batch_size=batch, device="cpu")
+                 protocol={"dataset": "toy", "backbone": "resnet12", "seed": 0}, batch_size=batch, device="cpu")
         assert embed_batch_sizes == [batch] * 3  # pre-train validation, meta-validation, meta-test
         results[batch] = [[row[key] for row in csv.DictReader(open(out / name)) for key in keys]
                           for name, keys in (("pretrain.csv", ["val_acc"]), ("meta.csv", ["val_acc"]),

@@ -1,11 +1,16 @@
 # Lists derived from config, wildcard constraints and target functions. No training logic here:
-# anything that needs a unit test lives in mtl/.
+# anything that needs a unit test lives in mtl/. What each method trains and starts from is read
+# from the method registry (mtl/methods.py).
+from mtl import methods as method_registry
 
 SPLITS = ["train", "val", "test"]
 DATASETS = [name for name, entry in config["data"].items() if entry["enabled"]]
 BACKBONE = config["backbone"]["name"]
 METHODS = config["methods"]
-META_METHODS = [m for m in ["mtl", "mtl_ht"] if m in METHODS]
+# `snakemake ablation` scores every registry entry, whatever `methods` lists.
+ABLATION_ARMS = list(method_registry.NAMES)
+META_METHODS = method_registry.meta_trained(METHODS)
+META_ARMS = method_registry.meta_trained(ABLATION_ARMS)
 WAY = config["protocol"]["way"]
 SHOTS = config["protocol"]["shots"]
 # Training seeds: each replicates the whole training chain as its own jobs (DESIGN.md "Seeds").
@@ -16,7 +21,7 @@ wildcard_constraints:
     dataset="|".join(DATASETS) or "NO_DATASET_ENABLED",
     split="|".join(SPLITS),
     backbone=BACKBONE,
-    method="|".join(METHODS),
+    method="|".join(method_registry.NAMES),
     shot=r"\d+",
     way=r"\d+",
     seed=r"\d+",
@@ -32,14 +37,31 @@ def dataset_build_options(wildcards):
 
 
 def is_hard_task_method(wildcards):
-    return wildcards.method == "mtl_ht"
+    return method_registry.get_method(wildcards.method).meta.hard_tasks
+
+
+def get_meta_scope(wildcards):
+    """Where the method meta-learns scales/shifts: all blocks, or the last one."""
+    return method_registry.get_method(wildcards.method).meta.scope
+
+
+def get_meta_config(wildcards):
+    """config.yaml's `meta` block with the arm's fixed settings (second order, meta-batch)."""
+    return method_registry.meta_settings(wildcards.method, config["meta"])
+
+
+def get_start_encoder(wildcards):
+    """The encoder of this seed the method starts from: pre-trained, or untrained (random_init)."""
+    if method_registry.start_encoder(wildcards.method) == method_registry.RANDOM_INIT:
+        return rules.random_init.output.encoder.format(**wildcards)
+    return rules.pretrain.output.encoder.format(**wildcards)
 
 
 def get_evaluated_model(wildcards):
-    """Meta-trained methods are scored with their model, the baselines with the pre-trained encoder."""
-    if wildcards.method in META_METHODS:
+    """Meta-trained methods are scored with their model, the others with their start encoder."""
+    if method_registry.get_method(wildcards.method).meta_trained:
         return rules.meta_train.output.model.format(**wildcards)
-    return rules.pretrain.output.encoder.format(**wildcards)
+    return get_start_encoder(wildcards)
 
 
 def get_training_seed(wildcards):
@@ -63,23 +85,23 @@ def get_run_protocol(wildcards):
     }
 
 
-def _run_files(pattern):
+def _run_files(pattern, methods):
     return expand(
         pattern,
         dataset=DATASETS,
         backbone=BACKBONE,
         seed=SEEDS,
-        method=METHODS,
+        method=methods,
         shot=SHOTS,
     )
 
 
-def get_metrics_files():
-    return _run_files(rules.evaluate.output.metrics)
+def get_metrics_files(methods=METHODS):
+    return _run_files(rules.evaluate.output.metrics, methods)
 
 
-def get_episode_result_files():
-    return _run_files(rules.evaluate.output.episodes)
+def get_episode_result_files(methods=METHODS):
+    return _run_files(rules.evaluate.output.episodes, methods)
 
 
 def get_history_files():

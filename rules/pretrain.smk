@@ -29,3 +29,22 @@ rule pretrain:
         device=config["device"],
     script:
         "../workflow_scripts/pretrain.py"
+
+
+# The untrained encoder of a seed: where the no-pre-training arm (mtl_no_pretrain) starts.
+rule random_init:
+    output:
+        encoder="results/{dataset}/{backbone}/seed{seed}/random_init/encoder.pt",
+    log:
+        "logs/random_init/{dataset}/{backbone}/seed{seed}.log",
+    conda:
+        "../envs/mtl.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    params:
+        seed=get_training_seed,
+        backbone=config["backbone"],
+        config=config["pretrain"],
+    script:
+        "../workflow_scripts/random_init.py"

@@ -26,8 +26,9 @@ Where we differ on purpose (same maths, less work or fixed defects):
     one epoch earlier.
 
 Options: ``first_order: false`` (second-order: support embeddings and inner loop keep the graph),
-``meta_batch > 1`` (average the query losses of several tasks per outer step), and the hard-task
-meta-batch (:mod:`mtl.train.hard_tasks`).
+``meta_batch > 1`` (average the query losses of several tasks per outer step), the hard-task
+meta-batch (:mod:`mtl.train.hard_tasks`), and ``scope="last"`` (scales/shifts and BN affine of the
+last residual block only). The ablation arms of :mod:`mtl.methods` are these options, named.
 """
 from __future__ import annotations
 
@@ -231,9 +232,9 @@ class MetaTrainer:
     """
 
     def __init__(self, model, *, way, shot, query, config: MetaConfig, device, image_size, mean, std,
-                 seed: int | None = None):
+                 seed: int | None = None, scope: str = "all"):
         self.model = model.to(device)
-        self.params = freeze_for_meta(self.model)
+        self.params = freeze_for_meta(self.model, scope)
         self.way, self.shot, self.query = way, shot, query
         self.config = config
         self.device = torch.device(device)
@@ -354,11 +355,13 @@ def validate(trainer: MetaTrainer, val_split, episodes, transform) -> np.ndarray
 # --------------------------------------------------------------------------- entry point
 def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkpoint_dir,
                config: MetaConfig, way: int, shot: int, query: int, val_episodes: int, seed: int,
-               hard_tasks: bool, device: str = "auto") -> Path:
+               hard_tasks: bool, device: str = "auto", scope: str = "all", method: str | None = None) -> Path:
     """Meta-train the pre-trained encoder at ``encoder_path``; write ``model_out`` and ``history_out``.
 
     ``hard_tasks`` switches the HT meta-batch on (method ``mtl_ht``) and overrides
-    ``config.hard_tasks.enabled``. Resumes from ``checkpoint_dir/last.pt`` when present (a longer
+    ``config.hard_tasks.enabled``. ``scope`` is where scales/shifts are learned (``all`` or ``last``,
+    see :func:`mtl.models.freeze_for_meta`); ``method`` is the name recorded in the model file
+    (default ``mtl``/``mtl_ht``). Resumes from ``checkpoint_dir/last.pt`` when present (a longer
     ``epochs`` continues a finished shorter run); any other config, protocol, backbone or encoder
     change is refused with a CheckpointError, since silently mixing two runs would corrupt results.
     Outputs are written once, at the end: the best-validation model and the full history.
@@ -372,12 +375,12 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
     model, encoder_meta = load_encoder_file(encoder_path, ss=True)
     image_size = int(encoder_meta.get("image_size") or model.native_size)
     mean, std = normalize_stats(encoder_meta.get("normalize"))
-    protocol = {"way": way, "shot": shot, "query": query, "seed": seed,
-                "method": "mtl_ht" if config.hard_tasks.enabled else "mtl"}
+    protocol = {"way": way, "shot": shot, "query": query, "seed": seed, "scope": scope,
+                "method": method or ("mtl_ht" if config.hard_tasks.enabled else "mtl")}
     identity = run_identity(model, config, protocol, val_episodes, image_size, Path(encoder_path))
 
     trainer = MetaTrainer(model, way=way, shot=shot, query=query, config=config, device=device,
-                          image_size=image_size, mean=mean, std=std, seed=seed)
+                          image_size=image_size, mean=mean, std=std, seed=seed, scope=scope)
     train_split, val_split = open_split(train_h5), open_split(val_h5)
     data = {
         "split": train_split,

@@ -169,6 +169,23 @@ def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, back
     return run.save_best_encoder(encoder_out)
 
 
+def random_encoder(encoder_out, *, backbone: dict, config: PretrainConfig | dict, seed: int) -> Path:
+    """Write the encoder pre-training of ``seed`` starts from, untrained: the start of the
+    "no pre-training" ablation arm (``mtl_no_pretrain``).
+
+    Same seeded initialisation as :func:`pretrain` (``torch.manual_seed(seed)`` then the backbone),
+    same file format, image size and normalisation as a pre-trained encoder; ``epoch`` 0.
+    """
+    config = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
+    spec = _backbone_spec(backbone)
+    torch.manual_seed(int(seed))
+    encoder = build_backbone(spec["name"], width=spec["width"])
+    image_size = int(spec["image_size"] or encoder.native_size)
+    log.info("random_init: untrained %s (width %s, seed %d) -> %s", spec["name"], spec["width"], seed, encoder_out)
+    return save_encoder(encoder, encoder_out, image_size=image_size, normalize=config.normalize, epoch=0,
+                        val_acc=float("nan"))
+
+
 class _Run:
     """One pre-training run's state; methods are the steps `pretrain` reads top to bottom."""
 

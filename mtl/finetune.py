@@ -11,11 +11,13 @@ batch to estimate statistics from.
 Batched and bounded: the frozen trunk (every block before the adapted part) embeds each image of a
 chunk of episodes once; the chunk's episodes are then adapted together, each with its own copy of
 the part, through ``torch.func`` (``vmap`` over episodes of ``grad`` of the support loss). Memory
-grows with ``chunk`` x support size x the part's activations, not with the number of episodes;
-the chunk size does not change results. With ``encoder_lr`` 0 this is ``ft`` exactly (a test
-checks it).
+grows with the chunk x support size x the part's activations, not with the number of episodes:
+the chunk is sized from one image's activations to stay within :data:`MEMORY_BUDGET_BYTES`, and
+its size does not change results. With ``encoder_lr`` 0 this is ``ft`` exactly (a test checks it).
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -25,11 +27,15 @@ from torch.func import functional_call, grad, vmap
 
 from mtl.methods import ALL, LAST
 from mtl.models.backbone import Backbone, encoder_part
-from mtl.train.learner import embed_episodes, episode_accuracy, fresh_init
+from mtl.train.learner import embed, embed_episodes, episode_accuracy, fresh_init
 
-#: Episodes adapted together by default. Bounds memory: on the paper's ResNet-12 at 84x84 a
-#: 5-way 5-shot episode of ``ft_all`` holds roughly 0.3 GB of activations for its backward pass.
-DEFAULT_CHUNK = 16
+log = logging.getLogger(__name__)
+
+#: Activation memory one chunk of episodes may hold for its backward pass (estimated, see
+#: :func:`episodes_per_chunk`).
+MEMORY_BUDGET_BYTES = 4 * 2**30
+#: Activations kept for the backward pass plus their gradients, relative to the forward outputs.
+_BACKWARD_FACTOR = 3
 
 
 class _Trunk(nn.Module):
@@ -106,15 +112,34 @@ def query_features(backbone: Backbone, scope: str, params: dict, query_x: torch.
         return vmap(forward)(params, query_x)
 
 
+def episodes_per_chunk(backbone: Backbone, scope: str, part_input: torch.Tensor, support_size: int,
+                       budget: int = MEMORY_BUDGET_BYTES) -> int:
+    """Episodes whose support sets fit ``budget`` when adapted together: the bytes every layer of
+    the adapted part outputs for one image (``part_input``, shape (1, ...)), times the backward
+    factor and the support size; at least 1."""
+    outputs = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel() * out.element_size()))
+             for m in encoder_part(backbone, scope).modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            _Head(backbone, scope).eval()(part_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_episode = _BACKWARD_FACTOR * support_size * (sum(outputs) + part_input.numel() * part_input.element_size())
+    return max(1, int(budget // per_episode))
+
+
 def finetune_accuracies(backbone: Backbone, images, episodes: tuple[np.ndarray, np.ndarray], transform,
                         way: int, shot: int, query: int, *, scope: str, steps: int, lr: float,
                         encoder_lr: float, generator: torch.Generator | None = None,
-                        device: torch.device | str = "cpu", chunk: int = DEFAULT_CHUNK,
+                        device: torch.device | str = "cpu", chunk: int | None = None,
                         batch_size: int = 256, progress: bool = False) -> np.ndarray:
     """Per-episode query accuracies (E,) float64 of test-time fine-tuning (see the module docstring).
 
     ``episodes`` = (support (E, way*shot), query (E, way*query)) image indices into ``images``,
     class-major; the learners' initialisation follows ``generator`` episode by episode, as ``ft``.
+    ``chunk``: episodes adapted together; None sizes it by :func:`episodes_per_chunk`.
     """
     from tqdm import tqdm
 
@@ -125,6 +150,11 @@ def finetune_accuracies(backbone: Backbone, images, episodes: tuple[np.ndarray, 
     trunk = _Trunk(backbone, scope)
     support_y = torch.arange(way, device=device).repeat_interleave(shot)
     query_y = torch.arange(way, device=device).repeat_interleave(query)
+    if chunk is None:
+        probe = embed(trunk, images, transform, device=device, indices=support[:1, :1].ravel())
+        chunk = episodes_per_chunk(backbone, scope, probe, support.shape[1])
+        log.info("fine-tuning %s: %d episodes per chunk (memory budget %.1f GiB)", scope, chunk,
+                 MEMORY_BUDGET_BYTES / 2**30)
     accuracies = []
     for start in tqdm(range(0, len(support), chunk), desc=f"fine-tune ({scope})", leave=False,
                       disable=None if progress else True):

@@ -15,7 +15,13 @@ from mtl.data.episodes import write_test_episodes
 from mtl.data.hdf5 import HDF5Split, write_split
 from mtl.data.transforms import EvalTransform
 from mtl.evaluate import evaluate
-from mtl.finetune import adapt_on_support, adapted_parameter_names, finetune_accuracies, query_features
+from mtl.finetune import (
+    adapt_on_support,
+    adapted_parameter_names,
+    episodes_per_chunk,
+    finetune_accuracies,
+    query_features,
+)
 from mtl.models import build_backbone, save_encoder
 from mtl.train.learner import evaluate_encoder, fresh_init
 
@@ -48,7 +54,7 @@ def setup(tmp_path_factory):
             "arrays": (loaded.support, loaded.query), "images": HDF5Split(split, in_memory=True)}
 
 
-def run(setup, scope, encoder_lr, chunk=16, seed=7):
+def run(setup, scope, encoder_lr, chunk=None, seed=7):
     return finetune_accuracies(setup["encoder"], setup["images"], setup["arrays"], EvalTransform(SIZE, **NORMALIZE),
                                WAY, SHOT, QUERY, scope=scope, steps=STEPS, lr=LR, encoder_lr=encoder_lr,
                                generator=torch.Generator().manual_seed(seed), chunk=chunk)
@@ -64,11 +70,25 @@ def test_with_a_frozen_network_it_is_ft(setup, scope):
 @pytest.mark.parametrize("scope", ["last", "all"])
 def test_chunking_changes_nothing_and_leaves_the_encoder_untouched(setup, scope):
     state = {k: v.clone() for k, v in setup["encoder"].state_dict().items()}
-    one_by_one, together = run(setup, scope, 0.05, chunk=1), run(setup, scope, 0.05, chunk=4)
+    one_by_one, together, sized = (run(setup, scope, 0.05, chunk=c) for c in (1, 4, None))
     np.testing.assert_allclose(one_by_one, together, atol=1e-6)
+    np.testing.assert_allclose(one_by_one, sized, atol=1e-6)
     for key, value in setup["encoder"].state_dict().items():
         assert torch.equal(value, state[key]), key
     assert all(p.requires_grad for p in setup["encoder"].parameters())
+
+
+def test_chunks_are_sized_to_the_memory_budget(setup):
+    """ResNet-12 at width 0.125, 16 px, ft_all: the layers' outputs of one image sum to a known size;
+    the chunk is the budget over 3 x that x the support size."""
+    encoder, image = setup["encoder"], torch.zeros(1, 3, SIZE, SIZE)
+    per_image = episodes_per_chunk(encoder, "all", image, support_size=1, budget=10**12)
+    assert episodes_per_chunk(encoder, "all", image, support_size=2, budget=10**12) == per_image // 2
+    bytes_per_image = 10**12 / per_image / 3
+    assert 100_000 < bytes_per_image < 1_000_000  # ~10 layer outputs of 8x16x16 .. 64x2x2 floats each
+    assert episodes_per_chunk(encoder, "all", image, support_size=6, budget=1) == 1  # never 0
+    last = episodes_per_chunk(encoder, "last", encoder.forward_trunk(image), support_size=1, budget=10**12)
+    assert last > per_image  # the last block alone holds fewer activations
 
 
 def test_ft_last_adapts_the_last_block_and_ft_all_every_parameter(setup):

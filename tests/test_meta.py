@@ -197,7 +197,7 @@ def test_meta_train_writes_model_and_history(data, tmp_path):
     saved = torch.load(out, weights_only=True)
     assert set(saved) >= {"backbone", "state_dict", "learner", "image_size", "normalize", "protocol", "epoch",
                           "val_acc"}
-    assert saved["protocol"] == {"way": WAY, "shot": SHOT, "query": QUERY, "seed": 3, "method": "mtl"}
+    assert saved["protocol"] == {"way": WAY, "shot": SHOT, "query": QUERY, "seed": 3, "method": "mtl", "scope": "all"}
     assert saved["image_size"] == SIZE and saved["normalize"]["mean"] == [0.5] * 3
     assert saved["learner"]["weight"].shape == (WAY, 64) and saved["learner"]["bias"].shape == (WAY,)
     assert any(k.endswith(".scale") for k in saved["state_dict"])

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 MEMORY_BUDGET_BYTES = 4 * 2**30
 #: Activations kept for the backward pass plus their gradients, relative to the forward outputs.
 _BACKWARD_FACTOR = 3
+#: On a CPU, batching episodes saves little (measured: 16 episodes per chunk were 1.1-1.5x faster per
+#: episode than 1 or 64 for ResNet-12 at width 0.25, 16 px); larger chunks only lose cache locality.
+CPU_MAX_CHUNK = 16
 
 
 class _Trunk(nn.Module):
@@ -153,6 +156,8 @@ def finetune_accuracies(backbone: Backbone, images, episodes: tuple[np.ndarray, 
     if chunk is None:
         probe = embed(trunk, images, transform, device=device, indices=support[:1, :1].ravel())
         chunk = episodes_per_chunk(backbone, scope, probe, support.shape[1])
+        if torch.device(device).type == "cpu":
+            chunk = min(chunk, CPU_MAX_CHUNK)
         log.info("fine-tuning %s: %d episodes per chunk (memory budget %.1f GiB)", scope, chunk,
                  MEMORY_BUDGET_BYTES / 2**30)
     accuracies = []

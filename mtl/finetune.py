@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 MEMORY_BUDGET_BYTES = 4 * 2**30
 #: Activations kept for the backward pass plus their gradients, relative to the forward outputs.
 _BACKWARD_FACTOR = 3
-#: On a CPU, batching episodes saves little (measured: 16 episodes per chunk were 1.1-1.5x faster per
-#: episode than 1 or 64 for ResNet-12 at width 0.25, 16 px); larger chunks only lose cache locality.
+#: On a CPU, batching episodes saves nothing: 4-16 episodes per chunk were the fastest and still
+#: 1.3-1.5x slower than a plain per-episode autograd loop (bench/RESULTS.md, bench/finetune.py);
+#: larger chunks only lose cache locality. The batching is for GPUs (many small kernels per step).
 CPU_MAX_CHUNK = 16
 
 

@@ -168,23 +168,26 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics are those of the batch summed over all ranks.
 
     Same mean, biased variance for normalising and unbiased variance for the running estimate as
-    ``nn.BatchNorm2d`` on the concatenated batch; two all-reduces (sum, then centred sum of
-    squares) keep the variance as accurate as BN's own two-pass computation. A rank with an empty
-    part contributes zeros. Outside training, or in one process, it is plain BatchNorm2d.
+    ``nn.BatchNorm2d`` on the concatenated batch. One all-reduce per layer and direction carries
+    the per-channel sums of x and x^2 (and the count), in float64 so that E[x^2] - E[x]^2 keeps
+    float32 accuracy. A rank with an empty part contributes zeros. Outside training, or in one
+    process, it is plain BatchNorm2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(x)
-        dims = (0, 2, 3)
-        local = torch.cat([x.sum(dims), x.new_full((1,), x.numel() // x.shape[1])])
+        dims, channels = (0, 2, 3), x.shape[1]
+        wide = x.double()
+        local = torch.cat([wide.sum(dims), (wide * wide).sum(dims), wide.new_full((1,), x.numel() // channels)])
         total = _AllReduceSum.apply(local)
-        count, mean = total[-1], total[:-1] / total[-1]
-        centred = x - mean[None, :, None, None]
-        var = _AllReduceSum.apply((centred * centred).sum(dims)) / count
+        count = total[-1]
+        mean = total[:channels] / count
+        var = (total[channels:2 * channels] / count - mean * mean).clamp(min=0)
         if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), count.item())
-        out = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+            self._update_running_stats(mean.detach().to(x.dtype), var.detach().to(x.dtype), count.item())
+        scale = torch.rsqrt(var + self.eps).to(x.dtype)
+        out = (x - mean.to(x.dtype)[None, :, None, None]) * scale[None, :, None, None]
         if self.affine:
             out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         return out

@@ -13,6 +13,10 @@ configfile: "config.yaml"
 validate(config, "rules/config.schema.yaml")
 
 
+# The report's front page: the summary table and verdicts of the finished run.
+report: "rules/report/workflow.rst"
+
+
 # --resources gpu=N counts GPUs per machine: on a cluster each node has its own.
 resource_scopes:
     gpu="local",

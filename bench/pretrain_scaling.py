@@ -108,7 +108,7 @@ def measure(processes: int, args, train_h5: str, val_h5: str, scratch: Path) -> 
             from mtl.distributed import launch
 
             launch(time_epoch, kwargs, processes=processes, device=args.device,
-                   threads=args.threads_per_process * processes, log_path=log)
+                   threads=args.threads_per_process, log_path=log)
     except Exception as err:  # report and go on: one count failing must not hide the others
         tail = log.read_text()[-3000:] if log.exists() else ""
         print(f"N={processes}: failed: {err}\n{tail}", flush=True)

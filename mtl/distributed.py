@@ -20,7 +20,7 @@ with :func:`shard`, and waits at :func:`barrier` while rank 0 validates and writ
 Example (what workflow_scripts/pretrain.py does)::
 
     launch(pretrain, {"train_h5": ..., "config": {...}}, processes=2, device="auto", threads=4,
-           log_path="logs/pretrain.log")
+           log_path="logs/pretrain.log")   # two processes of 4 CPU threads, one GPU each
 """
 from __future__ import annotations
 
@@ -208,8 +208,8 @@ def launch(target: Callable, kwargs: dict, *, processes: int = 1, device: str = 
     (one process) or None (several: read what rank 0 wrote).
 
     ``device``: the config's device preference; each process claims one device with
-    :func:`mtl.device.claim_device` (one GPU each). ``threads``: CPU threads for the whole run,
-    shared out between the processes of a node. ``log_path``: where workers write (appending,
+    :func:`mtl.device.claim_device` (one GPU each). ``threads``: torch CPU threads of each process
+    (None: torch's default in one process, 1 in workers). ``log_path``: where workers write (appending,
     rank-prefixed); None leaves their output on this process's stdout/stderr. ``launcher``:
     "torchrun" (this machine), "srun" (inside a Slurm batch job: one torchrun agent per node), or
     "auto": srun inside a Slurm job that is not already within a job step, else torchrun.
@@ -226,7 +226,7 @@ def launch(target: Callable, kwargs: dict, *, processes: int = 1, device: str = 
             return target(**kwargs, device=claimed)
     launcher = choose_launcher(launcher)
     spec = {"target": f"{target.__module__}:{target.__qualname__}", "kwargs": kwargs, "device": device,
-            "threads": _threads_per_worker(threads, processes),
+            "threads": int(threads or 1),
             "log": None if log_path is None else str(Path(log_path).resolve())}
     json.dumps(spec)  # fail here, not in N workers, when kwargs cannot travel
     log.info("launching %d workers with %s (%d CPU thread(s) each)", processes, launcher, spec["threads"])
@@ -242,10 +242,6 @@ def _check_processes(processes) -> int:
         raise ConfigError(f"the number of training processes (pretrain.gpus) must be an integer >= 1, "
                           f"got {processes!r}")
     return processes
-
-
-def _threads_per_worker(threads: int | None, processes_on_node: int) -> int:
-    return max(1, int(threads or 1) // processes_on_node)
 
 
 def choose_launcher(launcher: str = "auto", environ: dict | None = None) -> str:

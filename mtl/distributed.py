@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import datetime
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -219,6 +220,9 @@ def launch(target: Callable, kwargs: dict, *, processes: int = 1, device: str = 
     from mtl.device import claim_device
 
     processes = _check_processes(processes)
+    if processes > 1 and ":" in str(device):
+        raise ConfigError(f"device: {device} pins one GPU, but {processes} training processes need one GPU each; "
+                          "use device: auto or cuda (each process then claims a free GPU), or pretrain.gpus: 1.")
     if processes == 1:
         if threads:
             torch.set_num_threads(int(threads))
@@ -376,8 +380,9 @@ def worker_main(spec_json: str) -> None:
     with claim_device(spec["device"]) as device:
         backend = "nccl" if device.type == "cuda" else "gloo"
         log.info("worker pid %d on %s: %s, backend %s", os.getpid(), socket.gethostname(), device, backend)
-        options = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, **options)
+        # Bind NCCL to the claimed GPU where this torch can (its barrier then needs no guess).
+        bind = device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, **({"device_id": device} if bind else {}))
         try:
             target(**spec["kwargs"], device=device)
         finally:

@@ -32,7 +32,9 @@ from torch import nn
 from mtl.distributed import choose_launcher, launch, shard, srun_command, torchrun_args
 from mtl.errors import ConfigError, MTLError
 from mtl.train.pretrain import pretrain
+from tests.slurm_cluster import run_workflow_on_slurm
 from tests.test_pretrain import BACKBONE, make_split
+from tests.test_slurm import assert_all_remote_jobs_went_through_slurm
 from tests.workflow import REPO, run_snakemake, scenario_config
 
 TOLERANCE = 1e-5
@@ -257,23 +259,73 @@ def noisy_colour_folder(root: Path) -> Path:
     return root
 
 
-def test_workflow_pretrains_with_two_gloo_workers_as_with_one_process(tmp_path):
-    """`--config pretrain='{gpus: 2}'` on a CPU: two gloo workers write the one-process encoder."""
-    images = noisy_colour_folder(tmp_path / "images")
-    overlay = {"data": {"toy": {"enabled": True, "source": "imagefolder", "path": str(images), "image_size": 16,
-                                "strict_counts": False}},
-               "pretrain": {"lr": 0.01}}  # the tiny scenario's 0.1 diverges on these images
-    encoders = {}
-    for processes in (1, 2):
-        workdir = tmp_path / f"gpus{processes}"
-        workdir.mkdir()
-        overrides = ["--config", f"pretrain={{gpus: {processes}}}"] if processes > 1 else []
-        run_snakemake(workdir, scenario_config("tiny", overlay), "all_encoders", "--resources", "gpu=2", *overrides,
-                      cores=4)
-        [encoders[processes]] = sorted(workdir.glob("results/**/pretrain/encoder.pt"))
-    log = next((tmp_path / "gpus2" / "logs" / "pretrain").rglob("*.log")).read_text()
-    assert "launching 2 workers with torchrun" in log and "[rank 1/2] INFO" in log, log[-3000:]
-    ours, theirs = (torch.load(encoders[n], weights_only=True) for n in (2, 1))
+def toy_overlay(images: Path, **pretrain) -> dict:
+    """The tiny scenario on noisy colour images, at a learning rate where training is stable
+    (the scenario's 0.1 diverges on them)."""
+    return {"data": {"toy": {"enabled": True, "source": "imagefolder", "path": str(images), "image_size": 16,
+                             "strict_counts": False}},
+            "pretrain": {"lr": 0.01, **pretrain}}
+
+
+@pytest.fixture(scope="module")
+def noisy_images(tmp_path_factory) -> Path:
+    return noisy_colour_folder(tmp_path_factory.mktemp("toy") / "images")
+
+
+@pytest.fixture(scope="module")
+def one_process_encoder(tmp_path_factory, noisy_images) -> dict:
+    """The workflow's encoder pre-trained by one process on this machine."""
+    workdir = tmp_path_factory.mktemp("gpus1")
+    run_snakemake(workdir, scenario_config("tiny", toy_overlay(noisy_images)), "all_encoders", cores=2)
+    return encoder_state(workdir)
+
+
+def encoder_state(workdir: Path) -> dict:
+    [path] = workdir.glob("results/**/pretrain/encoder.pt")
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_encoder(ours: dict, theirs: dict) -> None:
     assert ours["epoch"] == theirs["epoch"]
     for name, tensor in theirs["state_dict"].items():
         torch.testing.assert_close(ours["state_dict"][name], tensor, atol=TOLERANCE, rtol=0, msg=name)
+
+
+def test_workflow_pretrains_with_two_gloo_workers_as_with_one_process(tmp_path, noisy_images, one_process_encoder):
+    """`snakemake --resources gpu=2 --config pretrain='{gpus: 2}'` on a CPU: two gloo workers
+    started by torchrun write the one-process encoder."""
+    run_snakemake(tmp_path, scenario_config("tiny", toy_overlay(noisy_images)), "all_encoders",
+                  "--resources", "gpu=2", "--config", "pretrain={gpus: 2}", cores=4)
+    log = next((tmp_path / "logs" / "pretrain").rglob("*.log")).read_text()
+    assert "launching 2 workers with torchrun" in log and "[rank 1/2] INFO" in log, log[-3000:]
+    assert_same_encoder(encoder_state(tmp_path), one_process_encoder)
+
+
+# Two ways to ask Slurm for the processes' GPUs: the rule's own request (all GPUs of the job,
+# --gpus=N), and the per-node request profiles/slurm/README.md gives for several nodes, here on
+# the test cluster's one node.
+SLURM_REQUESTS = {
+    "gpus of the job": ({}, ["--gpus=2", "--ntasks=2"]),
+    "gpus per node": ({"nodes": 1, "gpu": 0, "slurm_extra": "'--gpus-per-node=2 --ntasks-per-node=2'"},
+                      ["--nodes=1", "--gpus-per-node=2", "--ntasks-per-node=2", "--ntasks=2"]),
+}
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("request_kind", list(SLURM_REQUESTS))
+def test_slurm_job_of_two_tasks_pretrains_with_two_workers_started_by_srun(
+        slurm_cluster, tmp_path, noisy_images, one_process_encoder, request_kind):
+    """profiles/slurm with pretrain.gpus 2: one sbatch job with 2 GPUs and 2 tasks, whose script
+    starts a torchrun agent with srun (c10d rendezvous on the job's node) and 2 gloo workers; the
+    encoder equals the local one-process run's."""
+    profile_edits, flags = SLURM_REQUESTS[request_kind]
+    slurm = run_workflow_on_slurm(slurm_cluster, tmp_path / "slurm", ["all_encoders"],
+                                  config=scenario_config("tiny", toy_overlay(noisy_images, gpus=2)),
+                                  set_resources={"pretrain": profile_edits})
+    assert_all_remote_jobs_went_through_slurm(slurm, slurm_cluster)
+    [sbatch] = [line for line in slurm.output.splitlines() if "sbatch call" in line and "rule_pretrain" in line]
+    assert all(flag in sbatch.split() for flag in flags) and "--ntasks-per-gpu" not in sbatch, sbatch
+    log = next((slurm.workdir / "logs" / "pretrain").rglob("*.log")).read_text()
+    assert "launching 2 workers with srun" in log and "--rdzv-backend=c10d" in log, log[-3000:]
+    assert "[rank 0/2] INFO" in log and "[rank 1/2] INFO" in log, log[-3000:]
+    assert_same_encoder(encoder_state(slurm.workdir), one_process_encoder)

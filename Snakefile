@@ -4,12 +4,16 @@ import os
 
 from snakemake.utils import min_version, validate
 
+from mtl.config import coerce_config
+
 min_version("8.20")
 
 
 configfile: "config.yaml"
 
 
+# Nested --config values arrive as strings ('2'); type them by the schema before validating.
+coerce_config(config, os.path.join(workflow.basedir, "rules", "config.schema.yaml"))
 validate(config, "rules/config.schema.yaml")
 
 

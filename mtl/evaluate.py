@@ -113,7 +113,7 @@ def _load_for_method(method: str, model_path, dev: torch.device):
         if "learner" not in info:
             raise CheckpointError(
                 f"{model_path} is not a meta-trained model (no learner initialisation); "
-                "the meta_train rule writes results/<dataset>/<backbone>/<method>/<shot>shot/model.pt."
+                "the meta_train rule writes results/<dataset>/<backbone>/seed<N>/<method>/<shot>shot/model.pt."
             )
         init = (info["learner"]["weight"].float(), info["learner"]["bias"].float())
         info = {**info, **info["inner"]}

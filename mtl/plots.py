@@ -16,7 +16,7 @@ import pandas as pd
 
 from mtl.errors import DataError, MTLError
 from mtl.io import atomic_path
-from mtl.results import SEED_INTERVAL
+from mtl.results import SEED_INTERVAL, read_csv_table
 
 LOSS_COLUMNS = ("train_loss", "meta_loss", "loss")
 _SEED_PART = re.compile(r"seed(\d+)$")
@@ -113,12 +113,7 @@ def history_run(path) -> tuple[str, int | None]:
 
 def _read_history(path) -> pd.DataFrame:
     path = Path(path)
-    try:
-        history = pd.read_csv(path)
-    except FileNotFoundError:
-        raise DataError(f"history file {path} does not exist; run the training step that writes it") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise DataError(f"history file {path} is not a readable CSV ({error})") from None
+    history = read_csv_table(path, "history file", "rerun the training step that writes it")
     if "epoch" not in history.columns or history.empty:
         raise DataError(f"history file {path}: expected an 'epoch' column and at least one row, "
                         f"found columns {list(history.columns)} and {len(history)} rows")

@@ -223,15 +223,20 @@ def read_metrics(path) -> dict:
     return metrics
 
 
+def read_csv_table(path, what: str, fix: str) -> pd.DataFrame:
+    """``pd.read_csv(path)``, or a DataError naming ``what`` the file is and the ``fix``."""
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist; {fix}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"{what} {path} is not a readable CSV ({error}); {fix}") from None
+
+
 def read_episode_accuracies(path) -> pd.Series:
     """Per-episode accuracies (fractions) of ``episodes.csv``, indexed by episode id."""
     path = Path(path)
-    try:
-        table = pd.read_csv(path)
-    except FileNotFoundError:
-        raise DataError(f"episodes file {path} does not exist; run the evaluate step for it") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DataError(f"episodes file {path} is not a readable CSV ({error}); rerun evaluate") from None
+    table = read_csv_table(path, "episodes file", "rerun the evaluate step for it")
     if not {"episode", "accuracy"} <= set(table.columns):
         raise DataError(f"episodes file {path}: expected columns episode, accuracy; found {list(table.columns)}")
     if table["episode"].duplicated().any():

@@ -107,3 +107,7 @@ def test_dry_run_of_the_default_config_lists_a_training_chain_per_seed(tmp_path)
     assert counts["meta_train"] == 3 * len(datasets) * 2 * 2  # seeds x datasets x (mtl, mtl_ht) x shots
     assert counts["evaluate"] == 3 * len(datasets) * 4 * 2
     assert counts["episodes"] == len(datasets) * 2
+
+    # seeds from the command line, as a user overrides them (nested values arrive as strings)
+    override = job_counts(run_snakemake(tmp_path, config, "-n", "--config", "protocol={seeds: [4, 5]}").stdout)
+    assert override["pretrain"] == 2 * len(datasets)

@@ -16,7 +16,7 @@ from mtl.errors import CheckpointError, ConfigError
 from mtl.io import atomic_torch_save
 from mtl.models.backbone import Backbone, build_backbone, fold_scales
 
-ENCODER_PRODUCER = "the `pretrain` rule (results/<dataset>/<backbone>/pretrain/encoder.pt)"
+ENCODER_PRODUCER = "the `pretrain` rule (results/<dataset>/<backbone>/seed<N>/pretrain/encoder.pt)"
 SS_SUFFIXES = (".scale", ".shift")
 
 

@@ -14,7 +14,7 @@ SEEDS = config["protocol"]["seeds"]
 # starts them with srun over its allocation: the executor plugin then runs the job script outside
 # a job step (`mpi`), asks for one task per process (`tasks`; `tasks_per_gpu: 0` stops the plugin
 # reading `tasks` as tasks per GPU) with `threads` CPUs each. None leaves a resource unset.
-PRETRAIN_PROCESSES = int(config["pretrain"]["gpus"])
+PRETRAIN_PROCESSES = config["pretrain"]["gpus"]
 PRETRAIN_SLURM = (
     {
         "mpi": "srun",

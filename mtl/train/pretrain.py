@@ -99,8 +99,6 @@ class PretrainConfig:
         minimum = {"epochs": 0, "num_workers": 0}
         for name in ("epochs", "batch_size", "step_size", "val_shot", "val_every", "num_workers", "gpus"):
             value = getattr(self, name)
-            if isinstance(value, str) and value.isdigit():  # snakemake --config pretrain='{gpus: 2}' gives "2"
-                value = int(value)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum.get(name, 1):
                 raise ConfigError(f"pretrain.{name} must be an integer >= {minimum.get(name, 1)}, got {value!r}")
             setattr(self, name, int(value))

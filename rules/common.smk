@@ -15,6 +15,21 @@ WAY = config["protocol"]["way"]
 SHOTS = config["protocol"]["shots"]
 # Training seeds: each replicates the whole training chain as its own jobs (DESIGN.md "Seeds").
 SEEDS = config["protocol"]["seeds"]
+# Pre-training processes (one GPU each). With more than one, under profiles/slurm the job itself
+# starts them with srun over its allocation: the executor plugin then runs the job script outside
+# a job step (`mpi`), asks for one task per process (`tasks`; `tasks_per_gpu: 0` stops the plugin
+# reading `tasks` as tasks per GPU) with `threads` CPUs each. None leaves a resource unset.
+PRETRAIN_PROCESSES = config["pretrain"]["gpus"]
+PRETRAIN_SLURM = (
+    {
+        "mpi": "srun",
+        "tasks": PRETRAIN_PROCESSES,
+        "tasks_per_gpu": 0,
+        "cpus_per_task": config["threads"],
+    }
+    if PRETRAIN_PROCESSES > 1
+    else {}
+)
 
 
 wildcard_constraints:

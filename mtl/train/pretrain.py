@@ -12,6 +12,15 @@ where it stopped; ``epochs`` may grow between runs. Shuffling and augmentation o
 seeded by (seed, e), and the learning rate is a pure function of the epoch, so a resumed run
 trains exactly as an uninterrupted one would (up to GPU non-determinism).
 
+Several processes (``config.gpus``, started by `mtl.distributed.launch`): the same training with
+more hands. Every process walks the same batches of the same per-epoch permutation and takes its
+contiguous part of each (`mtl.distributed.shard`); it draws the augmentation of the whole batch
+and keeps its part's draws; BatchNorm statistics are those of the whole batch (synchronised BN);
+the loss is scaled so that DDP's averaged gradient is the whole batch's mean gradient. So N
+processes train as one does, up to float rounding, with the same learning-rate schedule. Rank 0
+validates, writes the checkpoint, the history and the encoder while the others wait; the
+checkpoint does not depend on N, so a run may resume with another process count.
+
 Example::
 
     pretrain("data/fc100/train.h5", "data/fc100/val.h5", encoder_out="encoder.pt",
@@ -34,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mtl import distributed
 from mtl.data.episodes import EpisodeSampler, EpisodeSet
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
@@ -50,7 +60,7 @@ log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_acc", "val_ci95", "lr", "seconds")
 VAL_STEPS, VAL_LR = 100, 0.01  # reference pre-train validation learner
 # Settings that may change between a run and its resume without invalidating the checkpoint.
-RESUMABLE_CHANGES = ("epochs", "num_workers")
+RESUMABLE_CHANGES = ("epochs", "num_workers", "gpus")
 
 
 def _default_normalize() -> dict:
@@ -72,8 +82,11 @@ class PretrainConfig:
     val_shot: int = 1  # shot of the validation episodes
     val_every: int = 1  # validate every N epochs (and always after the last one)
     augment: bool = True
-    num_workers: int = 2  # DataLoader processes reading the HDF5 split
+    num_workers: int = 2  # DataLoader processes reading the HDF5 split (per training process)
     normalize: dict = field(default_factory=_default_normalize)
+    # Training processes (one GPU each) that mtl.distributed.launch starts; `pretrain` itself
+    # trains in whatever process group it runs in, with the same result for any count.
+    gpus: int = 1
 
     @classmethod
     def from_dict(cls, values: dict | None) -> PretrainConfig:
@@ -84,7 +97,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         minimum = {"epochs": 0, "num_workers": 0}
-        for name in ("epochs", "batch_size", "step_size", "val_shot", "val_every", "num_workers"):
+        for name in ("epochs", "batch_size", "step_size", "val_shot", "val_every", "num_workers", "gpus"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum.get(name, 1):
                 raise ConfigError(f"pretrain.{name} must be an integer >= {minimum.get(name, 1)}, got {value!r}")
@@ -119,16 +132,16 @@ def lr_at(epoch: int, config: PretrainConfig) -> float:
 
 # ----------------------------------------------------------------------------- data
 class _Batches(torch.utils.data.Dataset):
-    """Batch i = images and labels at ``batches[i]`` (sorted: file order reads fastest)."""
+    """Item i = images and labels at ``rows[i]`` (this process's part of batch i)."""
 
-    def __init__(self, split: HDF5Split, batches: list[np.ndarray]):
-        self.split, self.batches = split, batches
+    def __init__(self, split: HDF5Split, rows: list[np.ndarray]):
+        self.split, self.rows = split, rows
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.rows)
 
     def __getitem__(self, i: int):
-        rows = np.sort(self.batches[i])
+        rows = self.rows[i]
         return torch.from_numpy(self.split.get_images(rows)), torch.from_numpy(self.split.labels[rows])
 
 
@@ -161,7 +174,7 @@ def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, back
     run.resume_or_start()
     run.write_history(history_out)
     epochs = tqdm(range(run.next_epoch, config.epochs + 1), desc="pretrain", unit="epoch",
-                  initial=run.next_epoch - 1, total=config.epochs, disable=None)
+                  initial=run.next_epoch - 1, total=config.epochs, disable=None if run.is_main else True)
     for epoch in epochs:
         row = run.train_epoch(epoch)
         epochs.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}")
@@ -192,6 +205,7 @@ class _Run:
     def __init__(self, train_h5, val_h5, backbone, config, way, shot, query, val_episodes, seed, device,
                  checkpoint_dir):
         self.config, self.device, self.seed = config, device, int(seed)
+        self.is_main = distributed.is_main()  # validates and writes; the other ranks only train
         self.way, self.shot, self.query = int(way), int(shot), int(query)
         self.train, self.val = HDF5Split(train_h5), HDF5Split(val_h5)
         self.backbone_spec = _backbone_spec(backbone)
@@ -199,6 +213,7 @@ class _Run:
         encoder = build_backbone(self.backbone_spec["name"], width=self.backbone_spec["width"])
         self.image_size = int(self.backbone_spec["image_size"] or encoder.native_size)
         self.model = PretrainClassifier(encoder, self.train.num_classes).to(device)
+        self.trainer = distributed.wrap_for_training(self.model, device)  # the model, or DDP(synced-BN model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          nesterov=config.nesterov, weight_decay=config.weight_decay)
         self.scaler = grad_scaler(device)
@@ -238,6 +253,9 @@ class _Run:
         self.best_acc, self.best_epoch = float(state["best_acc"]), int(state["best_epoch"])
         self.best_state = state["best_state"]
         log.info("pretrain: resuming from epoch %d (%s)", self.next_epoch, self.checkpoint_path)
+        if distributed.is_distributed():
+            log.info("pretrain: training in %d processes; the checkpoint is the same for any count",
+                     distributed.world_size())
 
     def _check_identity(self, saved: dict) -> None:
         differ = _differences(saved, self.identity)
@@ -262,49 +280,62 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, acc = self._fit_one_epoch(epoch)
-        val_acc, val_ci = (self._validate() if epoch % self.config.val_every == 0 or epoch == self.config.epochs
-                           else (float("nan"), float("nan")))
+        validate = self.is_main and (epoch % self.config.val_every == 0 or epoch == self.config.epochs)
+        val_acc, val_ci = self._validate() if validate else (float("nan"), float("nan"))
         if val_acc > self.best_acc:  # NaN (not validated) never wins
             self.best_acc, self.best_epoch = val_acc, epoch
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.encoder.state_dict().items()}
         row = {"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_acc": val_acc, "val_ci95": val_ci,
                "lr": lr, "seconds": time.perf_counter() - start}
         self.history.append(row)
-        self._save_checkpoint(epoch)
-        log.info("pretrain epoch %d/%d: loss %.4f acc %.4f val %.4f +- %.4f lr %.4g (%.1fs)", epoch,
-                 self.config.epochs, loss, acc, val_acc, val_ci, lr, row["seconds"])
+        if self.is_main:
+            self._save_checkpoint(epoch)
+            log.info("pretrain epoch %d/%d: loss %.4f acc %.4f val %.4f +- %.4f lr %.4g (%.1fs)", epoch,
+                     self.config.epochs, loss, acc, val_acc, val_ci, lr, row["seconds"])
+        distributed.barrier()  # the other ranks wait for validation and the checkpoint
         return row
 
     def _fit_one_epoch(self, epoch: int) -> tuple[float, float]:
         self.model.train()
-        batches = epoch_batches(len(self.train), self.config.batch_size, self.seed, epoch)
-        loader = torch.utils.data.DataLoader(_Batches(self.train, batches), batch_size=None, shuffle=False,
-                                             num_workers=self.config.num_workers,
+        # Each batch in file order (reads fastest); this process trains on its part of it.
+        batches = [np.sort(b) for b in epoch_batches(len(self.train), self.config.batch_size, self.seed, epoch)]
+        parts = [distributed.shard(len(b)) for b in batches]
+        loader = torch.utils.data.DataLoader(_Batches(self.train, [b[p] for b, p in zip(batches, parts)]),
+                                             batch_size=None, shuffle=False, num_workers=self.config.num_workers,
                                              pin_memory=self.device.type == "cuda")
         generator = epoch_generator(self.seed, epoch)
-        total_loss = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        seen = 0
-        for images, labels in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):
-            x = (self.train_transform(images, device=self.device, generator=generator) if self.config.augment
+        world = distributed.world_size()
+        # this process's summed cross-entropy and correct predictions (on the device: no sync per step)
+        totals, seen = torch.zeros(2, device=self.device), 0
+        steps = tqdm(zip(loader, batches, parts), total=len(batches), desc=f"epoch {epoch}", unit="batch",
+                     leave=False, disable=None if self.is_main else True)
+        for (images, labels), batch, part in steps:
+            # Augmentation is drawn for the whole batch, in one process's order; keep this part's draws.
+            draws = (self.train_transform.draw(len(batch), *self.train.image_shape[:2], generator)[part]
+                     if self.config.augment else None)
+            x = (self.train_transform(images, device=self.device, draws=draws) if self.config.augment
                  else self.train_transform(images, device=self.device))
             y = labels.to(self.device, non_blocking=True)
             with autocast(self.device):
-                logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y)
+                logits = self.trainer(x)
+            summed = F.cross_entropy(logits.float(), y, reduction="sum")
+            # DDP averages gradients over the processes: this scale makes the average the whole
+            # batch's mean-loss gradient, whatever the parts' sizes (one process: the mean loss).
+            loss = summed * world / len(batch)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            total_loss += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+            totals += torch.stack([summed.detach(), (logits.argmax(1) == y).sum().float()])
             seen += len(y)
-        mean_loss = total_loss.item() / max(seen, 1)
+        epoch_sums = torch.cat([totals, totals.new_tensor([seen])])
+        total_loss, correct, seen = distributed.all_reduce_sum(epoch_sums).tolist()  # over all processes
+        mean_loss = total_loss / max(seen, 1)
         if not math.isfinite(mean_loss):
             raise MTLError(f"pre-training diverged at epoch {epoch} (training loss {mean_loss}); lower "
                            f"pretrain.lr (now {self.config.lr}) and rerun; {self.checkpoint_path} still holds "
                            "the previous epoch.")
-        return mean_loss, correct.item() / max(seen, 1)
+        return mean_loss, correct / max(seen, 1)
 
     def _validate(self) -> tuple[float, float]:
         """Fresh linear learner per fixed val episode on frozen eval-mode features (seeded init)."""
@@ -316,6 +347,8 @@ class _Run:
 
     # -- outputs
     def write_history(self, path) -> None:
+        if not self.is_main:
+            return
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
             writer.writeheader()
@@ -323,6 +356,8 @@ class _Run:
                 writer.writerow({k: _csv_value(row[k]) for k in HISTORY_COLUMNS})
 
     def save_best_encoder(self, path) -> Path:
+        if not self.is_main:
+            return Path(path)
         encoder = build_backbone(self.backbone_spec["name"], width=self.backbone_spec["width"])
         if self.best_state is not None:
             encoder.load_state_dict(self.best_state)

@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import context  # first: this checkout's mtl; light (no torch, no numpy: the children's peak RSS stays theirs)
+
+ROOT = context.ROOT
 
 
 def bench_fc100() -> dict:
@@ -102,6 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     result = bench_tiered(args.tiered) if args.tiered else bench_fc100()
     result["python"] = platform.python_version()
+    result["machine"] = context.context()
     print(json.dumps(result))
 
 

@@ -1,8 +1,9 @@
 """Meta-test cost: `mtl.evaluate.evaluate` (batched) vs the per-episode protocol, and vs one embedding pass.
 
     .venv/bin/python bench/evaluate.py                          # both parts, resnet12 width 0.25, CPU
-    .venv/bin/python bench/evaluate.py --part 1 --baseline-episodes 100
+    .venv/bin/python bench/evaluate.py --part 1 --baseline-episodes 100 --repeats 3
     .venv/bin/python bench/evaluate.py --part 2 --big-episodes 2000   # quick look at part 2
+    .venv/bin/python bench/evaluate.py --batch-size 256         # a fixed embedding batch instead of the probe
 
 Synthetic split: 20 classes x 600 random 84x84 images (miniImageNet's test split shape), written
 with `write_split` to a temporary folder; a pre-trained-style encoder file (`save_encoder`, random
@@ -15,9 +16,12 @@ images from the HDF5 file, embed them, adapt one learner with a 100-step autogra
 per-episode cost is linear in the number of episodes, so it is timed on the first
 ``--baseline-episodes`` episodes and scaled; both draw the fresh learners from the same generator
 (seeded with the episode seed, as `evaluate` does), so their per-episode accuracies must agree.
+Both embed with the same fast model and batch size (``--batch-size``, default ``auto``: chosen by
+`mtl.batching` as the workflow does, and printed). ``--repeats`` alternates the two timings that
+many times (load on a shared machine moves both) and reports every ratio and their median.
 
 Part 2, ``--big-episodes`` (10,000) episodes: embedding every image of the split once with
-`mtl.train.learner.embed` (the same HDF5 read path and batch size `evaluate` uses), then the full
+`mtl.train.learner.embed` (the same HDF5 read path and batch size as `evaluate`), then the full
 `evaluate("ft", ...)`; the target is evaluate <= 1.3x the embedding pass. Each `evaluate` call is
 profiled by wrapping the functions it calls (library code is not changed), so the report shows
 where its non-embedding time goes; the 10,000-episode sampling (`write_test_episodes`, the
@@ -28,17 +32,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import context  # first: this checkout's mtl, and the machine beside every figure
 import numpy as np
 import torch
 
 import mtl.evaluate
 import mtl.train.learner
+from mtl.batching import inference_batch_size
 from mtl.data.episodes import load_episodes, write_test_episodes
 from mtl.data.hdf5 import HDF5Split, write_split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform
@@ -126,15 +131,16 @@ def profiled_calls(targets=PROFILED):
             setattr(owner, name, original)
 
 
-def run_evaluate(model: Path, split_path: Path, episodes: Path, out_dir: Path, device: torch.device):
+def run_evaluate(model: Path, split_path: Path, episodes: Path, out_dir: Path, device: torch.device,
+                 batch_size: int):
     """`evaluate("ft", ...)` as the `evaluate` rule calls it, profiled; (accuracies, seconds, load, profile)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv = out_dir / "episodes.csv"
     with profiled_calls() as profile:
         _, seconds, load = timed(lambda: mtl.evaluate.evaluate(
             "ft", model, split_path, episodes, episodes_out=csv, metrics_out=out_dir / "metrics.json",
-            protocol={"dataset": "bench", "backbone": "resnet12"}, ft_steps=STEPS, ft_lr=LR,
-            device=str(device)), device)
+            protocol={"dataset": "bench", "backbone": "resnet12", "seed": SEED}, ft_steps=STEPS, ft_lr=LR,
+            batch_size=batch_size, device=str(device)), device)
     accuracies = np.loadtxt(csv, delimiter=",", skiprows=1)[:, 1]
     return accuracies, seconds, load, dict(profile)
 
@@ -142,12 +148,13 @@ def run_evaluate(model: Path, split_path: Path, episodes: Path, out_dir: Path, d
 
 
 # ----------------------------------------------------------------------------- parts
-def warm_up(encoder, split: HDF5Split, transform, device: torch.device) -> None:
-    """One untimed batch of 256 (kernel selection, allocator), as evaluate's embedding batches."""
-    mtl.train.learner.embed(encoder, split, transform, 256, device, indices=np.arange(min(256, len(split))))
+def warm_up(encoder, split: HDF5Split, transform, device: torch.device, batch_size: int) -> None:
+    """Two untimed batches (kernel selection, allocator), of evaluate's embedding batch size."""
+    mtl.train.learner.embed(encoder, split, transform, batch_size, device,
+                            indices=np.arange(min(2 * batch_size, len(split))))
 
 
-def part1(args, tmp: Path, split_path: Path, model: Path, device: torch.device) -> None:
+def part1(args, tmp: Path, split_path: Path, model: Path, device: torch.device, batch_size: int) -> None:
     episodes_path = write_test_episodes(split_path, tmp / "episodes600.npz", way=WAY, shot=SHOT, query=QUERY,
                                         count=args.episodes, seed=SEED)
     eps = load_episodes(episodes_path)
@@ -155,55 +162,68 @@ def part1(args, tmp: Path, split_path: Path, model: Path, device: torch.device) 
     encoder = load_encoder(model).to(device).eval()
     transform = EvalTransform(SIZE)
     split = HDF5Split(split_path)
-    warm_up(encoder, split, transform, device)
-    per_episode_protocol(encoder, split, eps.support, eps.query, transform, device, 2, WAY, seed=SEED)  # warm-up
-    batched, t_batched, load_b, profile = run_evaluate(model, split_path, episodes_path, tmp / "part1", device)
+    warm_up(encoder, split, transform, device, batch_size)
+    per_episode_protocol(encoder, split, eps.support, eps.query, transform, device, 2, WAY, seed=SEED,
+                         batch_size=batch_size)  # warm-up
     n_base = min(args.baseline_episodes, args.episodes)
-    baseline, t_base, load_p = timed(lambda: per_episode_protocol(
-        encoder, split, eps.support, eps.query, transform, device, n_base, WAY, seed=SEED, steps=STEPS, lr=LR), device)
-    split.close()
-    t_base_full = t_base * args.episodes / n_base
-    diff = float(np.abs(batched[:n_base] - baseline).max())
     embeddings = args.episodes * WAY * (SHOT + QUERY)
-    print(f"\n== part 1: {args.episodes} episodes, batched evaluate vs per-episode protocol")
-    print(f"batched `evaluate('ft')` (embeds {distinct} distinct images once, adapts all {args.episodes} learners): "
-          f"{t_batched:.1f} s (load {load_b[0]:.1f} -> {load_b[1]:.1f}), mean acc {batched.mean():.4f}")
-    print_profile(profile, t_batched)
-    print(f"per-episode protocol ({embeddings} embeddings): {t_base:.1f} s for {n_base} episodes "
-          f"({t_base / n_base:.3f} s/episode, load {load_p[0]:.1f} -> {load_p[1]:.1f})"
-          + (f" -> {t_base_full:.1f} s for {args.episodes} (scaled x{args.episodes / n_base:g})"
-             if n_base < args.episodes else ""))
+    print(f"\n== part 1: {args.episodes} episodes, batched evaluate vs per-episode protocol, embedding batch "
+          f"{batch_size}, {args.repeats} alternating repeat(s)")
+    speedups = []
+    for repeat in range(1, args.repeats + 1):
+        batched, t_batched, load_b, profile = run_evaluate(model, split_path, episodes_path, tmp / "part1", device,
+                                                           batch_size)
+        baseline, t_base, load_p = timed(lambda: per_episode_protocol(
+            encoder, split, eps.support, eps.query, transform, device, n_base, WAY, seed=SEED, steps=STEPS, lr=LR,
+            batch_size=batch_size), device)
+        t_base_full = t_base * args.episodes / n_base
+        diff = float(np.abs(batched[:n_base] - baseline).max())
+        print(f"-- repeat {repeat}")
+        context.figure(f"batched `evaluate('ft')` (embeds {distinct} distinct images once, adapts all "
+                       f"{args.episodes} learners): {t_batched:.1f} s (load {load_b[0]:.1f} -> {load_b[1]:.1f}), "
+                       f"mean acc {batched.mean():.4f}")
+        print_profile(profile, t_batched)
+        context.figure(f"per-episode protocol ({embeddings} embeddings): {t_base:.1f} s for {n_base} episodes "
+                       f"({t_base / n_base:.3f} s/episode, load {load_p[0]:.1f} -> {load_p[1]:.1f})"
+                       + (f" -> {t_base_full:.1f} s for {args.episodes} (scaled x{args.episodes / n_base:g})"
+                          if n_base < args.episodes else ""))
+        speedups.append(t_base_full / t_batched)
+        context.figure(f"speed-up {speedups[-1]:.2f}x at batch {batch_size}; max |acc difference| on the "
+                       f"{n_base} common episodes: {diff:.2e}")
+    split.close()
     print(f"embeddings: {embeddings} -> {distinct} ({embeddings / distinct:.2f}x fewer)")
-    speedup = t_base_full / t_batched
-    print(f"speed-up: {speedup:.2f}x (target >= 3.5x: {'met' if speedup >= 3.5 else 'NOT met'}); "
-          f"max |acc difference| on the {n_base} common episodes: {diff:.2e}")
+    median = float(np.median(speedups))
+    context.figure(f"speed-up at batch {batch_size}: {', '.join(f'{s:.2f}x' for s in speedups)}; median {median:.2f}x "
+                   f"(target >= 3.5x: {'met' if median >= 3.5 else 'NOT met'})")
 
 
-def part2(args, tmp: Path, split_path: Path, model: Path, device: torch.device) -> None:
+def part2(args, tmp: Path, split_path: Path, model: Path, device: torch.device, batch_size: int) -> None:
     episodes_path, t_sample, _ = timed(lambda: write_test_episodes(
         split_path, tmp / "episodes_big.npz", way=WAY, shot=SHOT, query=QUERY, count=args.big_episodes,
         seed=SEED), device)
     encoder = load_encoder(model).to(device).eval()
     split = HDF5Split(split_path)
     transform = EvalTransform(SIZE)
-    warm_up(encoder, split, transform, device)
+    warm_up(encoder, split, transform, device, batch_size)
     feats, t_embed, load_e = timed(lambda: mtl.train.learner.embed(
-        encoder, split, transform, 256, device, indices=np.arange(len(split))), device)
+        encoder, split, transform, batch_size, device, indices=np.arange(len(split))), device)
     split.close()
-    accs, t_eval, load_v, profile = run_evaluate(model, split_path, episodes_path, tmp / "part2", device)
+    accs, t_eval, load_v, profile = run_evaluate(model, split_path, episodes_path, tmp / "part2", device, batch_size)
     ratio = t_eval / t_embed
-    print(f"\n== part 2: {args.big_episodes} episodes vs one embedding pass over the split")
-    print(f"sampling {args.big_episodes} episodes (`write_test_episodes`, the episodes rule; not in evaluate): "
-          f"{t_sample:.2f} s")
-    print(f"embed the split once ({len(split)} images, `embed`, batch 256): {t_embed:.1f} s "
-          f"({len(split) / t_embed:.0f} images/s, load {load_e[0]:.1f} -> {load_e[1]:.1f})")
-    print(f"`evaluate('ft')` on {args.big_episodes} episodes: {t_eval:.1f} s (load {load_v[0]:.1f} -> "
-          f"{load_v[1]:.1f}), mean acc {accs.mean():.4f}")
+    print(f"\n== part 2: {args.big_episodes} episodes vs one embedding pass over the split, embedding batch "
+          f"{batch_size}")
+    context.figure(f"sampling {args.big_episodes} episodes (`write_test_episodes`, the episodes rule; "
+                   f"not in evaluate): {t_sample:.2f} s")
+    context.figure(f"embed the split once ({len(split)} images, `embed`, batch {batch_size}): {t_embed:.1f} s "
+                   f"({len(split) / t_embed:.0f} images/s, load {load_e[0]:.1f} -> {load_e[1]:.1f})")
+    context.figure(f"`evaluate('ft')` on {args.big_episodes} episodes: {t_eval:.1f} s (load {load_v[0]:.1f} -> "
+                   f"{load_v[1]:.1f}), mean acc {accs.mean():.4f}")
     print_profile(profile, t_eval)
     non_embed = t_eval - profile.get("  embed (read + transform + forward)", 0.0)
-    print(f"ratio evaluate / embedding pass: {ratio:.3f}x (target <= 1.3x: {'met' if ratio <= 1.3 else 'NOT met'}); "
-          f"non-embedding part of evaluate {non_embed:.2f} s = {non_embed / t_embed:.3f}x of the embedding pass "
-          f"(same-run view, immune to load changes between the two timings: 1 + that = {1 + non_embed / t_embed:.3f}x)")
+    context.figure(f"ratio evaluate / embedding pass: {ratio:.3f}x (target <= 1.3x: "
+                   f"{'met' if ratio <= 1.3 else 'NOT met'}); non-embedding part of evaluate {non_embed:.2f} s = "
+                   f"{non_embed / t_embed:.3f}x of the embedding pass (same-run view, immune to load changes "
+                   f"between the two timings: 1 + that = {1 + non_embed / t_embed:.3f}x)")
     del feats
 
 
@@ -217,23 +237,14 @@ def print_profile(profile: dict, total: float) -> None:
     print(f"    {'rest (open split, device, protocol dict)':<52s} {rest:8.2f} s {100 * rest / total:6.1f}%")
 
 
-def machine_line(device: torch.device) -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
-    except OSError:
-        cpu = "?"
-    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    return (f"machine: {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-            f"threads {torch.get_num_threads()}, device {device}{gpu}, load average {os.getloadavg()[0]:.2f}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("1", "2", "both"), default="both")
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--episodes", type=int, default=600, help="part 1 episodes")
-    parser.add_argument("--baseline-episodes", type=int, default=30, help="part 1 per-episode prefix timed")
+    parser.add_argument("--baseline-episodes", type=int, default=100, help="part 1 per-episode prefix timed")
+    parser.add_argument("--repeats", type=int, default=2, help="part 1: alternating timings of both variants")
+    parser.add_argument("--batch-size", default="auto", help="embedding batch: auto (probe, as the workflow) or N")
     parser.add_argument("--big-episodes", type=int, default=10_000, help="part 2 episodes")
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--per-class", type=int, default=600)
@@ -244,17 +255,23 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
     began = time.perf_counter()
-    print(machine_line(device))
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"{context.machine_line()}, device {device}{gpu}")
     print(f"setup: resnet12 width {args.width}, {SIZE}x{SIZE}, {args.classes} classes x {args.per_class} images, "
           f"{WAY}-way {SHOT}-shot {QUERY}-query, seed {SEED}, fresh learner {STEPS} SGD steps lr {LR}")
+    setting = "auto" if args.batch_size == "auto" else int(args.batch_size)
+    probe_start = time.perf_counter()
+    batch_size = inference_batch_size(setting, {"name": "resnet12", "width": args.width, "image_size": SIZE}, device)
+    context.figure(f"inference batch size {batch_size} ({args.batch_size}; chosen in "
+                   f"{time.perf_counter() - probe_start:.1f} s, not part of the timings below)")
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         split_path = synthetic_split(tmp / "test.h5", args.classes, args.per_class)
         model = encoder_file(tmp / "encoder.pt", args.width)
         if args.part in ("1", "both"):
-            part1(args, tmp, split_path, model, device)
+            part1(args, tmp, split_path, model, device, batch_size)
         if args.part in ("2", "both"):
-            part2(args, tmp, split_path, model, device)
+            part2(args, tmp, split_path, model, device, batch_size)
     print(f"\ntotal bench wall time {time.perf_counter() - began:.0f} s, load average now {os.getloadavg()[0]:.2f}")
 
 

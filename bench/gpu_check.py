@@ -46,16 +46,16 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import context  # this checkout's mtl, and the machine beside every figure
 
 try:
+    from mtl.batching import inference_batch_size
     from mtl.data.episodes import EpisodeSampler
     from mtl.data.transforms import (
         DEFAULT_MEAN,
@@ -281,6 +281,7 @@ def describe_environment(settings: Settings) -> dict:
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
         "cpu threads": str(torch.get_num_threads()),
         "host": platform.node(),
+        "CPU": context.context(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -486,10 +487,9 @@ def bench_pretrain(name: str, settings: Settings, run: Run, images: np.ndarray, 
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     result = {"size": size, "pretrain_ips": batch / step_s, "pretrain_model_ips": batch / model_s,
               "pretrain_peak_gib": peak}
-    print(f"  {name} {size}px pre-train, batch {batch}: {result['pretrain_ips']:.0f} images/s with on-device "
-          f"augmentation ({1000 * step_s:.1f} ms/step, {n_full} steps); model step alone "
-          f"{result['pretrain_model_ips']:.0f} images/s ({n_model} steps); peak memory "
-          f"{gib(peak)}", flush=True)
+    context.figure(f"  {name} {size}px pre-train, batch {batch}: {result['pretrain_ips']:.0f} images/s with "
+                   f"on-device augmentation ({1000 * step_s:.1f} ms/step, {n_full} steps); model step alone "
+                   f"{result['pretrain_model_ips']:.0f} images/s ({n_model} steps); peak memory {gib(peak)}")
     return result
 
 
@@ -523,9 +523,9 @@ def bench_meta(name: str, settings: Settings, run: Run, split: ArraySplit, seed:
         epoch(steps)
         sync(device)
         seconds = (time.perf_counter() - start) / steps
-    print(f"  {name} {size}px meta-train ({WAY}-way {SHOT}-shot {QUERY}-query, update_step {UPDATE_STEP}, "
-          f"first-order, AMP): {1 / seconds:.2f} episodes/s ({1000 * seconds:.1f} ms/episode, {steps} episodes)",
-          flush=True)
+    context.figure(f"  {name} {size}px meta-train ({WAY}-way {SHOT}-shot {QUERY}-query, update_step "
+                   f"{UPDATE_STEP}, first-order, AMP): {1 / seconds:.2f} episodes/s ({1000 * seconds:.1f} ms/episode, "
+                   f"{steps} episodes)")
     return {"meta_eps": 1 / seconds, "meta_ms": 1000 * seconds, "trainer": trainer}
 
 
@@ -539,10 +539,15 @@ def bench_evaluation(name: str, settings: Settings, run: Run, trainer: MetaTrain
     episodes = EpisodeSampler(labels, WAY, SHOT, QUERY, seed).sample(settings.eval_episodes)
     arrays = (np.stack([e.support for e in episodes]), np.stack([e.query for e in episodes]))
     init = (trainer.weight.detach(), trainer.bias.detach())
+    probe_start = time.perf_counter()  # as the workflow: the embedding batch measured on this device
+    batch_size = inference_batch_size("auto", {"name": name, "width": settings.width, "image_size": size}, device)
+    context.figure(f"  {name} {size}px inference batch size {batch_size} (probe {time.perf_counter() - probe_start:.1f} s)")
+
     def one_pass() -> tuple[float, float, int, np.ndarray]:
         sync(device)
         start = time.perf_counter()
-        features, support, query = embed_episodes(encoder, images, arrays, transform, device=device)
+        features, support, query = embed_episodes(encoder, images, arrays, transform, batch_size=batch_size,
+                                                  device=device)
         sync(device)
         embedded = time.perf_counter()
         accuracies = evaluate_episodes(features, (support, query), WAY, SHOT, QUERY, init=init,
@@ -554,12 +559,13 @@ def bench_evaluation(name: str, settings: Settings, run: Run, trainer: MetaTrain
         embed_s, adapt_s, distinct, accuracies = one_pass() if run.left() > 3 * sum(cold[:2]) else cold
     total_s = embed_s + adapt_s
     result = {"embed_ips": distinct / embed_s, "distinct": distinct, "embed_s": embed_s, "adapt_s": adapt_s,
+              "batch_size": batch_size,
               "eval_total_s": total_s, "eval_eps": len(episodes) / total_s, "episodes": len(episodes)}
-    print(f"  {name} {size}px evaluation, {len(episodes)} episodes ({WAY}-way {SHOT}-shot {QUERY}-query, "
-          f"{UPDATE_STEP} steps, meta-learned init): embedding {distinct} distinct images {embed_s:.2f} s "
-          f"({result['embed_ips']:.0f} images/s), adapting {adapt_s:.2f} s, total {total_s:.2f} s = "
-          f"{result['eval_eps']:.0f} episodes/s (first, cold pass {sum(cold[:2]):.2f} s; mean accuracy "
-          f"{accuracies.mean():.3f}, chance level: random images)", flush=True)
+    context.figure(f"  {name} {size}px evaluation, {len(episodes)} episodes ({WAY}-way {SHOT}-shot {QUERY}-query, "
+                   f"{UPDATE_STEP} steps, meta-learned init): embedding {distinct} distinct images at batch "
+                   f"{batch_size} {embed_s:.2f} s ({result['embed_ips']:.0f} images/s), adapting {adapt_s:.2f} s, "
+                   f"total {total_s:.2f} s = {result['eval_eps']:.0f} episodes/s (first, cold pass "
+                   f"{sum(cold[:2]):.2f} s; mean accuracy {accuracies.mean():.3f}, chance level: random images)")
     return result
 
 
@@ -593,12 +599,12 @@ def markdown(settings: Settings, env: dict, run: Run) -> str:
     lines = [
         (f"**{card}**{smoke}, {stamp}: torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
          f"AMP {env['pipeline AMP dtype']}, width {settings.width:g}, synthetic uint8 images stored "
-         f"{settings.stored_size}x{settings.stored_size}. Command: `bash bench/gpu_check.sh"
+         f"{settings.stored_size}x{settings.stored_size}; host CPU {env['CPU']}. Command: `bash bench/gpu_check.sh"
          f"{' --cpu-smoke' if settings.smoke else ''}`."),
         "",
         (f"| backbone | input | pre-train images/s (batch {settings.pretrain_batch}, augment + step) "
          "| pre-train images/s (model step only) | pre-train peak memory | meta-train episodes/s "
-         f"({WAY}-way {SHOT}-shot {QUERY}-query, {UPDATE_STEP} inner steps) | embedding images/s "
+         f"({WAY}-way {SHOT}-shot {QUERY}-query, {UPDATE_STEP} inner steps) | embedding images/s (probed batch) "
          f"| {settings.eval_episodes} eval episodes (embed + adapt) | eval episodes/s |"),
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -608,7 +614,7 @@ def markdown(settings: Settings, env: dict, run: Run) -> str:
                      if "eval_total_s" in f else "skipped")
         lines.append(f"| {name} | {f.get('size', '?')} | {cell(f, 'pretrain_ips', ',.0f')} "
                      f"| {cell(f, 'pretrain_model_ips', ',.0f')} | {cell(f, 'pretrain_peak_gib', 'gib')} "
-                     f"| {cell(f, 'meta_eps', '.2f')} | {cell(f, 'embed_ips', ',.0f')} | {eval_cell} "
+                     f"| {cell(f, 'meta_eps', '.2f')} | {cell(f, 'embed_ips', ',.0f')} ({f.get('batch_size', '-')}) | {eval_cell} "
                      f"| {cell(f, 'eval_eps', ',.0f')} |")
     lines += [
         "",

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import context  # first: this checkout's mtl, and the machine beside every figure
 import h5py
 import numpy as np
 
@@ -74,9 +75,9 @@ def png_pickle_stream(megabytes: int) -> None:
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         assert found == count
-        print(f"iter_pickled_bytes: {path.stat().st_size / 1e6:.0f} MB, {count} payloads in {seconds:.2f} s "
-              f"({count / seconds:,.0f} payloads/s); peak RSS {peak / 1024:.0f} MB "
-              f"(before streaming {before / 1024:.0f} MB)")
+        context.figure(f"iter_pickled_bytes: {path.stat().st_size / 1e6:.0f} MB, {count} payloads in {seconds:.2f} s "
+                       f"({count / seconds:,.0f} payloads/s); peak RSS {peak / 1024:.0f} MB "
+                       f"(before streaming {before / 1024:.0f} MB)")
 
 
 def main() -> None:
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=80)
     parser.add_argument("--png-pickle-mb", type=int, default=0, help="run the pickle-streaming bench instead")
     args = parser.parse_args()
+    print(context.machine_line())
     if args.png_pickle_mb:
         png_pickle_stream(args.png_pickle_mb)
         return
@@ -95,19 +97,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.h5"
         seconds = build(path)
-        print(f"write_split: {n} images {SIZE}x{SIZE} in {seconds:.2f} s ({n / seconds:,.0f} images/s), "
-              f"{path.stat().st_size / 1e6:.0f} MB")
+        context.figure(f"write_split: {n} images {SIZE}x{SIZE} in {seconds:.2f} s ({n / seconds:,.0f} images/s), "
+                       f"{path.stat().st_size / 1e6:.0f} MB")
         path.read_bytes()  # warm page cache
 
         split = HDF5Split(path)
         rate = images_per_second(split.get_images, batches)
-        print(f"get_images (direct chunk reads), batch {args.batch_size}: {rate:,.0f} images/s")
+        context.figure(f"get_images (direct chunk reads), batch {args.batch_size}: {rate:,.0f} images/s")
 
         start = time.perf_counter()
         in_memory = HDF5Split(path, in_memory=True)
         load = time.perf_counter() - start
         rate = images_per_second(in_memory.get_images, batches)
-        print(f"in_memory=True: load {load:.2f} s, get_images {rate:,.0f} images/s")
+        context.figure(f"in_memory=True: load {load:.2f} s, get_images {rate:,.0f} images/s")
 
         with h5py.File(path, "r") as f:
             dset = f["images"]
@@ -117,13 +119,13 @@ def main() -> None:
                 return dset[unique][inverse]
 
             rate = images_per_second(fancy, batches[: max(1, args.batches // 10)])
-            print(f"h5py fancy indexing (sorted unique, re-expanded), for comparison: {rate:,.0f} images/s")
+            context.figure(f"h5py fancy indexing (sorted unique, re-expanded), for comparison: {rate:,.0f} images/s")
 
             def per_image(batch):
                 return np.stack([dset[int(i)] for i in batch])
 
             rate = images_per_second(per_image, batches)
-            print(f"h5py one image at a time (the reader's fallback for other layouts): {rate:,.0f} images/s")
+            context.figure(f"h5py one image at a time (the reader's fallback for other layouts): {rate:,.0f} images/s")
 
 
 if __name__ == "__main__":

@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
+import context  # first: this checkout's mtl, and the machine beside every figure
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mtl.models import build_backbone, freeze_for_meta, meta_parameters  # noqa: E402
-from mtl.train.meta import MetaConfig, MetaTrainer, adapt_learner  # noqa: E402
+from mtl.models import build_backbone, freeze_for_meta, meta_parameters
+from mtl.train.meta import MetaConfig, MetaTrainer, adapt_learner
 
 WAY, QUERY = 5, 15
 
@@ -179,14 +174,6 @@ def bench_shot(args, shot: int) -> dict:
     }
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet25")
@@ -199,13 +186,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(context.machine_line())
     print(f"{args.backbone} width {args.width} at {args.size}x{args.size}, {WAY}-way {QUERY}-query, "
-          f"update_step {args.update_step}, {args.reps} reps, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU: {cpu_name()}")
+          f"update_step {args.update_step}, {args.reps} reps")
     print("| shot | reference s/episode | ours s/episode | speed-up | our inner loop | share | reference inner loop "
-          "| new memory kept by the reference's support graph | grad rel. err | max param diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| new memory kept by the reference's support graph | grad rel. err | max param diff | machine |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for shot in args.shots:
         r = bench_shot(args, shot)
@@ -213,13 +199,14 @@ def main() -> None:
         print(f"| {r['shot']} | {r['reference_s']:.2f} | {r['ours_s']:.2f} | {r['ratio']:.3f}x "
               f"| {1000 * r['our_inner_s']:.1f} ms | {100 * r['our_inner_share']:.2f}% "
               f"| {1000 * r['ref_inner_s']:.1f} ms | {r['support_kept_mb']:.0f} MB | {r['grad_rel_err']:.1e} "
-              f"| {r['param_max_diff']:.1e} |", flush=True)
+              f"| {r['param_max_diff']:.1e} | {context.context()} |", flush=True)
     print("\nWhere the reference's episode goes (median s): query forward / support forward / inner loop / "
           "backward / Adam")
     for r in results:
         total = sum(r["ref_phases"])
-        print(f"- {r['shot']}-shot: " + " / ".join(f"{t:.2f} ({100 * t / total:.1f}%)" for t in r["ref_phases"]))
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        context.figure(f"- {r['shot']}-shot: " + " / ".join(f"{t:.2f} ({100 * t / total:.1f}%)"
+                                                             for t in r["ref_phases"]))
+    print(context.machine_line())
 
 if __name__ == "__main__":
     main()

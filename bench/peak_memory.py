@@ -54,7 +54,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import context  # this checkout's mtl; light (no numpy/torch in the parent: the children's peak RSS stays theirs)
+
+ROOT = context.ROOT
 
 ALL_STEPS = ("download", "build_fc100", "build_mini", "episodes", "pretrain", "meta_train", "evaluate",
              "learner", "summarize")
@@ -480,11 +482,12 @@ def main() -> None:
     work = Path(args.workdir or temp.name)
     work.mkdir(parents=True, exist_ok=True)
     mini = work / "mini"
-    results = {"python": platform.python_version(), "machine": platform.machine(), "nproc": os.cpu_count()}
+    results = {"python": platform.python_version(), "machine": context.machine_line()}
+    print(context.machine_line(), flush=True)
 
     def record(name: str, value: dict) -> None:
-        results[name] = value
-        print(json.dumps({name: value}), flush=True)
+        results[name] = {**value, "machine": context.context()}
+        print(json.dumps({name: results[name]}), flush=True)
 
     if "download" in steps:
         record(f"download ({args.download_mb} MB)", measure_download(work, args.download_mb))

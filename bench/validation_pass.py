@@ -10,26 +10,32 @@ episodes, fresh linear learner (100 SGD steps, lr 0.01) per episode, as in pre-t
   learner with autograd (100 steps). Its cost is linear in the number of episodes, so on a CPU
   it is timed on the first ``--baseline-episodes`` episodes and scaled to 600 (stated in the output).
 
+Both embed with the same fast model (`inference_copy`: scales and BN folded, channels_last) and
+the same batch size (``--batch-size``, default ``auto``: measured by `mtl.batching`, as the
+workflow does, and printed), so the ratio measures embedding each image once and adapting all
+learners together, not the model preparation.
+
 Run: .venv/bin/python bench/validation_pass.py [--width 0.25] [--baseline-episodes 100] [--device cpu]
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
 
+import context  # first: this checkout's mtl, and the machine beside every figure
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtl.batching import inference_batch_size
 from mtl.data.episodes import EpisodeSampler, EpisodeSet
 from mtl.data.hdf5 import HDF5Split, write_split
 from mtl.data.transforms import EvalTransform
-from mtl.device import autocast, select_device
-from mtl.models import build_backbone
-from mtl.train.learner import evaluate_encoder
+from mtl.device import select_device
+from mtl.models import build_backbone, inference_copy
+from mtl.train.learner import embed_batch, evaluate_encoder
 
 
 def synthetic_split(path: Path, classes: int, per_class: int, size: int) -> Path:
@@ -41,20 +47,21 @@ def synthetic_split(path: Path, classes: int, per_class: int, size: int) -> Path
 
 
 def per_episode_protocol(encoder, split, support: np.ndarray, query: np.ndarray, transform, device, count: int,
-                         way: int, *, seed: int = 0, steps: int = 100, lr: float = 0.01) -> np.ndarray:
+                         way: int, *, batch_size: int, seed: int = 0, steps: int = 100,
+                         lr: float = 0.01) -> np.ndarray:
     """The straightforward protocol: each episode reads and embeds its own images and adapts its
     own fresh learner with autograd. Fresh weights come from a generator seeded like the batched
-    path's, drawn episode after episode, so episode e starts from the same learner in both.
-    Shared with bench/evaluate.py."""
+    path's, drawn episode after episode, so episode e starts from the same learner in both. The
+    embedding uses the batched path's fast model and batch size. Shared with bench/evaluate.py."""
     generator = torch.Generator().manual_seed(seed)
     s_t = torch.arange(way, device=device).repeat_interleave(support.shape[1] // way)
     q_t = torch.arange(way, device=device).repeat_interleave(query.shape[1] // way)
     accs = []
-    encoder.eval()
+    fast = inference_copy(encoder)
     for e in range(count):
         rows = np.concatenate([support[e], query[e]])
-        with torch.no_grad(), autocast(device):
-            feats = encoder(transform(split.get_images(rows), device=device)).float()
+        feats = torch.cat([embed_batch(fast, split.get_images(rows[start:start + batch_size]), transform, device)
+                           for start in range(0, len(rows), batch_size)])
         s_feats, q_feats = feats[: len(s_t)], feats[len(s_t):]
         weight = torch.nn.init.kaiming_normal_(torch.empty(way, feats.shape[1]), generator=generator)
         weight = weight.to(device).requires_grad_()
@@ -78,11 +85,19 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=600)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--batch-size", default="auto", help="embedding batch: auto (probe, as the workflow) or N")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
     way, shot, query, size = 5, 1, 15, 84
+    print(context.machine_line() + f", device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    setting = "auto" if args.batch_size == "auto" else int(args.batch_size)
+    probe_start = time.perf_counter()
+    batch_size = inference_batch_size(setting, {"name": "resnet12", "width": args.width, "image_size": size}, device)
+    context.figure(f"inference batch size {batch_size} ({args.batch_size}; "
+                   f"chosen in {time.perf_counter() - probe_start:.1f} s, not part of the timings below)")
     torch.manual_seed(0)
     encoder = build_backbone("resnet12", width=args.width).to(device).eval()
     transform = EvalTransform(size)
@@ -102,29 +117,27 @@ def main() -> None:
             return out, time.perf_counter() - start
 
         # warm-up (kernel selection, allocator), not timed
-        per_episode_protocol(encoder, split, episodes.support, episodes.query, transform, device, 2, way)
+        per_episode_protocol(encoder, split, episodes.support, episodes.query, transform, device, 2, way,
+                             batch_size=batch_size)
         batched, t_batched = timed(lambda: evaluate_encoder(
-            encoder, split, episodes, transform, way, shot, query, device=device,
+            encoder, split, episodes, transform, way, shot, query, batch_size=batch_size, device=device,
             generator=torch.Generator().manual_seed(0)))
         n_base = min(args.baseline_episodes, args.episodes)
-        baseline, t_base = timed(
-            lambda: per_episode_protocol(encoder, split, episodes.support, episodes.query, transform, device, n_base, way))
+        baseline, t_base = timed(lambda: per_episode_protocol(
+            encoder, split, episodes.support, episodes.query, transform, device, n_base, way, batch_size=batch_size))
         split.close()
     t_base_full = t_base * args.episodes / n_base
     diff = np.abs(batched[:n_base] - baseline).max()
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"setup: resnet12 width {args.width} (out_dim {encoder.out_dim}), {size}x{size}, "
           f"{args.classes} classes x {args.per_class} images, {args.episodes} episodes {way}-way {shot}-shot "
-          f"{query}-query, 100 SGD steps lr 0.01")
-    print(f"batched (embed {distinct} distinct images once + adapt all): {t_batched:.1f} s, "
-          f"mean acc {batched.mean():.4f}")
-    print(f"per-episode protocol ({args.episodes * way * (shot + query)} image embeddings): {t_base:.1f} s for "
-          f"{n_base} episodes -> {t_base_full:.1f} s for {args.episodes}"
-          + (" (extrapolated linearly)" if n_base < args.episodes else ""))
-    print(f"speed-up: {t_base_full / t_batched:.1f}x; "
-          f"max |acc difference| on the {n_base} common episodes: {diff:.2e}")
+          f"{query}-query, 100 SGD steps lr 0.01, embedding batch {batch_size}")
+    context.figure(f"batched (embed {distinct} distinct images once + adapt all): {t_batched:.1f} s, "
+                   f"mean acc {batched.mean():.4f}")
+    context.figure(f"per-episode protocol ({args.episodes * way * (shot + query)} image embeddings): {t_base:.1f} s "
+                   f"for {n_base} episodes -> {t_base_full:.1f} s for {args.episodes}"
+                   + (" (extrapolated linearly)" if n_base < args.episodes else ""))
+    context.figure(f"speed-up: {t_base_full / t_batched:.1f}x at batch {batch_size}; "
+                   f"max |acc difference| on the {n_base} common episodes: {diff:.2e}")
 
 
 if __name__ == "__main__":

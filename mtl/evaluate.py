@@ -34,7 +34,7 @@ from mtl.finetune import finetune_accuracies
 from mtl.methods import NAMES, PROTOTYPE, get_method
 from mtl.models import load_encoder_file
 from mtl.results import write_episode_results
-from mtl.train.learner import embed_episodes, evaluate_episodes
+from mtl.train.learner import DEFAULT_EMBED_BATCH, embed_episodes, evaluate_episodes
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,12 @@ def evaluate(
     protocol: dict,
     ft_steps: int | None = None,
     ft_lr: float | None = None,
-    batch_size: int = 256,
+    batch_size: int = DEFAULT_EMBED_BATCH,
     device: str = "auto",
 ) -> dict:
     """Score ``method`` on the fixed episodes and write ``episodes_out`` (CSV) and ``metrics_out`` (JSON).
 
+    ``batch_size``: images per forward pass of the embedding (choose it with mtl.batching).
     ``protocol`` holds what the episode file does not fix: dataset, backbone, and the training
     ``seed`` of the run (it also seeds the fresh learners' initialisation). ``ft_steps``/``ft_lr``
     replace the registry's budget of a fresh learner (benchmarks); None keeps it.

@@ -13,6 +13,9 @@ META_METHODS = method_registry.meta_trained(METHODS)
 META_ARMS = method_registry.meta_trained(ABLATION_ARMS)
 WAY = config["protocol"]["way"]
 SHOTS = config["protocol"]["shots"]
+# Where the measured inference batch size is cached per machine, model and image size
+# (mtl/batching.py); a disposable record, kept outside every rule's outputs.
+INFERENCE_CACHE = "results/.cache"
 # Training seeds: each replicates the whole training chain as its own jobs (DESIGN.md "Seeds").
 SEEDS = config["protocol"]["seeds"]
 # Pre-training processes (one GPU each). With more than one, under profiles/slurm the job itself

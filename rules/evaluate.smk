@@ -41,5 +41,8 @@ rule evaluate:
         protocol=get_run_protocol,
         torch_threads=config["threads"],
         device=config["device"],
+        backbone=config["backbone"],
+        inference_batch=config["inference"]["batch_size"],
+        inference_cache=INFERENCE_CACHE,
     script:
         "../workflow_scripts/evaluate.py"

@@ -31,5 +31,8 @@ rule meta_train:
         hard_tasks=is_hard_task_method,
         scope=get_meta_scope,
         device=config["device"],
+        backbone=config["backbone"],
+        inference_batch=config["inference"]["batch_size"],
+        inference_cache=INFERENCE_CACHE,
     script:
         "../workflow_scripts/meta_train.py"

@@ -31,6 +31,8 @@ rule pretrain:
         config=config["pretrain"],
         protocol=config["protocol"],
         device=config["device"],
+        inference_batch=config["inference"]["batch_size"],
+        inference_cache=INFERENCE_CACHE,
     script:
         "../workflow_scripts/pretrain.py"
 

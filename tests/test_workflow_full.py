@@ -3,11 +3,14 @@ seeds as replicates, the across-seed summary, its verdicts and the report; and t
 only on the seed, not on which other seeds run or on --cores."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import yaml
 
-from tests.workflow import REPO, job_counts, run_snakemake, scenario_config
+from mtl.batching import CACHE_FILE, CANDIDATES
+from tests.workflow import INFERENCE_CACHE, REPO, job_counts, run_snakemake, scenario_config
 
 METHODS = ["ft", "proto", "mtl", "mtl_ht"]
 #: What a run's numbers are; identical reruns must reproduce these columns exactly.
@@ -66,6 +69,14 @@ def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
         ids = [pd.read_csv(workdir / f"results/digits/resnet12/seed{seed}/{m}/{shot}shot/episodes.csv")["episode"].tolist()
                for m in METHODS for seed in (1, 2)]
         assert all(episode_ids == ids[0] for episode_ids in ids)
+
+
+def test_inference_batch_size_was_measured_and_cached_for_the_next_jobs(two_seeds):
+    """inference.batch_size: auto, measured on this machine for this model (the test runs share one cache)."""
+    cache = json.loads((INFERENCE_CACHE / CACHE_FILE).read_text())
+    entries = [entry for key, entry in cache.items() if key.endswith("resnet12 width 0.125 | 16 px")]
+    assert entries and all(entry["batch_size"] in CANDIDATES for entry in entries)
+    assert not (two_seeds[0] / "results/.cache").exists()  # MTL_INFERENCE_CACHE replaced the default folder
 
 
 def test_report_front_page_shows_the_summary_and_verdicts(two_seeds):

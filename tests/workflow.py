@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -11,6 +12,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO / "Snakefile"
 SCENARIOS = Path(__file__).resolve().parent / "workflow"
+# One inference-batch measurement per machine for every workflow test (inference.batch_size: auto):
+# runs in different scratch folders then embed with the same batch, so their numbers stay comparable
+# bit for bit.
+INFERENCE_CACHE = Path(tempfile.gettempdir()) / "mtl-test-inference-cache"
 
 
 def scenario_config(name: str, overlay: dict | None = None) -> dict:
@@ -63,7 +68,7 @@ def run_snakemake(
     command += list(args)
     if config is not None:  # last: --configfile takes several values and would swallow targets
         command += ["--configfile", str(write_config(workdir, config))]
-    run_env = {**os.environ, **(env or {})}
+    run_env = {**os.environ, "MTL_INFERENCE_CACHE": str(INFERENCE_CACHE), **(env or {})}
     run_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{run_env.get('PATH', '')}"
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=run_env)
     if check and result.returncode != 0:

@@ -5,6 +5,7 @@ log_to_file(snakemake.log[0])
 
 import torch
 
+from mtl.batching import inference_batch_size
 from mtl.device import claim_device
 from mtl.train.meta import MetaConfig, meta_train
 
@@ -13,6 +14,9 @@ torch.set_num_threads(snakemake.params.torch_threads)
 protocol = snakemake.params.protocol
 # Several GPU jobs on one machine each take a different GPU; a scheduler's choice is kept.
 with claim_device(snakemake.params.device) as device:
+    # measured once per machine and model (a ~2 s probe), then read from the cache
+    batch_size = inference_batch_size(snakemake.params.inference_batch, dict(snakemake.params.backbone), device,
+                                      cache_dir=snakemake.params.inference_cache)
     meta_train(
         snakemake.input.train,
         snakemake.input.val,
@@ -30,4 +34,5 @@ with claim_device(snakemake.params.device) as device:
         scope=snakemake.params.scope,
         method=snakemake.wildcards.method,
         device=device,
+        inference_batch_size=batch_size,
     )

@@ -10,7 +10,7 @@ config = PretrainConfig.from_dict(dict(snakemake.params.config))
 protocol = snakemake.params.protocol
 # config.gpus processes (torchrun here, srun in a Slurm job), each claiming its own device; one
 # process runs here. The thread count is the configured one, not Snakemake's (scaled to --cores):
-# numbers must not depend on --cores.
+# numbers must not depend on --cores. The inference batch is probed on the claimed device (cached).
 launch(
     pretrain,
     {
@@ -25,6 +25,8 @@ launch(
         "query": protocol["query"],
         "val_episodes": protocol["val_episodes"],
         "seed": snakemake.params.seed,
+        "inference_batch": snakemake.params.inference_batch,
+        "inference_cache": snakemake.params.inference_cache,
     },
     processes=config.gpus,
     device=snakemake.params.device,

@@ -4,6 +4,7 @@
 - :class:`SSConv2d`: one conv class for the plain (pre-train) and SS (meta) forms, same keys
 - :func:`meta_parameters` / :func:`freeze_for_meta`: scales, shifts and BN affine only
 - :func:`fold_scales`: SS backbone -> equivalent plain backbone, for fast meta-test embedding
+- :func:`inference_copy`: scales and BN folded, eval mode, channels_last: what `embed` runs
 - :class:`PretrainClassifier`: backbone + Linear(out, 1000)-ReLU-Linear(1000, n)
 - :func:`save_encoder` / :func:`load_encoder`: ``{"backbone": config, "state_dict": ...}`` files
 """
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 from mtl.models.backbone import (
     Backbone,
+    backbone_class,
     build_backbone,
+    fold_batchnorm,
     fold_scales,
     freeze_for_meta,
+    inference_copy,
     meta_parameters,
     scaled_channels,
 )
@@ -29,9 +33,12 @@ __all__ = [
     "ResNet12",
     "ResNet25",
     "SSConv2d",
+    "backbone_class",
     "build_backbone",
+    "fold_batchnorm",
     "fold_scales",
     "freeze_for_meta",
+    "inference_copy",
     "load_backbone_state",
     "load_encoder",
     "load_encoder_file",

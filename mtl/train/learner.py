@@ -26,8 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from mtl.device import autocast
+from mtl.models import inference_copy
 
 MEMORY_BUDGET_BYTES = 256 * 2**20  # bound on gathered features per evaluation chunk
+# Images per forward pass when the caller passes no measured size (the workflow always passes one,
+# from mtl.batching.inference_batch_size): small batches keep activations in a CPU's caches.
+DEFAULT_EMBED_BATCH = 64
 
 
 # ----------------------------------------------------------------------------- init
@@ -120,36 +124,44 @@ def episode_accuracy(query_feats: torch.Tensor, query_targets: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- features
-def embed(encoder: torch.nn.Module, images, transform: Callable, batch_size: int = 256,
+def embed(encoder: torch.nn.Module, images, transform: Callable, batch_size: int = DEFAULT_EMBED_BATCH,
           device: torch.device | str | None = None, *, indices: np.ndarray | None = None,
           amp: bool = True, progress: bool = False) -> torch.Tensor:
     """Features of a set of images, (N, D) float32 on ``device``: eval-mode BN, no autograd.
 
     ``images``: uint8 (N, H, W, 3) array/tensor, or with ``indices`` anything with
     ``get_images(indices)`` (an HDF5Split) or numpy-style fancy indexing; then the rows are
-    ``indices`` in the order given. The encoder's train/eval mode is restored afterwards.
+    ``indices`` in the order given. Runs an :func:`~mtl.models.inference_copy` of ``encoder``
+    (scales and BN folded into the convs, channels_last), so ``encoder`` itself, its train/eval
+    mode included, is never touched; the features equal ``encoder.eval()``'s to float rounding
+    whatever the ``batch_size`` (tests/test_batching.py). Pick ``batch_size`` per device with
+    :func:`mtl.batching.inference_batch_size`.
     """
     from tqdm import tqdm
 
     if not callable(transform):
-        raise TypeError("embed(encoder, images, transform, batch_size=256, device=None, *, indices=None): "
+        raise TypeError("embed(encoder, images, transform, batch_size=64, device=None, *, indices=None): "
                         f"transform must be callable, got {type(transform).__name__}; pass indices= by keyword")
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     total = len(images) if indices is None else len(indices)
-    was_training = encoder.training
-    encoder.eval()
+    model = inference_copy(encoder)
     chunks = []
-    try:
-        with torch.no_grad(), autocast(device, enabled=amp):
-            starts = range(0, total, batch_size)
-            for start in tqdm(starts, desc="embed", leave=False, disable=None if progress else True):
-                batch = _read_batch(images, indices, start, start + batch_size)
-                chunks.append(encoder(transform(batch, device=device)).float())
-    finally:
-        encoder.train(was_training)
+    starts = range(0, total, batch_size)
+    for start in tqdm(starts, desc="embed", leave=False, disable=None if progress else True):
+        batch = _read_batch(images, indices, start, start + batch_size)
+        chunks.append(embed_batch(model, batch, transform, device, amp=amp))
     if not chunks:
         raise ValueError("embed() got no images")
     return torch.cat(chunks)
+
+
+def embed_batch(model: torch.nn.Module, images, transform: Callable, device: torch.device, *,
+                amp: bool = True) -> torch.Tensor:
+    """Features of one batch of uint8 images, (B, D) float32, with a model from `inference_copy`."""
+    with torch.no_grad():
+        x = transform(images, device=device).contiguous(memory_format=torch.channels_last)
+        with autocast(device, enabled=amp):
+            return model(x).float()
 
 
 def _read_batch(images, indices, start: int, stop: int):
@@ -199,7 +211,8 @@ def evaluate_episodes(features_by_index: torch.Tensor, episodes, way: int, shot:
     return torch.cat(accs).double().numpy()
 
 
-def embed_episodes(encoder: torch.nn.Module, images, episodes, transform: Callable, *, batch_size: int = 256,
+def embed_episodes(encoder: torch.nn.Module, images, episodes, transform: Callable, *,
+                   batch_size: int = DEFAULT_EMBED_BATCH,
                    device: torch.device | str | None = None, amp: bool = True,
                    progress: bool = False) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Embed every image used by any episode exactly once.
@@ -216,7 +229,8 @@ def embed_episodes(encoder: torch.nn.Module, images, episodes, transform: Callab
 
 
 def evaluate_encoder(encoder: torch.nn.Module, images, episodes, transform: Callable, way: int, shot: int,
-                     query: int, *, init=None, steps: int = 100, lr: float = 0.01, batch_size: int = 256,
+                     query: int, *, init=None, steps: int = 100, lr: float = 0.01,
+                     batch_size: int = DEFAULT_EMBED_BATCH,
                      device: torch.device | str | None = None, generator: torch.Generator | None = None,
                      amp: bool = True, progress: bool = False) -> np.ndarray:
     """Per-episode query accuracies of a frozen encoder: embed each used image once, adapt all."""

@@ -55,7 +55,7 @@ from mtl.models import fold_scales, freeze_for_meta, load_encoder_file
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, failure_class
 from mtl.results import mean_ci95
-from mtl.train.learner import adapt_linear, embed_episodes, evaluate_episodes
+from mtl.train.learner import DEFAULT_EMBED_BATCH, adapt_linear, embed_episodes, evaluate_episodes
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,8 @@ def train_epoch(trainer: MetaTrainer, split, sampler, transform, *, epoch: int, 
             "hard_tasks": stream.hard_count}
 
 
-def validate(trainer: MetaTrainer, val_split, episodes, transform) -> np.ndarray:
+def validate(trainer: MetaTrainer, val_split, episodes, transform,
+             batch_size: int = DEFAULT_EMBED_BATCH) -> np.ndarray:
     """Per-episode validation accuracies from the meta-learned init, (E,) float.
 
     Eval-mode BN, scales folded into the convs, every image used by the episodes embedded once
@@ -346,7 +347,8 @@ def validate(trainer: MetaTrainer, val_split, episodes, transform) -> np.ndarray
     """
     plain = fold_scales(trainer.model).eval()
     arrays = (np.stack([e.support for e in episodes]), np.stack([e.query for e in episodes]))
-    features, support, query = embed_episodes(plain, val_split, arrays, transform, device=trainer.device)
+    features, support, query = embed_episodes(plain, val_split, arrays, transform, batch_size=batch_size,
+                                              device=trainer.device)
     init = (trainer.weight.detach(), trainer.bias.detach())
     return evaluate_episodes(features, (support, query), trainer.way, trainer.shot, trainer.query, init=init,
                              steps=trainer.config.update_step, lr=trainer.config.base_lr)
@@ -355,7 +357,8 @@ def validate(trainer: MetaTrainer, val_split, episodes, transform) -> np.ndarray
 # --------------------------------------------------------------------------- entry point
 def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkpoint_dir,
                config: MetaConfig, way: int, shot: int, query: int, val_episodes: int, seed: int,
-               hard_tasks: bool, device: str = "auto", scope: str = "all", method: str | None = None) -> Path:
+               hard_tasks: bool, device: str = "auto", scope: str = "all", method: str | None = None,
+               inference_batch_size: int = DEFAULT_EMBED_BATCH) -> Path:
     """Meta-train the pre-trained encoder at ``encoder_path``; write ``model_out`` and ``history_out``.
 
     ``hard_tasks`` switches the HT meta-batch on (method ``mtl_ht``) and overrides
@@ -365,6 +368,7 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
     ``epochs`` continues a finished shorter run); any other config, protocol, backbone or encoder
     change is refused with a CheckpointError, since silently mixing two runs would corrupt results.
     Outputs are written once, at the end: the best-validation model and the full history.
+    ``inference_batch_size``: images per forward pass of the validation embedding (see mtl.batching).
     """
     config = with_hard_tasks(config, hard_tasks)
     if int(val_episodes) < 1:
@@ -388,7 +392,7 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
         "transform": TrainTransform(image_size, mean, std),
         "indices_by_class": train_split.indices_by_class() if config.hard_tasks.enabled else None,
     }
-    val = {"split": val_split, "transform": EvalTransform(image_size, mean, std),
+    val = {"split": val_split, "transform": EvalTransform(image_size, mean, std), "batch_size": inference_batch_size,
            "episodes": EpisodeSampler(val_split.labels, way, shot, query, seed).sample(val_episodes)}
 
     checkpoint_path = Path(checkpoint_dir) / "last.pt"
@@ -454,7 +458,7 @@ def run_epoch(trainer: MetaTrainer, epoch: int, run: dict, data: dict, val: dict
     lr = trainer.lr
     stats = train_epoch(trainer, data["split"], data["sampler"], data["transform"], epoch=epoch, seed=seed,
                         hard_config=trainer.config.hard_tasks, indices_by_class=data["indices_by_class"])
-    val_acc, val_ci = mean_ci95(validate(trainer, val["split"], val["episodes"], val["transform"]))
+    val_acc, val_ci = mean_ci95(validate(trainer, val["split"], val["episodes"], val["transform"], val["batch_size"]))
     trainer.scheduler.step()
     if val_acc > run["best"]["val_acc"]:
         run["best"] = {"val_acc": val_acc, "epoch": epoch + 1,

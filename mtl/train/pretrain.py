@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mtl import distributed
+from mtl.batching import inference_batch_size
 from mtl.data.episodes import EpisodeSampler, EpisodeSet
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
@@ -53,7 +54,7 @@ from mtl.io import atomic_path
 from mtl.models import PretrainClassifier, build_backbone, save_encoder
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from mtl.results import mean_ci95
-from mtl.train.learner import evaluate_encoder
+from mtl.train.learner import DEFAULT_EMBED_BATCH, evaluate_encoder
 
 log = logging.getLogger(__name__)
 
@@ -160,17 +161,23 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 # ----------------------------------------------------------------------------- entry point
 def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, backbone: dict,
              config: PretrainConfig | dict, way: int = 5, shot: int | None = None, query: int = 15,
-             val_episodes: int = 600, seed: int = 1, device: str = "auto") -> Path:
+             val_episodes: int = 600, seed: int = 1, device: str = "auto",
+             inference_batch: int | str = DEFAULT_EMBED_BATCH, inference_cache: str | None = None) -> Path:
     """Pre-train an encoder on ``train_h5``, select it on ``val_h5`` episodes, write ``encoder_out``.
 
     ``backbone``: {name, width, image_size (None = native)}. ``shot``: validation shot, default
     ``config.val_shot``. Writes ``history_out`` (CSV, one row per epoch) and keeps resume state in
-    ``checkpoint_dir/last.pt``. Returns ``encoder_out``.
+    ``checkpoint_dir/last.pt``. ``inference_batch``: images per forward pass of the validation
+    embedding, an integer or "auto" (probed on this process's device and cached in
+    ``inference_cache``, see mtl.batching; resolved here because each training process claims its
+    own device). Returns ``encoder_out``.
     """
     config = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
     config.validate()
+    device = select_device(device)
+    batch_size = inference_batch_size(inference_batch, backbone, device, cache_dir=inference_cache)
     run = _Run(train_h5, val_h5, backbone, config, way, config.val_shot if shot is None else shot,
-               query, val_episodes, seed, select_device(device), Path(checkpoint_dir))
+               query, val_episodes, seed, device, Path(checkpoint_dir), batch_size)
     run.resume_or_start()
     run.write_history(history_out)
     epochs = tqdm(range(run.next_epoch, config.epochs + 1), desc="pretrain", unit="epoch",
@@ -203,9 +210,10 @@ class _Run:
     """One pre-training run's state; methods are the steps `pretrain` reads top to bottom."""
 
     def __init__(self, train_h5, val_h5, backbone, config, way, shot, query, val_episodes, seed, device,
-                 checkpoint_dir):
+                 checkpoint_dir, inference_batch_size):
         self.config, self.device, self.seed = config, device, int(seed)
         self.is_main = distributed.is_main()  # validates and writes; the other ranks only train
+        self.inference_batch_size = int(inference_batch_size)
         self.way, self.shot, self.query = int(way), int(shot), int(query)
         self.train, self.val = HDF5Split(train_h5), HDF5Split(val_h5)
         self.backbone_spec = _backbone_spec(backbone)
@@ -341,7 +349,7 @@ class _Run:
         """Fresh linear learner per fixed val episode on frozen eval-mode features (seeded init)."""
         accs = evaluate_encoder(self.model.encoder, self.val, self.val_set, self.eval_transform, self.way,
                                 self.shot, self.query, steps=VAL_STEPS, lr=VAL_LR,
-                                batch_size=2 * self.config.batch_size, device=self.device,
+                                batch_size=self.inference_batch_size, device=self.device,
                                 generator=torch.Generator().manual_seed(self.seed))
         return mean_ci95(accs)
 

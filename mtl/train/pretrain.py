@@ -8,7 +8,9 @@ of fixed, seeded validation episodes; the best encoder is kept.
 
 Resume: ``checkpoint_dir/last.pt`` is replaced atomically after every epoch (model, optimizer,
 RNG, next epoch, best score and weights, history). A rerun with the same settings continues
-where it stopped; ``epochs`` may grow between runs. Shuffling and augmentation of epoch e are
+where it stopped; ``epochs`` may grow between runs. On SIGTERM/SIGINT (a scheduler's time limit or
+preemption, Ctrl-C) the run saves its exact place inside the epoch after the current step and
+stops (:mod:`mtl.train.stop`); the rerun continues from that step. Shuffling and augmentation of epoch e are
 seeded by (seed, e), and the learning rate is a pure function of the epoch, so a resumed run
 trains exactly as an uninterrupted one would (up to GPU non-determinism).
 
@@ -39,9 +41,11 @@ from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
 from mtl.device import autocast, grad_scaler, select_device
 from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
+from mtl.faults import fault_point
 from mtl.io import atomic_path
 from mtl.models import PretrainClassifier, build_backbone, save_encoder
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from mtl.train.stop import ignore_stop_signals, raise_if_stop_requested, stop_on_signals, stop_requested
 from mtl.results import mean_ci95
 from mtl.train.learner import evaluate_encoder
 
@@ -162,10 +166,12 @@ def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, back
     run.write_history(history_out)
     epochs = tqdm(range(run.next_epoch, config.epochs + 1), desc="pretrain", unit="epoch",
                   initial=run.next_epoch - 1, total=config.epochs, disable=None)
-    for epoch in epochs:
-        row = run.train_epoch(epoch)
-        epochs.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}")
-        run.write_history(history_out)
+    with stop_on_signals():
+        for epoch in epochs:
+            row = run.train_epoch(epoch)
+            epochs.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}")
+            run.write_history(history_out)
+            run.stop_if_requested(f"after epoch {epoch}")
     return run.save_best_encoder(encoder_out)
 
 
@@ -202,6 +208,7 @@ class _Run:
         }
         self.next_epoch, self.history = 1, []
         self.best_acc, self.best_epoch, self.best_state = -1.0, 0, None
+        self.partial = None  # where a stopped epoch resumes: see _fit_one_epoch
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick kernels
 
@@ -220,7 +227,9 @@ class _Run:
         self.next_epoch, self.history = int(state["next_epoch"]), list(state["history"])
         self.best_acc, self.best_epoch = float(state["best_acc"]), int(state["best_epoch"])
         self.best_state = state["best_state"]
-        log.info("pretrain: resuming from epoch %d (%s)", self.next_epoch, self.checkpoint_path)
+        self.partial = state.get("partial")
+        step = f", step {self.partial['step']}" if self.partial else ""
+        log.info("pretrain: resuming from epoch %d%s (%s)", self.next_epoch, step, self.checkpoint_path)
 
     def _check_identity(self, saved: dict) -> None:
         differ = _differences(saved, self.identity)
@@ -230,13 +239,18 @@ class _Run:
                 f"{'; '.join(differ[:5])}. Delete the folder {self.checkpoint_path.parent} to start this run "
                 "from scratch, or restore the settings it was made with.")
 
-    def _save_checkpoint(self, epoch: int) -> None:
+    def _save_checkpoint(self, next_epoch: int, partial: dict | None = None) -> None:
         save_checkpoint(self.checkpoint_path, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": capture_rng(), "next_epoch": epoch + 1,
+            "scaler": self.scaler.state_dict(), "rng": capture_rng(), "next_epoch": next_epoch,
             "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_state": self.best_state,
             "identity": self.identity, "config": self.config.to_dict(), "history": self.history,
+            "partial": partial,
         })
+
+    def stop_if_requested(self, where: str) -> None:
+        """After a checkpoint of this very point: end the run if SIGTERM/SIGINT arrived."""
+        raise_if_stop_requested("pre-training", where, self.checkpoint_path)
 
     # -- one epoch
     def train_epoch(self, epoch: int) -> dict:
@@ -253,7 +267,7 @@ class _Run:
         row = {"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_acc": val_acc, "val_ci95": val_ci,
                "lr": lr, "seconds": time.perf_counter() - start}
         self.history.append(row)
-        self._save_checkpoint(epoch)
+        self._save_checkpoint(epoch + 1)
         log.info("pretrain epoch %d/%d: loss %.4f acc %.4f val %.4f +- %.4f lr %.4g (%.1fs)", epoch,
                  self.config.epochs, loss, acc, val_acc, val_ci, lr, row["seconds"])
         return row
@@ -261,14 +275,21 @@ class _Run:
     def _fit_one_epoch(self, epoch: int) -> tuple[float, float]:
         self.model.train()
         batches = epoch_batches(len(self.train), self.config.batch_size, self.seed, epoch)
-        loader = torch.utils.data.DataLoader(_Batches(self.train, batches), batch_size=None, shuffle=False,
-                                             num_workers=self.config.num_workers,
-                                             pin_memory=self.device.type == "cuda")
         generator = epoch_generator(self.seed, epoch)
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
-        seen = 0
-        for images, labels in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None):
+        step, seen = 0, 0
+        if self.partial is not None:  # a stopped epoch: continue after its last step
+            step, seen = self.partial["step"], self.partial["seen"]
+            generator.set_state(self.partial["generator"])
+            total_loss += self.partial["total_loss"].to(self.device)
+            correct += self.partial["correct"].to(self.device)
+            self.partial = None
+        loader = torch.utils.data.DataLoader(_Batches(self.train, batches[step:]), batch_size=None, shuffle=False,
+                                             num_workers=self.config.num_workers, worker_init_fn=ignore_stop_signals,
+                                             pin_memory=self.device.type == "cuda")
+        for images, labels in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=None,
+                                   initial=step, total=len(batches)):
             x = (self.train_transform(images, device=self.device, generator=generator) if self.config.augment
                  else self.train_transform(images, device=self.device))
             y = labels.to(self.device, non_blocking=True)
@@ -282,6 +303,13 @@ class _Run:
             total_loss += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
+            step += 1
+            fault_point("pretrain.step")
+            if stop_requested():
+                self._save_checkpoint(epoch, partial={
+                    "step": step, "seen": seen, "generator": generator.get_state(),
+                    "total_loss": total_loss.detach().cpu(), "correct": correct.detach().cpu()})
+                self.stop_if_requested(f"at epoch {epoch}, step {step} of {len(batches)}")
         mean_loss = total_loss.item() / max(seen, 1)
         if not math.isfinite(mean_loss):
             raise MTLError(f"pre-training diverged at epoch {epoch} (training loss {mean_loss}); lower "

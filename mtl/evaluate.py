@@ -27,6 +27,7 @@ from mtl.data.transforms import EvalTransform
 from mtl.device import select_device
 from mtl.errors import CheckpointError, ConfigError
 from mtl.models import load_encoder_file
+from mtl.models.encoder_io import ENCODER_PRODUCER, MODEL_PRODUCER
 from mtl.results import write_episode_results
 from mtl.train.learner import embed_episodes, evaluate_episodes
 
@@ -100,7 +101,8 @@ def nearest_mean_accuracies(features: torch.Tensor, support: np.ndarray, query: 
 def _load_for_method(method: str, model_path, dev: torch.device):
     """The encoder to embed with (scales folded in), the file's entries, and the learner
     initialisation (None: a fresh learner per episode)."""
-    encoder, info = load_encoder_file(model_path)
+    encoder, info = load_encoder_file(model_path, producer=MODEL_PRODUCER if method in META_METHODS
+                                      else ENCODER_PRODUCER)
     init = None
     if method in META_METHODS:
         if "learner" not in info:

@@ -490,7 +490,7 @@ def run_identity(model, config: MetaConfig, protocol: dict, val_episodes: int, i
 
 def resume_or_start(trainer: MetaTrainer, checkpoint_path: Path, identity: dict) -> dict:
     """Run state {next_epoch, history, best}: from the checkpoint (loaded into ``trainer``) or fresh."""
-    saved = load_checkpoint(checkpoint_path)
+    saved = load_checkpoint(checkpoint_path, producer="the `meta_train` rule")
     if saved is None:
         return {"next_epoch": 0, "history": [], "best": {"val_acc": -1.0, "epoch": 0, "state": None},
                 "partial": None}

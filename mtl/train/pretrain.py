@@ -214,7 +214,7 @@ class _Run:
 
     # -- resume
     def resume_or_start(self) -> None:
-        state = load_checkpoint(self.checkpoint_path)
+        state = load_checkpoint(self.checkpoint_path, producer="the `pretrain` rule")
         if state is None:
             log.info("pretrain: starting from scratch (no %s)", self.checkpoint_path)
             return

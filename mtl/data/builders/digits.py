@@ -67,7 +67,8 @@ def export_digits(raw_dir) -> Path:
 
 
 def build(
-    raw_dir: Path, out_dir: Path, *, strict_counts: bool = True, image_size: int | None = None
+    raw_dir: Path, out_dir: Path, *, strict_counts: bool = True, image_size: int | None = None,
+    min_images_per_class: int = 1,
 ) -> dict[str, Path]:
     """Build HDF5 splits from an :func:`export_digits` tree (default ``image_size`` 32)."""
     raw_dir = Path(raw_dir)
@@ -82,5 +83,6 @@ def build(
         labels = np.repeat(np.arange(len(classes)), [len(files) for _, files in sorted(classes.items())])
         check_counts("digits", split, labels, len(classes), SPLIT_FACTS[split], raw_dir / split, strict=strict_counts)
     return imagefolder.build(
-        raw_dir, out_dir, image_size=image_size or DEFAULT_IMAGE_SIZE, dataset="digits"
+        raw_dir, out_dir, image_size=image_size or DEFAULT_IMAGE_SIZE, dataset="digits",
+        min_images_per_class=min_images_per_class,
     )

@@ -39,6 +39,28 @@ def write_config(workdir: Path, config: dict) -> Path:
     return path
 
 
+def snakemake_command(workdir: Path, config: dict | None, *args: str, cores: int = 2) -> list[str]:
+    """``python -m snakemake`` on this repository's Snakefile inside ``workdir`` (see run_snakemake)."""
+    command = [
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(SNAKEFILE),
+        "--directory", str(workdir),
+        "--cores", str(cores),
+        "--workflow-profile", "none",
+    ]
+    command += list(args)
+    if config is not None:  # last: --configfile takes several values and would swallow targets
+        command += ["--configfile", str(write_config(workdir, config))]
+    return command
+
+
+def snakemake_env(env: dict | None = None) -> dict:
+    """This environment plus ``env``, with this Python's bin folder first on PATH."""
+    run_env = {**os.environ, **(env or {})}
+    run_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{run_env.get('PATH', '')}"
+    return run_env
+
+
 def run_snakemake(
     workdir: Path,
     config: dict | None,
@@ -53,19 +75,8 @@ def run_snakemake(
     ``config`` replaces config.yaml entirely (written to ``workdir/config.yaml``); the default
     workflow profile is left out so a developer's local settings cannot leak into a test.
     """
-    command = [
-        sys.executable, "-m", "snakemake",
-        "--snakefile", str(SNAKEFILE),
-        "--directory", str(workdir),
-        "--cores", str(cores),
-        "--workflow-profile", "none",
-    ]
-    command += list(args)
-    if config is not None:  # last: --configfile takes several values and would swallow targets
-        command += ["--configfile", str(write_config(workdir, config))]
-    run_env = {**os.environ, **(env or {})}
-    run_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{run_env.get('PATH', '')}"
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=run_env)
+    command = snakemake_command(workdir, config, *args, cores=cores)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=snakemake_env(env))
     if check and result.returncode != 0:
         raise AssertionError(
             f"snakemake failed ({result.returncode}): {' '.join(command)}\n"

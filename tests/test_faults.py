@@ -262,15 +262,16 @@ LOCKED = "Directory cannot be locked"
 INCOMPLETE = "--rerun-incomplete"
 
 
-def rerun_as_a_user(workdir: Path, *args: str, fault: Injection | None = None) -> tuple[Run, list[str]]:
+def rerun_as_a_user(workdir: Path, *args: str, fault: Injection | None = None,
+                    unlock: bool = True) -> tuple[Run, list[str]]:
     """``snakemake all`` again, doing what Snakemake says: ``--unlock`` when a dead run left its
-    lock, ``--rerun-incomplete`` when it names incomplete files. Returns the last run and the advice
-    followed, in order."""
+    lock (``unlock``: the user knows no other run is going on), ``--rerun-incomplete`` when it
+    names incomplete files. Returns the last run and the advice followed, in order."""
     followed: list[str] = []
     extra: list[str] = []
     while True:
         result = snakemake(workdir, "all", *extra, *args, fault=fault)
-        if LOCKED in result.output and "--unlock" in result.output and "--unlock" not in followed:
+        if LOCKED in result.output and unlock and "--unlock" not in followed:
             followed.append("--unlock")
             snakemake(workdir, "--unlock", "all").check()
         elif result.returncode != 0 and INCOMPLETE in result.output and INCOMPLETE not in followed:
@@ -626,8 +627,11 @@ def test_second_snakemake_on_one_folder_is_refused(baseline, tmp_path):
     try:
         wait_for(lambda: stall.fired or first.poll() is not None, "the first run to reach pre-training")
         assert first.poll() is None, first.communicate()[0]
-        second = snakemake(work, "all")
+        # The running job's history.csv makes Snakemake call it incomplete before it checks the
+        # lock; a user who follows that advice is still refused, and nothing is deleted.
+        second, followed = rerun_as_a_user(work, unlock=False)
         assert second.returncode != 0 and LOCKED in second.output, second.explain()
+        assert followed == [INCOMPLETE], followed
         stall.release()
         output, _ = first.communicate(timeout=600)
     finally:
@@ -721,6 +725,10 @@ def test_slurm_requeue_resumes_pretrain(baseline, tmp_path, slurm_cluster: Slurm
         assert stall.fired, finished["run"].explain()
         job = slurm_job_of("pretrain")
         run(["scontrol", "requeue", job])
+        # Slurm holds a requeued job back (BeginTime, about two minutes); let it start when it is
+        # pending again, as an administrator would: the wait is Slurm's, not ours to test.
+        wait_for(lambda: slurm_job_state(job) == "PENDING", "the requeued job to be pending", timeout=120)
+        run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     finally:
         workflow.join(timeout=1000)
     result = finished["run"]
@@ -730,6 +738,10 @@ def test_slurm_requeue_resumes_pretrain(baseline, tmp_path, slurm_cluster: Slurm
     log = job_log(work, "pretrain")
     assert "pretrain: resuming from epoch 2, step 3 " in log, log
     assert_summary_identical(work, baseline)
+
+
+def slurm_job_state(job: str) -> str:
+    return run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"], check=False).stdout.strip()
 
 
 def slurm_job_of(rule: str) -> str:

@@ -4,13 +4,21 @@ import os
 
 from snakemake.utils import min_version, validate
 
+from mtl.config import coerce_config
+
 min_version("8.20")
 
 
 configfile: "config.yaml"
 
 
+# Nested --config values arrive as strings ('2'); type them by the schema before validating.
+coerce_config(config, os.path.join(workflow.basedir, "rules", "config.schema.yaml"))
 validate(config, "rules/config.schema.yaml")
+
+
+# The report's front page: the summary table and verdicts of the finished run.
+report: "rules/report/workflow.rst"
 
 
 # --resources gpu=N counts GPUs per machine: on a cluster each node has its own.

@@ -51,9 +51,15 @@ def evaluate(
     batch_size: int = 256,
     device: str = "auto",
 ) -> dict:
-    """Score ``method`` on the fixed episodes and write ``episodes_out`` (CSV) and ``metrics_out`` (JSON)."""
+    """Score ``method`` on the fixed episodes and write ``episodes_out`` (CSV) and ``metrics_out`` (JSON).
+
+    ``protocol`` holds what the episode file does not fix: dataset, backbone, and the training
+    ``seed`` of the run (it also seeds the ft learner's initialisation).
+    """
     if method not in METHODS:
         raise ConfigError(f"Unknown value '{method}' for argument method. Valid values are {{{', '.join(METHODS)}}}.")
+    if "seed" not in protocol:
+        raise ConfigError("evaluate: protocol must name the training seed of the run ('seed')")
     dev = select_device(device)
     split = HDF5Split(test_h5)
     episodes = load_episodes(episodes_path, expect_num_images=len(split), expect_num_classes=split.num_classes)
@@ -69,7 +75,8 @@ def evaluate(
         accuracies = nearest_mean_accuracies(features, support, query, way, shot, n_query)
     else:
         steps, lr = (info["update_step"], info["base_lr"]) if method in META_METHODS else (ft_steps, ft_lr)
-        generator = torch.Generator().manual_seed(int(episodes.meta["seed"]))
+        # The learner's initialisation is part of the training chain: it follows the training seed.
+        generator = torch.Generator().manual_seed(int(protocol["seed"]))
         accuracies = evaluate_episodes(
             features, (support, query), way, shot, n_query,
             init=init, steps=steps, lr=lr, generator=generator,
@@ -81,7 +88,7 @@ def evaluate(
         "shot": shot,
         "query": n_query,
         "episodes": len(accuracies),
-        "seed": episodes.meta["seed"],
+        "episode_seed": episodes.meta["seed"],
         "episodes_file": str(episodes_path),
         "episodes_sha256": episodes.sha256,
     }
@@ -108,7 +115,7 @@ def _load_for_method(method: str, model_path, dev: torch.device):
         if "learner" not in info:
             raise CheckpointError(
                 f"{model_path} is not a meta-trained model (no learner initialisation); "
-                "the meta_train rule writes results/<dataset>/<backbone>/<method>/<shot>shot/model.pt."
+                "the meta_train rule writes results/<dataset>/<backbone>/seed<N>/<method>/<shot>shot/model.pt."
             )
         init = (info["learner"]["weight"].float(), info["learner"]["bias"].float())
         info = {**info, **info["inner"]}

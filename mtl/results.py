@@ -1,18 +1,23 @@
-"""The numbers users read: per-run accuracy with a 95% interval, paired differences, the summary table
-and the report plots.
+"""The numbers users read: per-run accuracy, the across-seed summary with its intervals, paired
+differences and the verdict sentences.
 
-Pure functions over pandas/numpy (no torch, no Snakemake), in the spirit of imagenet's ``accuracy()``.
+Pure functions over pandas/numpy/scipy (no torch, no Snakemake), in the spirit of imagenet's ``accuracy()``.
 
-Interval convention (the MTL reference code's): ``ci95 = 1.96 * std / sqrt(n)`` with ``std`` the
-*population* standard deviation (``ddof=0``) of the per-episode accuracies and ``n`` the number of test
-episodes. Every row carries its protocol (way, shot, query, episodes, seed, backbone) and this formula,
-so numbers from different protocols cannot be read as comparable by accident.
+Aggregation, in the order DESIGN.md fixes it:
+1. **per episode -> per run.** A run is one dataset x backbone x method x shot x *training seed*.
+   Its accuracy is the mean over the saved test episodes with the reference code's interval
+   ``1.96 * std / sqrt(n)`` (population std, ``n`` episodes). That interval covers the sampling of
+   test episodes only, not the variance between training runs.
+2. **per run -> across seeds.** Each training seed replicates the whole training chain. The summary
+   row is the mean of the per-seed accuracies with a Student-t interval over seeds,
+   ``t(0.975, n_seeds-1) * sd / sqrt(n_seeds)`` (``sd`` with ``ddof=1``). With one seed the training
+   variance is unmeasured and the row says so instead of printing an interval.
+3. **paired differences.** Every method and seed of a dataset/shot is scored on the *same* saved
+   episodes (same ``episodes_sha256``). Per seed, ``d_s`` is the mean over episodes of method minus
+   baseline (the baseline run of the *same* seed, i.e. the same pre-trained encoder); the difference
+   reported is the mean of ``d_s`` with a t-interval over seeds, plus how many seeds favour each side.
 
-Every method of a dataset/shot is scored on the *same* saved test episodes (same ``episodes_sha256``), so
-a difference between two methods comes with a *paired* interval (the interval of the per-episode
-differences), which is much tighter than two overlapping per-method intervals.
-
-Files (one run = one dataset x backbone x method x shot):
+Files (one run):
   ``episodes.csv``  columns ``episode`` (index into the shared episode file), ``accuracy`` (fraction 0..1)
   ``metrics.json``  protocol + ``accuracy``/``ci95``/``std`` in % (see :data:`METRICS_KEYS`)
 """
@@ -27,29 +32,38 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from mtl.errors import ConfigError, DataError, MTLError
 from mtl.io import atomic_path
 
 log = logging.getLogger(__name__)
 
+#: The per-run interval (over test episodes).
 INTERVAL_FORMULA = "1.96*std/sqrt(n)"
+#: The across-seed interval of the summary table, and what a one-seed row says instead.
+SEED_INTERVAL = "t(0.975,n_seeds-1)*sd/sqrt(n_seeds) over training seeds"
+NOT_MEASURED = "training variance not measured (1 seed)"
 Z_95 = 1.96
 METHOD_ORDER = ("ft", "proto", "mtl", "mtl_ht")
 BASELINE = "ft"
 
-#: Keys ``metrics.json`` must hold, in the order they are written.
+#: Keys ``metrics.json`` must hold, in the order they are written. ``seed`` is the training seed of
+#: the run; ``episode_seed`` the seed that drew the saved test episodes (shared by every run).
 METRICS_KEYS = (
-    "dataset", "backbone", "method", "way", "shot", "query", "episodes", "seed",
+    "dataset", "backbone", "method", "seed", "way", "shot", "query", "episodes", "episode_seed",
     "episodes_file", "episodes_sha256", "accuracy", "ci95", "interval", "std",
 )
 #: What the caller of :func:`write_episode_results` must supply (the rest is computed).
 PROTOCOL_KEYS = (
-    "dataset", "backbone", "method", "way", "shot", "query", "seed", "episodes_file", "episodes_sha256",
+    "dataset", "backbone", "method", "seed", "way", "shot", "query", "episode_seed", "episodes_file",
+    "episodes_sha256",
 )
 #: Fields that must agree between two runs of one dataset/shot before they share a table or a pairing.
-COMPARED_FIELDS = ("way", "query", "episodes", "seed", "episodes_sha256")
+COMPARED_FIELDS = ("way", "query", "episodes", "episode_seed", "episodes_sha256")
+#: One summary row; a run adds its training seed.
 ROW_KEY = ("dataset", "backbone", "method", "shot")
+RUN_KEY = ROW_KEY + ("seed",)
 
 _TF_PROTOCOL_NOTE = "its TF meta-test used queries per class = shot, so its interval is not comparable with ours"
 #: Published 5-way accuracies (REFERENCE.md section 4), % mean and 95% interval, per method.
@@ -75,15 +89,6 @@ REFERENCE_ACCURACIES: dict[str, dict] = {
     },
 }
 REFERENCE_WAY = 5
-
-
-def summary_columns(baseline: str = BASELINE) -> list[str]:
-    """Column order of the summary table (``diff_vs_<baseline>`` names follow the baseline)."""
-    return [
-        "dataset", "backbone", "method", "way", "shot", "query", "episodes", "seed",
-        "accuracy", "ci95", "interval", f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95",
-        "reference_accuracy", "reference_ci95", "reference_source",
-    ]
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -218,15 +223,20 @@ def read_metrics(path) -> dict:
     return metrics
 
 
+def read_csv_table(path, what: str, fix: str) -> pd.DataFrame:
+    """``pd.read_csv(path)``, or a DataError naming ``what`` the file is and the ``fix``."""
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist; {fix}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"{what} {path} is not a readable CSV ({error}); {fix}") from None
+
+
 def read_episode_accuracies(path) -> pd.Series:
     """Per-episode accuracies (fractions) of ``episodes.csv``, indexed by episode id."""
     path = Path(path)
-    try:
-        table = pd.read_csv(path)
-    except FileNotFoundError:
-        raise DataError(f"episodes file {path} does not exist; run the evaluate step for it") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise DataError(f"episodes file {path} is not a readable CSV ({error}); rerun evaluate") from None
+    table = read_csv_table(path, "episodes file", "rerun the evaluate step for it")
     if not {"episode", "accuracy"} <= set(table.columns):
         raise DataError(f"episodes file {path}: expected columns episode, accuracy; found {list(table.columns)}")
     if table["episode"].duplicated().any():
@@ -235,7 +245,34 @@ def read_episode_accuracies(path) -> pd.Series:
     return pd.Series(table["accuracy"].to_numpy(dtype=np.float64), index=table["episode"].astype(np.int64))
 
 
-# ----------------------------------------------------------------------------- summary table
+# ----------------------------------------------------------------------------- across seeds
+def t_interval(values) -> tuple[float, float, float]:
+    """Mean, half-width of the 95% Student-t interval and sample std (``ddof=1``) of ``values``.
+
+    ``t(0.975, n-1) * sd / sqrt(n)``: the interval for the mean of ``n`` independent replicates
+    (training seeds). Half-width and std are NaN for a single value: one replicate says nothing
+    about the variance between replicates.
+    """
+    array = _as_vector(values, "t_interval")
+    mean = float(array.mean())
+    if array.size < 2:
+        return mean, math.nan, math.nan
+    sd = float(array.std(ddof=1))
+    return mean, float(stats.t.ppf(0.975, array.size - 1) * sd / math.sqrt(array.size)), sd
+
+
+def verdict(diff: float, half_width: float, n_seeds: int) -> str:
+    """'better', 'worse' or 'no detectable difference' from a t-interval over seeds; one seed gives none."""
+    if n_seeds < 2 or math.isnan(half_width):
+        return "training variance not measured"
+    if diff - half_width > 0:
+        return "better"
+    if diff + half_width < 0:
+        return "worse"
+    return "no detectable difference"
+
+
+# ----------------------------------------------------------------------------- loading runs
 class _Run:
     """One evaluated run: its metrics, its per-episode accuracies and where they came from."""
 
@@ -248,11 +285,15 @@ class _Run:
 
     @property
     def key(self) -> tuple:
+        return tuple(self.metrics[field] for field in RUN_KEY)
+
+    @property
+    def row_key(self) -> tuple:
         return tuple(self.metrics[field] for field in ROW_KEY)
 
     @property
-    def files(self) -> str:
-        return f"{self.metrics_path} (+ {self.episodes_path.name})"
+    def seed(self) -> int:
+        return int(self.metrics["seed"])
 
     def _check_files_agree(self) -> None:
         """metrics.json and episodes.csv must come from the same evaluation (not a stale mix)."""
@@ -281,8 +322,36 @@ def _check_same_protocol(first: _Run, second: _Run) -> None:
         )
 
 
+def load_runs(pairs: Iterable[Sequence]) -> list[_Run]:
+    """Read ``(metrics_json, episodes_csv)`` pairs; refuse duplicates and mixed protocols per dataset/shot."""
+    runs = [_Run(*pair) for pair in pairs]
+    if not runs:
+        raise ConfigError("no runs given; evaluate at least one dataset/method/shot/seed first")
+    seen: dict[tuple, _Run] = {}
+    first_of_group: dict[tuple, _Run] = {}
+    for run in runs:
+        if run.key in seen:
+            raise ConfigError(
+                f"two runs for {dict(zip(RUN_KEY, run.key))}: {seen[run.key].metrics_path} and "
+                f"{run.metrics_path}; pass each run once"
+            )
+        seen[run.key] = run
+        group = (run.metrics["dataset"], run.metrics["shot"])
+        if group in first_of_group:
+            _check_same_protocol(first_of_group[group], run)
+        else:
+            first_of_group[group] = run
+    return runs
+
+
 def _method_rank(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def _sorted(table: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
+    table = table.assign(_rank=[_method_rank(m)[0] for m in table["method"]])
+    table = table.sort_values(["dataset", "backbone", "shot", "_rank", "method", *extra], kind="stable")
+    return table.drop(columns="_rank").reset_index(drop=True)
 
 
 def reference_for(method: str, dataset: str, shot: int, way: int) -> tuple[float, float, str] | None:
@@ -294,253 +363,259 @@ def reference_for(method: str, dataset: str, shot: int, way: int) -> tuple[float
     return None if values is None else (values[0], values[1], entry["source"])
 
 
-def build_summary(runs: Iterable[Sequence], *, baseline: str = BASELINE) -> pd.DataFrame:
-    """One row per dataset x backbone x method x shot from ``(metrics_json, episodes_csv)`` pairs.
+# ----------------------------------------------------------------------------- per-seed table
+def per_seed_columns(baseline: str = BASELINE) -> list[str]:
+    return [
+        "dataset", "backbone", "method", "seed", "way", "shot", "query", "episodes", "episode_seed",
+        "accuracy", "ci95", "interval", f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95",
+    ]
 
-    Refuses duplicate rows and runs of one dataset/shot whose protocol (:data:`COMPARED_FIELDS`)
-    differs. ``diff_vs_<baseline>`` is the paired difference (percentage points) against the
-    baseline run of the same dataset/backbone/shot; empty for the baseline itself or when it is
-    missing. Values are full precision; :func:`write_summary` rounds.
+
+def per_seed_table(runs: Sequence[_Run], *, baseline: str = BASELINE) -> pd.DataFrame:
+    """One row per run (training seed included), intervals over test episodes only.
+
+    ``diff_vs_<baseline>`` pairs the run with the baseline run of the same seed on the same episodes.
     """
-    loaded = [_Run(*pair) for pair in runs]
-    if not loaded:
-        raise ConfigError("build_summary: no runs given; evaluate at least one dataset/method/shot first")
-    by_key: dict[tuple, _Run] = {}
-    first_of_group: dict[tuple, _Run] = {}
-    for run in loaded:
-        if run.key in by_key:
-            raise ConfigError(
-                f"two runs for {dict(zip(ROW_KEY, run.key))}: {by_key[run.key].metrics_path} and "
-                f"{run.metrics_path}; pass each run once"
-            )
-        by_key[run.key] = run
-        group = (run.metrics["dataset"], run.metrics["shot"])
-        if group in first_of_group:
-            _check_same_protocol(first_of_group[group], run)
-        else:
-            first_of_group[group] = run
-
-    rows = [_summary_row(run, by_key, baseline) for run in loaded]
-    table = pd.DataFrame(rows, columns=summary_columns(baseline))
-    table["_rank"] = [_method_rank(m)[0] for m in table["method"]]
-    table = table.sort_values(["dataset", "backbone", "shot", "_rank", "method"], kind="stable")
-    return table.drop(columns="_rank").reset_index(drop=True)
+    by_key = {run.key: run for run in runs}
+    rows = []
+    for run in runs:
+        m = run.metrics
+        row = {field: m[field] for field in per_seed_columns(baseline)[:9]}
+        row.update(accuracy=float(m["accuracy"]), ci95=float(m["ci95"]), interval=m["interval"])
+        diff = ci = math.nan
+        base = by_key.get((m["dataset"], m["backbone"], baseline, m["shot"], m["seed"]))
+        if base is not None and base is not run:
+            diff, ci = paired_difference(run.episodes.to_numpy(), base.episodes.loc[run.episodes.index].to_numpy())
+        row[f"diff_vs_{baseline}"], row[f"diff_vs_{baseline}_ci95"] = diff, ci
+        rows.append(row)
+    return _sorted(pd.DataFrame(rows, columns=per_seed_columns(baseline)), extra=["seed"])
 
 
-def _summary_row(run: _Run, by_key: Mapping[tuple, _Run], baseline: str) -> dict:
-    m = run.metrics
-    row = {field: m[field] for field in ("dataset", "backbone", "method", "way", "shot", "query", "episodes", "seed")}
-    row.update(accuracy=float(m["accuracy"]), ci95=float(m["ci95"]), interval=m["interval"])
-    diff = ci = math.nan
-    base = by_key.get((m["dataset"], m["backbone"], baseline, m["shot"]))
-    if base is not None and base is not run:
-        _check_same_protocol(base, run)
-        diff, ci = paired_difference(run.episodes.to_numpy(), base.episodes.loc[run.episodes.index].to_numpy())
-    row[f"diff_vs_{baseline}"], row[f"diff_vs_{baseline}_ci95"] = diff, ci
-    reference = reference_for(m["method"], m["dataset"], m["shot"], m["way"])
+# ----------------------------------------------------------------------------- across-seed table
+def summary_columns(baseline: str = BASELINE) -> list[str]:
+    """Column order of ``summary.csv`` (``*_vs_<baseline>`` names follow the baseline)."""
+    return [
+        "dataset", "backbone", "method", "way", "shot", "query", "episodes", "episode_seed",
+        "n_seeds", "seeds", "accuracy", "seed_std", "ci95", "interval", "episode_ci95",
+        f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95", f"diff_vs_{baseline}_episode_ci95",
+        f"seeds_above_{baseline}", f"seeds_below_{baseline}", "verdict",
+        "reference_accuracy", "reference_ci95", "reference_source",
+    ]
+
+
+def build_summary(runs: Sequence[_Run], *, baseline: str = BASELINE) -> pd.DataFrame:
+    """One row per dataset x backbone x method x shot, aggregated over its training seeds.
+
+    ``accuracy`` is the mean over seeds and ``ci95`` its t-interval over seeds (NaN with one seed,
+    ``interval`` then says the training variance is not measured). ``episode_ci95`` is the
+    test-episode interval of the seed-averaged per-episode accuracies, for comparison with the
+    reference code's intervals. ``diff_vs_<baseline>`` is the mean over the seeds both share of the
+    per-seed paired differences, with its t-interval, its episode interval, and the number of seeds
+    above/below the baseline. Values are full precision; :func:`write_summary` rounds.
+    """
+    groups: dict[tuple, dict[int, _Run]] = {}
+    for run in runs:
+        groups.setdefault(run.row_key, {})[run.seed] = run
+    rows = [_summary_row(key, seeds, groups, baseline) for key, seeds in groups.items()]
+    return _sorted(pd.DataFrame(rows, columns=summary_columns(baseline)))
+
+
+def _seed_matrix(runs_by_seed: Mapping[int, _Run], seeds: Sequence[int]) -> np.ndarray:
+    """(n_seeds, n_episodes) per-episode accuracies in %, episodes in one shared order."""
+    index = runs_by_seed[seeds[0]].episodes.index
+    return np.stack([runs_by_seed[s].episodes.loc[index].to_numpy() for s in seeds]) * 100.0
+
+
+def _summary_row(key: tuple, runs_by_seed: Mapping[int, _Run], groups: Mapping, baseline: str) -> dict:
+    seeds = sorted(runs_by_seed)
+    first = runs_by_seed[seeds[0]].metrics
+    row = dict(zip(ROW_KEY, key))
+    row.update({field: first[field] for field in ("way", "query", "episodes", "episode_seed")})
+    accuracy, half, sd = t_interval([runs_by_seed[s].metrics["accuracy"] for s in seeds])
+    row.update(
+        n_seeds=len(seeds), seeds=" ".join(str(s) for s in seeds), accuracy=accuracy, seed_std=sd,
+        ci95=half, interval=SEED_INTERVAL if len(seeds) > 1 else NOT_MEASURED,
+        episode_ci95=ci95(_seed_matrix(runs_by_seed, seeds).mean(axis=0)),
+    )
+    row.update(_paired_over_seeds(key, runs_by_seed, groups, baseline))
+    reference = reference_for(row["method"], row["dataset"], row["shot"], row["way"])
     row["reference_accuracy"], row["reference_ci95"], row["reference_source"] = (
         reference if reference is not None else (math.nan, math.nan, "")
     )
     return row
 
 
+def _paired_over_seeds(key: tuple, runs_by_seed: Mapping[int, _Run], groups: Mapping, baseline: str) -> dict:
+    """The ``*_vs_<baseline>`` cells: per-seed paired differences, then a t-interval over seeds."""
+    dataset, backbone, method, shot = key
+    names = [f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95", f"diff_vs_{baseline}_episode_ci95",
+             f"seeds_above_{baseline}", f"seeds_below_{baseline}", "verdict"]
+    base_by_seed = groups.get((dataset, backbone, baseline, shot), {})
+    seeds = sorted(set(runs_by_seed) & set(base_by_seed))
+    if method == baseline or not seeds:
+        return dict(zip(names, [math.nan, math.nan, math.nan, math.nan, math.nan, ""]))
+    for seed in seeds:
+        _check_same_protocol(base_by_seed[seed], runs_by_seed[seed])
+    per_episode = _seed_matrix(runs_by_seed, seeds) - _seed_matrix(base_by_seed, seeds)  # (seeds, episodes)
+    per_seed = per_episode.mean(axis=1)
+    diff, half, _ = t_interval(per_seed)
+    return dict(zip(names, [
+        diff, half, ci95(per_episode.mean(axis=0)), int((per_seed > 0).sum()), int((per_seed < 0).sum()),
+        verdict(diff, half, len(seeds)),
+    ]))
+
+
+# ----------------------------------------------------------------------------- verdict sentences
+def verdict_sentences(summary: pd.DataFrame, baseline: str = BASELINE) -> list[str]:
+    """One sentence per method compared with the baseline, worded from the numbers alone."""
+    sentences = []
+    for row in summary.itertuples(index=False):
+        row = row._asdict()
+        if row["method"] == baseline or pd.isna(row[f"diff_vs_{baseline}"]):
+            continue
+        sentences.append(_sentence(row, baseline))
+    return sentences
+
+
+def _sentence(row: Mapping, baseline: str) -> str:
+    method, diff = row["method"], row[f"diff_vs_{baseline}"]
+    subject = f"{method} vs {baseline}, {row['dataset']} {row['way']}-way {row['shot']}-shot"
+    n = int(row["n_seeds"])
+    if row["verdict"] == "training variance not measured":
+        return (f"{subject}: {diff:+.2f} points on 1 seed (± {row[f'diff_vs_{baseline}_episode_ci95']:.2f} from "
+                "test-episode sampling alone): training variance not measured, so no verdict; "
+                "run more training seeds (protocol.seeds).")
+    above = int(row[f"seeds_above_{baseline}"])
+    conclusion = {
+        "better": f"{method} is better",
+        "worse": f"{method} is worse",
+        "no detectable difference": "no detectable difference",
+    }[row["verdict"]]
+    return (f"{subject}: {diff:+.2f} ± {row[f'diff_vs_{baseline}_ci95']:.2f} points over {n} seeds "
+            f"({above} of {n} favour {method}): {conclusion}.")
+
+
 # ----------------------------------------------------------------------------- summary files
 def _baseline_of(df: pd.DataFrame) -> str:
-    names = [c[len("diff_vs_"):] for c in df.columns if c.startswith("diff_vs_") and not c.endswith("_ci95")]
+    names = [c[len("diff_vs_"):] for c in df.columns
+             if c.startswith("diff_vs_") and not c.endswith("_ci95")]
     if len(names) != 1:
         raise ConfigError(f"summary table: expected one diff_vs_<baseline> column, found columns {list(df.columns)}")
     return names[0]
 
 
-def write_summary(df: pd.DataFrame, csv_path, md_path) -> None:
-    """Write ``summary.csv`` (accuracies rounded to 2 decimals) and a readable ``summary.md``, atomically."""
-    baseline = _baseline_of(df)
+def _round(df: pd.DataFrame) -> pd.DataFrame:
+    """Accuracies and differences to 2 decimals; counts and text as they are."""
     rounded = df.copy()
-    for column in ("accuracy", "ci95", f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95",
-                   "reference_accuracy", "reference_ci95"):
-        rounded[column] = pd.to_numeric(rounded[column]).round(2)
+    for column in rounded.columns:
+        if column.startswith(("accuracy", "ci95", "seed_std", "episode_ci95", "diff_vs_", "reference_a", "reference_c")):
+            rounded[column] = pd.to_numeric(rounded[column]).round(2)
+        if column.startswith("seeds_") and column != "seeds":
+            rounded[column] = pd.to_numeric(rounded[column]).astype("Int64")
+    return rounded
+
+
+def write_summary(summary: pd.DataFrame, per_seed: pd.DataFrame, *, csv_path, per_seed_csv_path, md_path,
+                  rst_path=None) -> None:
+    """Write ``summary.csv``, the per-seed CSV, ``summary.md`` (and the report's RST), atomically."""
+    baseline = _baseline_of(summary)
     with atomic_path(csv_path) as tmp:
-        rounded.to_csv(tmp, index=False)
+        _round(summary).to_csv(tmp, index=False)
+    with atomic_path(per_seed_csv_path) as tmp:
+        _round(per_seed).to_csv(tmp, index=False)
     with atomic_path(md_path) as tmp:
-        tmp.write_text(summary_markdown(df, baseline))
+        tmp.write_text(summary_markdown(summary, baseline))
+    if rst_path is not None:
+        with atomic_path(rst_path) as tmp:
+            tmp.write_text(summary_rst(summary, baseline))
 
 
 def _pm(value, interval, signed: bool = False, decimals: int = 2) -> str:
     if value is None or pd.isna(value):
         return ""
     sign = "+" if signed else ""
+    if interval is None or pd.isna(interval):
+        return f"{value:{sign}.{decimals}f}"
     return f"{value:{sign}.{decimals}f} ± {interval:.{decimals}f}"
 
 
-def summary_markdown(df: pd.DataFrame, baseline: str = BASELINE) -> str:
-    """The summary as Markdown: a paragraph on how to read it, the table, then reference sources."""
-    sources = [s for s in dict.fromkeys(df["reference_source"]) if isinstance(s, str) and s]
-    header = [
-        "# Few-shot test results", "",
-        "Each row is one dataset x backbone x method x shot, scored on a fixed, saved set of test episodes. "
-        "Protocol columns: **way** classes per episode, **shot** labelled images per class, **query** test "
-        "images per class, **episodes** number of test episodes, **seed** the episode-sampling seed. "
-        f"**Accuracy** is the mean per-episode accuracy in %, ± its 95% interval `{INTERVAL_FORMULA}` "
-        "(std: population std of the per-episode accuracies, n: episodes).", "",
-        f"**vs {baseline} (pp)** is the paired difference to the `{baseline}` run of the same "
-        f"dataset/backbone/shot, in percentage points, ± the 95% interval of the per-episode differences "
-        "(same episodes for both, so the episode difficulty both share cancels out). An interval that "
-        "excludes 0 means the difference is not episode-sampling noise; it is empty for the baseline "
-        "itself or when no baseline run exists.", "",
-        "**Published** figures are from the papers under their own protocol (5-way only; see the notes "
-        "under the table); their intervals are not comparable with ours.", "",
-    ]
-    titles = ["dataset", "backbone", "shot", "method", "way", "query", "episodes", "seed",
-              "accuracy (%)", f"vs {baseline} (pp)", "published (%)"]
-    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
-    for row in df.itertuples(index=False):
+def _table_cells(summary: pd.DataFrame, baseline: str) -> tuple[list[str], list[list[str]], list[str]]:
+    """Titles, rows and reference sources of the readable summary table (Markdown and RST share it)."""
+    sources = [s for s in dict.fromkeys(summary["reference_source"]) if isinstance(s, str) and s]
+    titles = ["dataset", "backbone", "shot", "method", "seeds", "accuracy (%)", "episode interval",
+              f"vs {baseline} (pp)", f"seeds above {baseline}", "published (%)"]
+    rows = []
+    for row in summary.itertuples(index=False):
         row = row._asdict()
         published = _pm(row["reference_accuracy"], row["reference_ci95"], decimals=1)
         if published:
             published += f" [{sources.index(row['reference_source']) + 1}]"
-        cells = [row["dataset"], row["backbone"], row["shot"], row["method"], row["way"], row["query"],
-                 row["episodes"], row["seed"], _pm(row["accuracy"], row["ci95"]),
-                 _pm(row[f"diff_vs_{baseline}"], row[f"diff_vs_{baseline}_ci95"], signed=True), published]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    notes = [""] + [f"[{i}] {source}" for i, source in enumerate(sources, 1)] if sources else []
-    return "\n".join(header + lines + notes) + "\n"
+        above = row[f"seeds_above_{baseline}"]
+        rows.append([
+            row["dataset"], row["backbone"], row["shot"], row["method"], row["n_seeds"],
+            _pm(row["accuracy"], row["ci95"]), f"± {row['episode_ci95']:.2f}",
+            _pm(row[f"diff_vs_{baseline}"], row[f"diff_vs_{baseline}_ci95"], signed=True),
+            "" if pd.isna(above) else f"{int(above)} of {row['n_seeds']}", published,
+        ])
+    return titles, [[str(c) for c in r] for r in rows], sources
 
 
-# ----------------------------------------------------------------------------- plots
-def _figure(nrows: int, ncols: int, width: float, height: float):
-    """A matplotlib figure on the Agg canvas (no pyplot, no GUI, no global backend state)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MTLError(
-            "the report plots need matplotlib, which is not installed in this environment; "
-            "install it (pip install matplotlib, or add matplotlib to envs/mtl.yaml)"
-        ) from None
-    figure = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(nrows, ncols, squeeze=False)
-    return figure, axes
+def _protocol_line(summary: pd.DataFrame) -> str:
+    first = summary.iloc[0]
+    seeds = sorted({int(s) for cell in summary["seeds"] for s in str(cell).split()})
+    return (f"{first['way']}-way, {first['query']} queries per class, {first['episodes']} fixed test episodes "
+            f"(episode seed {first['episode_seed']}), training seeds {', '.join(map(str, seeds))}.")
 
 
-def _save_png(figure, path_png) -> Path:
-    with atomic_path(path_png) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    return Path(path_png)
+def _explanation(baseline: str) -> list[str]:
+    return [
+        "**accuracy** is the mean over training seeds of each run's mean test accuracy, ± the 95% "
+        f"interval over seeds `{SEED_INTERVAL}` (Student t, n_seeds-1 degrees of freedom): the "
+        "spread a rerun with other seeds would show. With one seed there is no such interval "
+        "(training variance not measured).",
+        "**episode interval** is the reference code's interval `1.96*std/sqrt(n)` over the test episodes "
+        "of the seed-averaged per-episode accuracies: test-episode sampling only.",
+        f"**vs {baseline}** is the paired difference to `{baseline}` in percentage points: per seed, the mean "
+        f"over the same episodes of method minus `{baseline}` (same pre-trained encoder), then the mean over "
+        "seeds ± its t-interval; **seeds above** counts the seeds where the method scored higher.",
+        "**Published** figures are from the papers under their own protocol (5-way only, see the notes); "
+        "their intervals are not comparable with ours.",
+    ]
 
 
-def plot_accuracies(df: pd.DataFrame, path_png) -> Path:
-    """Accuracy ± 95% interval per method, one panel per dataset x shot, published figure marked."""
-    if df.empty:
-        raise MTLError(f"plot_accuracies({path_png}): the summary table is empty; nothing to plot")
-    datasets = list(dict.fromkeys(df["dataset"]))
-    shots = sorted(dict.fromkeys(df["shot"]))
-    several_backbones = df["backbone"].nunique() > 1
-    figure, axes = _figure(len(datasets), len(shots), 4.2, 3.4)
-    for i, dataset in enumerate(datasets):
-        for j, shot in enumerate(shots):
-            panel = df[(df["dataset"] == dataset) & (df["shot"] == shot)]
-            if panel.empty:
-                axes[i][j].set_visible(False)
-                continue
-            _accuracy_panel(axes[i][j], panel, dataset, shot, several_backbones)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            if label not in labels:
-                handles.append(handle)
-                labels.append(label)
-    if handles:
-        figure.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small")
-    figure.suptitle(f"Test accuracy, mean ± 95% interval ({INTERVAL_FORMULA})")
-    return _save_png(figure, path_png)
+def summary_markdown(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
+    """The summary as Markdown: how to read it, the table, the verdicts, then reference sources."""
+    titles, rows, sources = _table_cells(summary, baseline)
+    lines = ["# Few-shot test results", "", _protocol_line(summary), ""]
+    lines += [f"- {text}" for text in _explanation(baseline)] + [""]
+    lines += ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    sentences = verdict_sentences(summary, baseline)
+    if sentences:
+        lines += ["", "## Verdicts", ""] + [f"- {s}" for s in sentences]
+    if sources:
+        lines += [""] + [f"[{i}] {source}" for i, source in enumerate(sources, 1)]
+    return "\n".join(lines) + "\n"
 
 
-def _accuracy_panel(ax, panel: pd.DataFrame, dataset: str, shot: int, several_backbones: bool) -> None:
-    x = np.arange(len(panel))
-    labels = [f"{r.method}\n{r.backbone}" if several_backbones else r.method for r in panel.itertuples()]
-    bars = ax.bar(x, panel["accuracy"], yerr=panel["ci95"], capsize=4, color="tab:blue", alpha=0.8,
-                  label="ours (± 95% interval)")
-    ax.bar_label(bars, labels=[f"{a:.1f}" for a in panel["accuracy"]], label_type="center",
-                 color="white", fontsize="small")
-    reference = panel["reference_accuracy"].notna().to_numpy()
-    if reference.any():
-        ax.errorbar(x[reference] + 0.25, panel["reference_accuracy"][reference], yerr=panel["reference_ci95"][reference],
-                    fmt="D", color="tab:red", capsize=3, label="published (other protocol)")
-    way, query, episodes = panel.iloc[0][["way", "query", "episodes"]]
-    ax.set_title(f"{dataset}: {way}-way {shot}-shot\n{query} queries/class, {episodes} episodes", fontsize="medium")
-    ax.set_xticks(x, labels)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.axhline(100.0 / way, color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.grid(axis="y", alpha=0.3)
+def summary_rst(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
+    """The same table and verdicts as reStructuredText, for the front page of ``snakemake --report``."""
+    titles, rows, sources = _table_cells(summary, baseline)
+    cells = [titles] + rows
+    widths = [max(len(r[i]) for r in cells) for i in range(len(titles))]
+    rule = "  ".join("=" * w for w in widths)
 
+    def line(r):
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
 
-LOSS_COLUMNS = ("train_loss", "meta_loss", "loss")
-
-
-def _read_history(path) -> pd.DataFrame:
-    path = Path(path)
-    try:
-        history = pd.read_csv(path)
-    except FileNotFoundError:
-        raise DataError(f"history file {path} does not exist; run the training step that writes it") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise DataError(f"history file {path} is not a readable CSV ({error})") from None
-    if "epoch" not in history.columns or history.empty:
-        raise DataError(f"history file {path}: expected an 'epoch' column and at least one row, "
-                        f"found columns {list(history.columns)} and {len(history)} rows")
-    if "val_acc" not in history.columns and not any(c in history.columns for c in LOSS_COLUMNS):
-        raise DataError(f"history file {path}: nothing to plot; expected val_acc or one of {list(LOSS_COLUMNS)}, "
-                        f"found {list(history.columns)}")
-    return history
-
-
-def plot_histories(history_csvs: Mapping[str, str | os.PathLike], path_png) -> Path:
-    """Training curves: validation accuracy (%, with its interval band) and loss vs epoch, one line per run.
-
-    ``val_acc``/``val_ci95`` whose values all lie in 0..1 are read as fractions and shown in %.
-    The loss is the first of :data:`LOSS_COLUMNS` a file has.
-    """
-    if not history_csvs:
-        raise MTLError(f"plot_histories({path_png}): no history files given")
-    histories = {label: _read_history(path) for label, path in history_csvs.items()}
-    has_loss = any(c in h.columns for h in histories.values() for c in LOSS_COLUMNS)
-    figure, axes = _figure(1, 2 if has_loss else 1, 5.5, 3.8)
-    acc_ax = axes[0][0]
-    for label, history in histories.items():
-        line = None
-        if "val_acc" in history.columns:
-            line = _plot_val_acc(acc_ax, history, label)
-        loss_column = next((c for c in LOSS_COLUMNS if c in history.columns), None)
-        if loss_column is not None:
-            color = line.get_color() if line is not None else None
-            axes[0][1].plot(history["epoch"], history[loss_column], color=color, label=f"{label} ({loss_column})")
-    from matplotlib.ticker import MaxNLocator  # importable here: _figure succeeded
-
-    for ax in axes.flat:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    acc_ax.set(title="Validation accuracy (± 95% interval)", xlabel="epoch", ylabel="accuracy (%)")
-    acc_ax.grid(alpha=0.3)
-    if acc_ax.lines:
-        acc_ax.legend(fontsize="small")
-    if has_loss:
-        loss_ax = axes[0][1]
-        loss_ax.set(title="Training loss", xlabel="epoch", ylabel="loss (cross-entropy)")
-        loss_ax.grid(alpha=0.3)
-        loss_ax.legend(fontsize="small")
-    return _save_png(figure, path_png)
-
-
-def _plot_val_acc(ax, history: pd.DataFrame, label: str):
-    values = history["val_acc"].astype(float)
-    scale = 100.0 if values.dropna().between(0.0, 1.0).all() else 1.0
-    (line,) = ax.plot(history["epoch"], values * scale, marker="." if len(history) < 30 else None, label=label)
-    if "val_ci95" in history.columns:
-        band = history["val_ci95"].astype(float) * scale
-        ax.fill_between(history["epoch"], values * scale - band, values * scale + band,
-                        color=line.get_color(), alpha=0.2)
-    return line
+    lines = ["Few-shot test results", "=====================", "", _protocol_line(summary), ""]
+    lines += [rule, line(titles), rule] + [line(r) for r in rows] + [rule, ""]
+    lines += [f"- {text}".replace("`", "``") for text in _explanation(baseline)] + [""]
+    sentences = verdict_sentences(summary, baseline)
+    if sentences:
+        lines += ["Verdicts", "--------", ""] + [f"- {s}" for s in sentences] + [""]
+    lines += [f"[{i}] {source}" for i, source in enumerate(sources, 1)]
+    return "\n".join(lines) + "\n"
 
 
 def summarize_runs(
@@ -549,26 +624,24 @@ def summarize_runs(
     history_files: Sequence,
     *,
     csv_out,
+    per_seed_csv_out,
     md_out,
     accuracy_plot,
     history_plot,
+    rst_out=None,
     baseline: str = BASELINE,
 ) -> pd.DataFrame:
-    """Everything the summarize step writes: the table (CSV and Markdown) and the report's plots."""
+    """Everything the summarize step writes: the tables (CSV, per-seed CSV, Markdown, RST) and plots."""
+    from mtl.plots import plot_accuracies, plot_histories
+
     if len(metrics_files) != len(episode_files):
         raise ValueError("every metrics.json needs its episodes.csv (the lists differ in length)")
-    df = build_summary(list(zip(metrics_files, episode_files)), baseline=baseline)
-    write_summary(df, csv_out, md_out)
-    plot_accuracies(df, accuracy_plot)
-    plot_histories({history_label(path): path for path in history_files}, history_plot)
-    return df
-
-
-def history_label(path) -> str:
-    """'fc100 mtl 1shot' from results/fc100/<backbone>/mtl/1shot/history.csv (and 'fc100 pretrain')."""
-    parts = Path(path).parts
-    if len(parts) >= 4 and parts[-2] == "pretrain":
-        return f"{parts[-4]} pretrain"
-    if len(parts) >= 5:
-        return f"{parts[-5]} {parts[-3]} {parts[-2]}"
-    return str(path)
+    runs = load_runs(list(zip(metrics_files, episode_files)))
+    summary, per_seed = build_summary(runs, baseline=baseline), per_seed_table(runs, baseline=baseline)
+    write_summary(summary, per_seed, csv_path=csv_out, per_seed_csv_path=per_seed_csv_out, md_path=md_out,
+                  rst_path=rst_out)
+    for sentence in verdict_sentences(summary, baseline):
+        log.info("%s", sentence)
+    plot_accuracies(summary, per_seed, accuracy_plot)
+    plot_histories(history_files, history_plot)
+    return summary

@@ -8,6 +8,8 @@ METHODS = config["methods"]
 META_METHODS = [m for m in ["mtl", "mtl_ht"] if m in METHODS]
 WAY = config["protocol"]["way"]
 SHOTS = config["protocol"]["shots"]
+# Training seeds: each replicates the whole training chain as its own jobs (DESIGN.md "Seeds").
+SEEDS = config["protocol"]["seeds"]
 
 
 wildcard_constraints:
@@ -17,6 +19,7 @@ wildcard_constraints:
     method="|".join(METHODS),
     shot=r"\d+",
     way=r"\d+",
+    seed=r"\d+",
 
 
 def dataset_entry(wildcards):
@@ -46,6 +49,10 @@ def get_evaluated_model(wildcards):
     return rules.pretrain.output.encoder.format(**wildcards)
 
 
+def get_training_seed(wildcards):
+    return int(wildcards.seed)
+
+
 def get_episodes_file(wildcards):
     return rules.episodes.output.episodes.format(
         dataset=wildcards.dataset, way=WAY, shot=wildcards.shot
@@ -59,36 +66,38 @@ def get_run_protocol(wildcards):
         "backbone": BACKBONE,
         "backbone_width": config["backbone"]["width"],
         "method": wildcards.method,
+        "seed": int(wildcards.seed),
     }
 
 
-def _run_files(name):
+def _run_files(pattern):
     return expand(
-        "results/{dataset}/{backbone}/{method}/{shot}shot/{name}",
+        pattern,
         dataset=DATASETS,
         backbone=BACKBONE,
+        seed=SEEDS,
         method=METHODS,
         shot=SHOTS,
-        name=name,
     )
 
 
 def get_metrics_files():
-    return _run_files("metrics.json")
+    return _run_files(rules.evaluate.output.metrics)
 
 
 def get_episode_result_files():
-    return _run_files("episodes.csv")
+    return _run_files(rules.evaluate.output.episodes)
 
 
 def get_history_files():
     pretrain = expand(
-        rules.pretrain.output.history, dataset=DATASETS, backbone=BACKBONE
+        rules.pretrain.output.history, dataset=DATASETS, backbone=BACKBONE, seed=SEEDS
     )
     meta = expand(
         rules.meta_train.output.history,
         dataset=DATASETS,
         backbone=BACKBONE,
+        seed=SEEDS,
         method=META_METHODS,
         shot=SHOTS,
     )
@@ -100,7 +109,9 @@ def get_hdf5_targets():
 
 
 def get_encoder_targets():
-    return expand(rules.pretrain.output.encoder, dataset=DATASETS, backbone=BACKBONE)
+    return expand(
+        rules.pretrain.output.encoder, dataset=DATASETS, backbone=BACKBONE, seed=SEEDS
+    )
 
 
 def get_final_output():

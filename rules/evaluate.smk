@@ -25,20 +25,21 @@ rule evaluate:
         model=get_evaluated_model,
         episodes=get_episodes_file,
     output:
-        episodes="results/{dataset}/{backbone}/{method}/{shot}shot/episodes.csv",
-        metrics="results/{dataset}/{backbone}/{method}/{shot}shot/metrics.json",
+        episodes="results/{dataset}/{backbone}/seed{seed}/{method}/{shot}shot/episodes.csv",
+        metrics="results/{dataset}/{backbone}/seed{seed}/{method}/{shot}shot/metrics.json",
     log:
-        "logs/evaluate/{dataset}/{backbone}/{method}/{shot}shot.log",
+        "logs/evaluate/{dataset}/{backbone}/seed{seed}/{method}/{shot}shot.log",
     benchmark:
-        "benchmarks/evaluate/{dataset}/{backbone}/{method}/{shot}shot.tsv"
+        "benchmarks/evaluate/{dataset}/{backbone}/seed{seed}/{method}/{shot}shot.tsv"
     conda:
         "../envs/mtl.yaml"
-    threads: 4
+    threads: config["threads"]
     resources:
         gpu=1,
         mem_mb=6000,
     params:
         protocol=get_run_protocol,
+        torch_threads=config["threads"],
         device=config["device"],
     script:
         "../workflow_scripts/evaluate.py"

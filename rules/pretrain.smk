@@ -6,21 +6,23 @@ rule pretrain:
         train="data/{dataset}/train.h5",
         val="data/{dataset}/val.h5",
     output:
-        encoder="results/{dataset}/{backbone}/pretrain/encoder.pt",
-        history="results/{dataset}/{backbone}/pretrain/history.csv",
+        encoder="results/{dataset}/{backbone}/seed{seed}/pretrain/encoder.pt",
+        history="results/{dataset}/{backbone}/seed{seed}/pretrain/history.csv",
     log:
-        "logs/pretrain/{dataset}/{backbone}.log",
+        "logs/pretrain/{dataset}/{backbone}/seed{seed}.log",
     benchmark:
-        "benchmarks/pretrain/{dataset}/{backbone}.tsv"
+        "benchmarks/pretrain/{dataset}/{backbone}/seed{seed}.tsv"
     conda:
         "../envs/mtl.yaml"
-    threads: 4
+    threads: config["threads"]
     resources:
         gpu=1,
         mem_mb=8000,
     params:
         # Resume state lives outside the declared outputs: Snakemake deletes those on failure.
-        checkpoint_dir="checkpoints/{dataset}/{backbone}/pretrain",
+        checkpoint_dir="checkpoints/{dataset}/{backbone}/seed{seed}/pretrain",
+        seed=get_training_seed,
+        torch_threads=config["threads"],
         backbone=config["backbone"],
         config=config["pretrain"],
         protocol=config["protocol"],

@@ -1,4 +1,5 @@
-# results/summary.csv: what users read.
+# results/summary.csv: what users read (across training seeds), plus the per-seed table, the
+# verdicts (summary.md) and the report's front page (summary.rst, included by report/workflow.rst).
 
 
 rule summarize:
@@ -8,7 +9,9 @@ rule summarize:
         histories=get_history_files(),
     output:
         csv="results/summary.csv",
+        per_seed_csv="results/summary_per_seed.csv",
         md="results/summary.md",
+        rst="results/summary.rst",
         accuracy_plot=report(
             "results/plots/accuracy.png",
             caption="report/accuracy.rst",

@@ -1,4 +1,5 @@
-"""mtl.results: interval formula, paired differences, the summary table and its files, report plots."""
+"""mtl.results and mtl.plots: interval formulas, paired differences, the across-seed summary, verdicts,
+the summary files and the report plots."""
 from __future__ import annotations
 
 import json
@@ -10,14 +11,19 @@ import pandas as pd
 import pytest
 
 from mtl.errors import ConfigError, DataError, MTLError
+from mtl.plots import history_run, plot_accuracies, plot_histories
 from mtl.results import (
     INTERVAL_FORMULA,
+    NOT_MEASURED,
+    SEED_INTERVAL,
     build_summary,
     ci95,
+    load_runs,
     paired_difference,
-    plot_accuracies,
-    plot_histories,
+    per_seed_table,
     summarize_accuracies,
+    t_interval,
+    verdict_sentences,
     write_episode_results,
     write_summary,
 )
@@ -26,10 +32,11 @@ METHODS = ["ft", "proto", "mtl", "mtl_ht"]
 N_EPISODES = 40
 
 
-def _protocol(method, shot, *, dataset="miniimagenet", way=5, seed=1, sha=None):
+def _protocol(method, shot, *, dataset="miniimagenet", way=5, seed=1, episode_seed=1, sha=None):
     return {
-        "dataset": dataset, "backbone": "resnet12", "method": method, "way": way, "shot": shot,
-        "query": 15, "seed": seed, "episodes_file": f"results/{dataset}/episodes/{way}way{shot}shot.npz",
+        "dataset": dataset, "backbone": "resnet12", "method": method, "seed": seed, "way": way, "shot": shot,
+        "query": 15, "episode_seed": episode_seed,
+        "episodes_file": f"results/{dataset}/episodes/{way}way{shot}shot.npz",
         "episodes_sha256": sha or f"sha-{dataset}-{way}-{shot}",
     }
 
@@ -37,7 +44,7 @@ def _protocol(method, shot, *, dataset="miniimagenet", way=5, seed=1, sha=None):
 def _write_run(root, method, shot, accuracies, **protocol_overrides):
     """A fake evaluated run, written by the real writer at the pipeline's paths."""
     protocol = _protocol(method, shot, **protocol_overrides)
-    run_dir = root / protocol["dataset"] / "resnet12" / method / f"{shot}shot"
+    run_dir = root / protocol["dataset"] / "resnet12" / f"seed{protocol['seed']}" / method / f"{shot}shot"
     csv, js = run_dir / "episodes.csv", run_dir / "metrics.json"
     write_episode_results(csv, js, accuracies, protocol)
     return js, csv
@@ -52,14 +59,19 @@ def _accuracies(seed, offset=0.0):
 
 @pytest.fixture
 def tree(tmp_path):
-    """4 methods x 2 shots on miniimagenet; each method a fixed shift above ft on every episode."""
+    """4 methods x 2 shots x 3 training seeds on miniimagenet; each method a fixed shift above ft."""
     runs = []
-    for shot in (1, 5):
-        base = _accuracies(shot)
-        for k, method in enumerate(METHODS):
-            shifted = np.clip(base + k * 4 / 75, 0, 1)
-            runs.append(_write_run(tmp_path, method, shot, shifted))
+    for seed in (1, 2, 3):
+        for shot in (1, 5):
+            base = _accuracies(10 * seed + shot)
+            for k, method in enumerate(METHODS):
+                shifted = np.clip(base + k * 4 / 75, 0, 1)
+                runs.append(_write_run(tmp_path, method, shot, shifted, seed=seed))
     return tmp_path, runs
+
+
+def _summary(pairs):
+    return build_summary(load_runs(pairs))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -134,18 +146,106 @@ def test_write_episode_results_names_missing_protocol_keys(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-# ----------------------------------------------------------------------------- summary
+# ----------------------------------------------------------------------------- across seeds
+def test_t_interval_matches_hand_computation():
+    # [70, 72, 77]: mean 73, sd = sqrt((9 + 1 + 16) / 2) = sqrt(13); t(0.975, 2) = 4.302653
+    mean, half, sd = t_interval([70.0, 72.0, 77.0])
+    assert mean == 73.0 and sd == pytest.approx(math.sqrt(13))
+    assert half == pytest.approx(4.302653 * math.sqrt(13) / math.sqrt(3), rel=1e-6)
+    # ten seeds: t(0.975, 9) = 2.262157
+    assert t_interval(np.arange(10.0))[1] == pytest.approx(2.262157 * np.arange(10.0).std(ddof=1) / math.sqrt(10), rel=1e-6)
+
+
+def test_t_interval_of_one_seed_is_not_measured():
+    mean, half, sd = t_interval([61.5])
+    assert mean == 61.5 and math.isnan(half) and math.isnan(sd)
+
+
+HAND_FT = [0.5, 0.5, 0.5, 0.5]
+#: per-seed differences to ft, in points: +5, +5, -2.5 -> mean 2.5, sd = sqrt(18.75), half = t * 2.5
+HAND_MTL = {1: [0.6, 0.6, 0.5, 0.5], 2: [0.5, 0.5, 0.5, 0.7], 3: [0.4, 0.5, 0.5, 0.5]}
+
+
+def _hand_runs(root, seeds=(1, 2, 3), ft_seeds=(1, 2, 3)):
+    runs = [_write_run(root, "ft", 1, HAND_FT, seed=s) for s in ft_seeds]
+    return runs + [_write_run(root, "mtl", 1, HAND_MTL[s], seed=s) for s in seeds]
+
+
+def test_paired_difference_over_seeds_matches_hand_computation(tmp_path):
+    table = _summary(_hand_runs(tmp_path))
+    mtl = table[table["method"] == "mtl"].iloc[0]
+    assert mtl["n_seeds"] == 3 and mtl["seeds"] == "1 2 3"
+    assert mtl["accuracy"] == pytest.approx((55.0 + 55.0 + 47.5) / 3)
+    assert mtl["diff_vs_ft"] == pytest.approx(2.5)
+    assert mtl["diff_vs_ft_ci95"] == pytest.approx(4.302653 * 2.5, rel=1e-6)
+    assert (mtl["seeds_above_ft"], mtl["seeds_below_ft"]) == (2, 1)
+    assert mtl["verdict"] == "no detectable difference"
+    assert mtl["interval"] == SEED_INTERVAL
+    # episode interval of the seed-averaged per-episode differences: [0, 3.33, 0, 6.67] points
+    assert mtl["diff_vs_ft_episode_ci95"] == pytest.approx(ci95([0.0, 10 / 3, 0.0, 20 / 3]))
+    ft = table[table["method"] == "ft"].iloc[0]
+    assert ft["accuracy"] == 50.0 and ft["ci95"] == 0.0 and ft["verdict"] == "" and math.isnan(ft["diff_vs_ft"])
+    assert verdict_sentences(table) == [
+        "mtl vs ft, miniimagenet 5-way 1-shot: +2.50 ± 10.76 points over 3 seeds (2 of 3 favour mtl): "
+        "no detectable difference."
+    ]
+
+
+def test_verdict_says_better_or_worse_when_the_interval_excludes_zero(tmp_path):
+    # +5, +6, +7 points on every seed: mean 6, sd 1, half 4.302653 / sqrt(3) = 2.48 -> better
+    for seed, shift in zip((1, 2, 3), (0.05, 0.06, 0.07)):
+        _write_run(tmp_path, "ft", 1, HAND_FT, seed=seed)
+        _write_run(tmp_path, "mtl", 1, [0.5 + shift] * 4, seed=seed)
+        _write_run(tmp_path, "proto", 1, [0.5 - shift] * 4, seed=seed)
+    pairs = [(js, js.with_name("episodes.csv")) for js in sorted(tmp_path.rglob("metrics.json"))]
+    table = _summary(pairs)
+    verdicts = dict(zip(table["method"], table["verdict"]))
+    assert verdicts["mtl"] == "better" and verdicts["proto"] == "worse"
+    sentences = verdict_sentences(table)
+    assert any(s.startswith("mtl vs ft") and s.endswith("mtl is better.") and "+6.00 ± 2.48" in s for s in sentences)
+    assert any(s.startswith("proto vs ft") and s.endswith("proto is worse.") for s in sentences)
+
+
+def test_one_seed_tables_say_training_variance_is_not_measured(tmp_path):
+    table = _summary(_hand_runs(tmp_path, seeds=(1,), ft_seeds=(1,)))
+    assert (table["interval"] == NOT_MEASURED).all()
+    assert table["ci95"].isna().all() and table["seed_std"].isna().all()
+    mtl = table[table["method"] == "mtl"].iloc[0]
+    assert mtl["diff_vs_ft"] == pytest.approx(5.0) and math.isnan(mtl["diff_vs_ft_ci95"])
+    assert mtl["verdict"] == "training variance not measured"
+    (sentence,) = verdict_sentences(table)
+    assert "+5.00 points on 1 seed" in sentence and "training variance not measured, so no verdict" in sentence
+    # the episode interval is still there, named as what it is
+    assert mtl["episode_ci95"] == pytest.approx(ci95([60.0, 60.0, 50.0, 50.0]))
+
+
+def test_pairing_uses_the_seeds_both_methods_have(tmp_path):
+    table = _summary(_hand_runs(tmp_path, seeds=(1, 2, 3), ft_seeds=(1, 2)))
+    mtl = table[table["method"] == "mtl"].iloc[0]
+    assert mtl["n_seeds"] == 3 and mtl["diff_vs_ft"] == pytest.approx(5.0)
+    assert (mtl["seeds_above_ft"], mtl["seeds_below_ft"]) == (2, 0)
+
+
+def test_per_seed_table_pairs_each_seed_with_its_own_baseline(tmp_path):
+    per_seed = per_seed_table(load_runs(_hand_runs(tmp_path)))
+    mtl = per_seed[per_seed["method"] == "mtl"].set_index("seed")
+    assert mtl["diff_vs_ft"].to_dict() == pytest.approx({1: 5.0, 2: 5.0, 3: -2.5})
+    assert (per_seed["interval"] == INTERVAL_FORMULA).all()
+    assert per_seed["method"].tolist() == ["ft"] * 3 + ["mtl"] * 3
+
+
+# ----------------------------------------------------------------------------- summary table
 def test_build_summary_rows_order_and_diffs(tree):
     _, runs = tree
-    table = build_summary(list(reversed(runs)))
+    table = _summary(list(reversed(runs)))
     assert len(table) == 8
     assert table["shot"].tolist() == [1, 1, 1, 1, 5, 5, 5, 5]
     assert table["method"].tolist() == METHODS * 2
-    assert set(table["interval"]) == {INTERVAL_FORMULA}
+    assert (table["n_seeds"] == 3).all() and set(table["interval"]) == {SEED_INTERVAL}
     assert table.loc[table["method"] == "ft", "diff_vs_ft"].isna().all()
     others = table[table["method"] != "ft"]
     # each method is ft shifted by k * 4/75 on every episode (few clipped): positive, ordered diffs
-    assert (others["diff_vs_ft"] > 0).all()
+    assert (others["diff_vs_ft"] > 0).all() and (others["seeds_above_ft"] == 3).all()
     assert others.groupby("shot")["diff_vs_ft"].apply(lambda d: d.is_monotonic_increasing).all()
     proto_1 = table[(table["method"] == "proto") & (table["shot"] == 1)].iloc[0]
     ft_1 = table[(table["method"] == "ft") & (table["shot"] == 1)].iloc[0]
@@ -153,7 +253,7 @@ def test_build_summary_rows_order_and_diffs(tree):
 
 
 def test_build_summary_reference_only_for_mtl_methods_on_5way(tree):
-    table = build_summary(tree[1])
+    table = _summary(tree[1])
     with_reference = table[table["reference_accuracy"].notna()]
     assert set(with_reference["method"]) == {"mtl", "mtl_ht"}
     row = table[(table["method"] == "mtl_ht") & (table["shot"] == 5)].iloc[0]
@@ -164,89 +264,116 @@ def test_build_summary_reference_only_for_mtl_methods_on_5way(tree):
 
 def test_build_summary_no_reference_for_other_ways(tmp_path):
     runs = [_write_run(tmp_path, "mtl", 1, _accuracies(1), way=10)]
-    assert build_summary(runs)["reference_accuracy"].isna().all()
+    assert _summary(runs)["reference_accuracy"].isna().all()
 
 
 def test_build_summary_without_baseline_leaves_diff_empty(tmp_path):
     runs = [_write_run(tmp_path, m, 1, _accuracies(1)) for m in ("proto", "mtl")]
-    assert build_summary(runs)["diff_vs_ft"].isna().all()
+    assert _summary(runs)["diff_vs_ft"].isna().all()
 
 
 def test_build_summary_refuses_mismatched_protocol(tmp_path):
     ft = _write_run(tmp_path, "ft", 1, _accuracies(1))
-    mtl = _write_run(tmp_path, "mtl", 1, _accuracies(1), seed=2, sha="other-episodes")
+    mtl = _write_run(tmp_path, "mtl", 1, _accuracies(1), episode_seed=2, sha="other-episodes")
     with pytest.raises(ConfigError) as error:
-        build_summary([ft, mtl])
+        _summary([ft, mtl])
     message = str(error.value)
     assert str(ft[0]) in message and str(mtl[0]) in message
-    assert "seed" in message and "episodes_sha256" in message and "query" not in message
+    assert "episode_seed" in message and "episodes_sha256" in message and "query" not in message
 
 
 def test_build_summary_refuses_duplicates(tree):
     _, runs = tree
     with pytest.raises(ConfigError, match="two runs"):
-        build_summary(runs + [runs[0]])
+        _summary(runs + [runs[0]])
 
 
 def test_build_summary_refuses_stale_file_pair(tree):
     _, runs = tree
     mixed = (runs[0][0], runs[4][1])  # 1-shot metrics with 5-shot episodes
     with pytest.raises(DataError, match="different evaluations"):
-        build_summary([mixed])
+        _summary([mixed])
 
 
 def test_write_summary_files(tree, tmp_path):
-    table = build_summary(tree[1])
-    csv, md = tmp_path / "out" / "summary.csv", tmp_path / "out" / "summary.md"
-    write_summary(table, csv, md)
-    written = pd.read_csv(csv)
+    runs = load_runs(tree[1])
+    table, per_seed = build_summary(runs), per_seed_table(runs)
+    out = tmp_path / "out"
+    write_summary(table, per_seed, csv_path=out / "summary.csv", per_seed_csv_path=out / "per_seed.csv",
+                  md_path=out / "summary.md", rst_path=out / "summary.rst")
+    written = pd.read_csv(out / "summary.csv")
     assert len(written) == 8 and list(written.columns) == list(table.columns)
     assert (written["accuracy"] == written["accuracy"].round(2)).all()
     assert written.loc[written["method"] == "ft", "diff_vs_ft"].isna().all()
-    text = md.read_text()
-    assert INTERVAL_FORMULA in text and "paired" in text
+    seeds = pd.read_csv(out / "per_seed.csv")
+    assert len(seeds) == 24 and sorted(seeds["seed"].unique()) == [1, 2, 3]
+    text = (out / "summary.md").read_text()
+    assert SEED_INTERVAL in text and INTERVAL_FORMULA in text and "paired" in text
     table_lines = [line for line in text.splitlines() if line.startswith("|")]
     assert len(table_lines) == 2 + 8
-    assert table_lines[0].startswith("| dataset | backbone | shot | method")
+    assert table_lines[0].startswith("| dataset | backbone | shot | method | seeds")
     assert "75.5 ± 0.8 [" in text and "[1] MTL paper (no HT)" in text
+    assert text.count("points over 3 seeds") == 6  # one verdict per method and shot, ft excluded
+
+
+def test_summary_rst_renders_without_docutils_errors(tree, tmp_path):
+    from docutils.core import publish_parts
+
+    runs = load_runs(tree[1])
+    out = tmp_path / "out"
+    write_summary(build_summary(runs), per_seed_table(runs), csv_path=out / "s.csv", per_seed_csv_path=out / "p.csv",
+                  md_path=out / "s.md", rst_path=out / "s.rst")
+    html = publish_parts((out / "s.rst").read_text(), writer="html",
+                         settings_overrides={"halt_level": 2, "report_level": 2})["html_body"]
+    assert "<table" in html and "Verdicts" in html and "points over 3 seeds" in html
 
 
 # ----------------------------------------------------------------------------- plots
+def _tables(tree):
+    runs = load_runs(tree[1])
+    return build_summary(runs), per_seed_table(runs)
+
+
 def test_plot_accuracies_writes_png(tree, tmp_path):
     pytest.importorskip("matplotlib")
-    path = plot_accuracies(build_summary(tree[1]), tmp_path / "plots" / "accuracy.png")
+    path = plot_accuracies(*_tables(tree), tmp_path / "plots" / "accuracy.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
-def test_plot_histories_writes_png(tmp_path):
+def _history(path, epochs, **columns):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"epoch": epochs, **columns}).to_csv(path, index=False)
+    return path
+
+
+def test_plot_histories_writes_png_with_a_band_over_seeds(tmp_path):
     pytest.importorskip("matplotlib")
     epochs = np.arange(1, 6)
-    pd.DataFrame({"epoch": epochs, "train_loss": 2.0 / epochs, "val_acc": 0.4 + 0.02 * epochs,
-                  "val_ci95": 0.01}).to_csv(tmp_path / "pretrain.csv", index=False)
-    pd.DataFrame({"epoch": epochs, "meta_loss": 1.0 / epochs, "val_acc": 50 + epochs,
-                  "val_ci95": 0.8}).to_csv(tmp_path / "meta.csv", index=False)
-    path = plot_histories({"pretrain": tmp_path / "pretrain.csv", "mtl 1-shot": tmp_path / "meta.csv"},
-                          tmp_path / "history.png")
+    files = []
+    for seed in (1, 2):
+        run = tmp_path / "results/fc100/resnet12" / f"seed{seed}"
+        files.append(_history(run / "pretrain/history.csv", epochs, train_loss=2.0 / epochs,
+                              val_acc=0.4 + 0.02 * epochs * seed))
+        files.append(_history(run / "mtl/1shot/history.csv", epochs, meta_loss=1.0 / epochs, val_acc=50 + epochs))
+    path = plot_histories(files, tmp_path / "history.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
 def test_plot_histories_names_missing_file(tmp_path):
     with pytest.raises(DataError, match="missing.csv"):
-        plot_histories({"run": tmp_path / "missing.csv"}, tmp_path / "h.png")
+        plot_histories([tmp_path / "missing.csv"], tmp_path / "h.png")
 
 
 def test_plots_without_matplotlib_say_what_to_install(tree, tmp_path, monkeypatch):
-    table = build_summary(tree[1])
+    tables = _tables(tree)
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MTLError, match="install"):
-        plot_accuracies(table, tmp_path / "a.png")
+        plot_accuracies(*tables, tmp_path / "a.png")
     assert not (tmp_path / "a.png").exists()
 
 
-def test_history_labels_name_dataset_method_and_shot():
-    from mtl.results import history_label
-
-    assert history_label("results/fc100/resnet12/pretrain/history.csv") == "fc100 pretrain"
-    assert history_label("results/fc100/resnet12/mtl_ht/5shot/history.csv") == "fc100 mtl_ht 5shot"
+def test_history_run_names_dataset_method_shot_and_seed():
+    assert history_run("results/fc100/resnet12/seed3/pretrain/history.csv") == ("fc100 pretrain", 3)
+    assert history_run("results/fc100/resnet12/seed12/mtl_ht/5shot/history.csv") == ("fc100 mtl_ht 5shot", 12)

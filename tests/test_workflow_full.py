@@ -1,37 +1,113 @@
-"""The whole workflow, every rule, both shots and all four methods, through the Snakemake CLI."""
+"""The whole workflow through the Snakemake CLI: every rule, both shots, all four methods, training
+seeds as replicates, the across-seed summary, its verdicts and the report; and that numbers depend
+only on the seed, not on which other seeds run or on --cores."""
 from __future__ import annotations
 
 import pandas as pd
+import pytest
+import yaml
 
-from tests.workflow import job_counts, run_snakemake, scenario_config
+from tests.workflow import REPO, job_counts, run_snakemake, scenario_config
 
 METHODS = ["ft", "proto", "mtl", "mtl_ht"]
+#: What a run's numbers are; identical reruns must reproduce these columns exactly.
+NUMBERS = ["accuracy", "ci95", "diff_vs_ft", "diff_vs_ft_ci95"]
 
 
-def test_tiny_scenario_runs_end_to_end_and_writes_a_complete_summary(tmp_path):
-    result = run_snakemake(tmp_path, scenario_config("tiny"), "all", timeout=1200)
-    counts = job_counts(result.stdout + result.stderr)
-    assert counts["pretrain"] == 1 and counts["meta_train"] == 4 and counts["evaluate"] == 8, counts
+def tiny(seeds):
+    return scenario_config("tiny", {"protocol": {"seeds": seeds}})
 
-    summary = pd.read_csv(tmp_path / "results/summary.csv")
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory):
+    """The tiny scenario with training seeds 1 and 2, run once for the tests of this module."""
+    workdir = tmp_path_factory.mktemp("two_seeds")
+    result = run_snakemake(workdir, tiny([1, 2]), "all", timeout=1800)
+    return workdir, job_counts(result.stdout + result.stderr)
+
+
+def test_each_seed_replicates_the_training_chain(two_seeds):
+    workdir, counts = two_seeds
+    assert counts["pretrain"] == 2 and counts["meta_train"] == 8 and counts["evaluate"] == 16, counts
+    assert counts["episodes"] == 2, "the test episodes are shared by every seed"
+    for seed in (1, 2):
+        assert (workdir / f"results/digits/resnet12/seed{seed}/pretrain/encoder.pt").stat().st_size > 0
+        assert (workdir / f"checkpoints/digits/resnet12/seed{seed}/pretrain/last.pt").exists()
+
+
+def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
+    workdir, _ = two_seeds
+    summary = pd.read_csv(workdir / "results/summary.csv")
     assert len(summary) == 8
-    assert sorted(summary["method"].unique()) == sorted(METHODS)
-    assert sorted(summary["shot"].unique()) == [1, 5]
-    assert (summary[["way", "query", "episodes", "seed"]] == [3, 5, 20, 1]).all().all()
+    assert sorted(summary["method"].unique()) == sorted(METHODS) and sorted(summary["shot"].unique()) == [1, 5]
+    assert (summary[["way", "query", "episodes", "episode_seed", "n_seeds"]] == [3, 5, 20, 1, 2]).all().all()
+    assert (summary["seeds"] == "1 2").all()
     assert summary["accuracy"].between(0, 100).all() and (summary["ci95"] >= 0).all()
-    assert (summary["interval"] == "1.96*std/sqrt(n)").all()
-    # every method but the baseline carries its paired difference against ft
-    assert summary.loc[summary.method != "ft", "diff_vs_ft"].notna().all()
+    assert summary["interval"].str.startswith("t(0.975,n_seeds-1)").all()
+    others = summary[summary.method != "ft"]
+    assert others["diff_vs_ft"].notna().all() and others["diff_vs_ft_ci95"].notna().all()
+    assert (others["seeds_above_ft"] + others["seeds_below_ft"] <= 2).all()
     assert summary.loc[summary.method == "ft", "diff_vs_ft"].isna().all()
-    assert "| digits |" in (tmp_path / "results/summary.md").read_text()
+
+    per_seed = pd.read_csv(workdir / "results/summary_per_seed.csv")
+    assert len(per_seed) == 16 and sorted(per_seed["seed"].unique()) == [1, 2]
+    mean_of_seeds = per_seed.groupby(["method", "shot"])["accuracy"].mean()
+    for row in summary.itertuples():
+        assert row.accuracy == pytest.approx(mean_of_seeds[(row.method, row.shot)], abs=0.011)
+
+    text = (workdir / "results/summary.md").read_text()
+    verdicts = [line for line in text.splitlines() if line.startswith("- ") and " vs ft, digits " in line]
+    assert len(verdicts) == 6 and all("points over 2 seeds" in line for line in verdicts)
     for plot in ("accuracy", "training"):
-        assert (tmp_path / f"results/plots/{plot}.png").stat().st_size > 0
+        assert (workdir / f"results/plots/{plot}.png").stat().st_size > 0
 
-    # every method of a shot was scored on the same saved episodes
+    # every method and seed of a shot was scored on the same saved episodes
     for shot in (1, 5):
-        ids = {m: pd.read_csv(tmp_path / f"results/digits/resnet12/{m}/{shot}shot/episodes.csv")["episode"].tolist() for m in METHODS}
-        assert all(ids[m] == ids["ft"] for m in METHODS)
+        ids = [pd.read_csv(workdir / f"results/digits/resnet12/seed{seed}/{m}/{shot}shot/episodes.csv")["episode"].tolist()
+               for m in METHODS for seed in (1, 2)]
+        assert all(episode_ids == ids[0] for episode_ids in ids)
 
-    # the HTML report renders from the finished run
-    run_snakemake(tmp_path, scenario_config("tiny"), "--report", str(tmp_path / "report.html"))
-    assert (tmp_path / "report.html").stat().st_size > 10_000
+
+def test_report_front_page_shows_the_summary_and_verdicts(two_seeds):
+    workdir, _ = two_seeds
+    run_snakemake(workdir, tiny([1, 2]), "--report", str(workdir / "report.html"))
+    html = (workdir / "report.html").read_text()
+    assert len(html) > 10_000 and "Verdicts" in html and "mtl vs ft, digits 3-way 5-shot" in html
+
+
+def test_a_seed_gives_the_same_numbers_alone_and_on_any_core_count(two_seeds, tmp_path):
+    """Seed 2 alone (twice: --cores 1 and --cores 2) reproduces its rows of the two-seed run exactly."""
+    workdir, _ = two_seeds
+    alone, again = tmp_path / "alone", tmp_path / "again"
+    alone.mkdir()
+    again.mkdir()
+    run_snakemake(alone, tiny([2]), "all", cores=1, timeout=1800)
+    run_snakemake(again, tiny([2]), "all", cores=2, timeout=1800)
+
+    for name in ("summary.csv", "summary_per_seed.csv"):
+        assert (alone / "results" / name).read_bytes() == (again / "results" / name).read_bytes(), name
+
+    with_others = pd.read_csv(workdir / "results/summary_per_seed.csv")
+    with_others = with_others[with_others["seed"] == 2].reset_index(drop=True)
+    by_itself = pd.read_csv(alone / "results/summary_per_seed.csv")
+    pd.testing.assert_frame_equal(by_itself[NUMBERS], with_others[NUMBERS])
+
+    one_seed = pd.read_csv(alone / "results/summary.csv")
+    assert (one_seed["interval"] == "training variance not measured (1 seed)").all()
+    assert one_seed["ci95"].isna().all()
+    assert "training variance not measured, so no verdict" in (alone / "results/summary.md").read_text()
+
+
+def test_dry_run_of_the_default_config_lists_a_training_chain_per_seed(tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert config["protocol"]["seeds"] == [1, 2, 3]
+    counts = job_counts(run_snakemake(tmp_path, config, "-n").stdout)
+    datasets = [name for name, entry in config["data"].items() if entry["enabled"]]
+    assert counts["pretrain"] == 3 * len(datasets) == 6
+    assert counts["meta_train"] == 3 * len(datasets) * 2 * 2  # seeds x datasets x (mtl, mtl_ht) x shots
+    assert counts["evaluate"] == 3 * len(datasets) * 4 * 2
+    assert counts["episodes"] == len(datasets) * 2
+
+    # seeds from the command line, as a user overrides them (nested values arrive as strings)
+    override = job_counts(run_snakemake(tmp_path, config, "-n", "--config", "protocol={seeds: [4, 5]}").stdout)
+    assert override["pretrain"] == 2 * len(datasets)

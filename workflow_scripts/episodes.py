@@ -13,5 +13,5 @@ write_test_episodes(
     shot=int(snakemake.wildcards.shot),
     query=protocol["query"],
     count=protocol["test_episodes"],
-    seed=protocol["seed"],
+    seed=protocol["episode_seed"],
 )

@@ -8,7 +8,8 @@ import torch
 from mtl.device import claim_device
 from mtl.evaluate import evaluate
 
-torch.set_num_threads(snakemake.threads)
+# The configured thread count, not Snakemake's (scaled to --cores): numbers must not depend on --cores.
+torch.set_num_threads(snakemake.params.torch_threads)
 # Several GPU jobs on one machine each take a different GPU; a scheduler's choice is kept.
 with claim_device(snakemake.params.device) as device:
     evaluate(

@@ -8,7 +8,8 @@ import torch
 from mtl.device import claim_device
 from mtl.train.meta import MetaConfig, meta_train
 
-torch.set_num_threads(snakemake.threads)
+# The configured thread count, not Snakemake's (scaled to --cores): numbers must not depend on --cores.
+torch.set_num_threads(snakemake.params.torch_threads)
 protocol = snakemake.params.protocol
 # Several GPU jobs on one machine each take a different GPU; a scheduler's choice is kept.
 with claim_device(snakemake.params.device) as device:
@@ -24,7 +25,7 @@ with claim_device(snakemake.params.device) as device:
         shot=int(snakemake.wildcards.shot),
         query=protocol["query"],
         val_episodes=protocol["val_episodes"],
-        seed=protocol["seed"],
+        seed=snakemake.params.seed,
         hard_tasks=snakemake.params.hard_tasks,
         device=device,
     )

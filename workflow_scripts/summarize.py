@@ -1,4 +1,4 @@
-"""Rule summarize: results/summary.csv, summary.md and the report's plots."""
+"""Rule summarize: results/summary.csv (across seeds), the per-seed table, summary.md/.rst and the plots."""
 from mtl.logs import log_to_file
 
 log_to_file(snakemake.log[0])
@@ -10,7 +10,9 @@ summarize_runs(
     list(snakemake.input.episodes),
     list(snakemake.input.histories),
     csv_out=snakemake.output.csv,
+    per_seed_csv_out=snakemake.output.per_seed_csv,
     md_out=snakemake.output.md,
+    rst_out=snakemake.output.rst,
     accuracy_plot=snakemake.output.accuracy_plot,
     history_plot=snakemake.output.history_plot,
 )

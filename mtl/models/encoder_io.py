@@ -16,8 +16,8 @@ from mtl.errors import CheckpointError, ConfigError
 from mtl.io import atomic_torch_save
 from mtl.models.backbone import Backbone, build_backbone, fold_scales
 
-ENCODER_PRODUCER = "the `pretrain` rule (results/<dataset>/<backbone>/pretrain/encoder.pt)"
-MODEL_PRODUCER = "the `meta_train` rule (results/<dataset>/<backbone>/<method>/<shot>shot/model.pt)"
+ENCODER_PRODUCER = "the `pretrain` rule (results/<dataset>/<backbone>/seed<N>/pretrain/encoder.pt)"
+MODEL_PRODUCER = "the `meta_train` rule (results/<dataset>/<backbone>/seed<N>/<method>/<shot>shot/model.pt)"
 SS_SUFFIXES = (".scale", ".shift")
 
 

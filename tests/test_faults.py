@@ -108,8 +108,9 @@ FAULTS = [
           "non-image file; grey, RGBA, CMYK, 16-bit images", "one error listing every bad file and class; "
           "a warning listing the skipped files", "fix them all, rerun; odd modes converted (16-bit scaled, "
           "not clipped)", "test_bad_image_folder_is_reported_whole"),
-    Fault("any", "a second `snakemake` on the same folder", "`Directory cannot be locked`",
-          "the first run finishes untouched", "test_second_snakemake_on_one_folder_is_refused"),
+    Fault("any", "a second `snakemake` on the same folder while one runs",
+          "`incomplete files` (the running job's), then with `--rerun-incomplete`: `Directory cannot be locked`",
+          "nothing deleted; the first run finishes with the same result", "test_second_snakemake_on_one_folder_is_refused"),
     Fault("pretrain on Slurm", "`scontrol requeue` of the running job: SIGTERM, then requeued",
           "the job stops within a step", "Slurm reruns it, it resumes at that step; the workflow completes",
           "test_slurm_requeue_resumes_pretrain"),
@@ -768,7 +769,7 @@ def test_every_fault_has_its_test():
 def readme_table() -> str:
     """The README's fault table as FAULTS renders it, with the count line under it."""
     lines = ["| stage | fault | what the user sees | what recovers | test |", "|---|---|---|---|---|"]
-    lines += [f"| {f.stage} | {f.fault} | {f.sees} | {f.recovers} | `{f.test.split('::')[-1]}` |" for f in FAULTS]
+    lines += [f"| {f.stage} | {f.fault} | {f.sees} | {f.recovers} | `{f.test.replace('tests/', '')}` |" for f in FAULTS]
     lines += ["", f"{len(FAULTS)} faults tried, {len(FAULTS)} handled, 0 lost."]
     return "\n".join(lines)
 

@@ -47,8 +47,9 @@ def fault_point(name: str, path: str | os.PathLike | None = None) -> None:
     point, count, action = parse_spec(spec)
     if name != point:
         return
-    _reached[name] += 1
-    if _reached[name] != count or not _claim_once():
+    key = (spec, os.environ.get(FAULT_DIR_ENV))  # counted per fault, so tests in one process stay apart
+    _reached[key] += 1
+    if _reached[key] != count or not _claim_once():
         return
     _fire(action, path)
 

@@ -293,10 +293,16 @@ def kill_session_at(workdir: Path, fault: Injection, *args: str) -> list[str]:
 # --------------------------------------------------------------------------- what must hold
 
 
-def assert_summary_identical(workdir: Path, baseline: Baseline) -> None:
+def assert_results_identical(workdir: Path, baseline: Baseline) -> None:
+    """summary.csv byte for byte, and every epoch of every training history (but its wall time):
+    a resume that went wrong in an epoch that did not become the best one shows only there."""
     summary = workdir / summary_path(baseline.outputs)
     assert summary.read_bytes() == baseline.summary, (
         f"summary differs from the uninterrupted run's:\n{summary.read_text()}\nvs\n{baseline.summary.decode()}")
+    for rule in TRAINING_RULES:
+        history = baseline.output(rule, "history.csv")
+        seen, expected = (pd.read_csv(root / history).drop(columns="seconds") for root in (workdir, baseline.workdir))
+        pd.testing.assert_frame_equal(seen, expected, check_exact=True, obj=history)
 
 
 def assert_nothing_damaged(workdir: Path) -> None:
@@ -362,11 +368,11 @@ def assert_plain_error(log: str, *fragments: str) -> None:
 
 
 def finish_and_compare(workdir: Path, baseline: Baseline) -> list[str]:
-    """The user's last rerun: the result equals the uninterrupted run's, nothing left over.
+    """The user's last rerun: the results equal the uninterrupted run's, nothing left over.
     Returns the advice it followed."""
     final, followed = rerun_as_a_user(workdir)
     assert final.returncode == 0, final.explain()
-    assert_summary_identical(workdir, baseline)
+    assert_results_identical(workdir, baseline)
     assert_nothing_damaged(workdir)
     assert_no_leftovers(workdir)
     return followed
@@ -394,16 +400,19 @@ class SmallDisk:
         self.folder = folder
         self.filler = folder / ".filler"
 
-    def mount(self) -> SmallDisk:
+    def mount(self) -> bool:
+        """Mount it; False (and the folder as it was) where this machine does not allow it."""
         held = self.folder.with_name(self.folder.name + ".before-tmpfs")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.folder.rename(held)
         self.folder.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(self.folder)], check=True,
-                       capture_output=True, text=True)
-        shutil.copytree(held, self.folder, symlinks=True, dirs_exist_ok=True)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(self.folder)],
+                                 capture_output=True, text=True).returncode == 0
+        if not mounted:
+            self.folder.rmdir()
+        shutil.copytree(held, self.folder, symlinks=True, dirs_exist_ok=True)  # mtimes kept: no reruns
         shutil.rmtree(held)
-        return self
+        return mounted
 
     def fill(self) -> None:
         fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -430,12 +439,13 @@ def small_disk() -> Iterator:
     mounted: list[SmallDisk] = []
 
     def make(folder: Path) -> SmallDisk | None:
-        if os.geteuid() != 0 or shutil.which("mount") is None:
-            if in_ci():
-                pytest.fail("CI=true but tmpfs cannot be mounted here (the disk-full faults need root)")
-            return None
-        mounted.append(SmallDisk(folder).mount())
-        return mounted[-1]
+        disk = SmallDisk(folder)
+        if os.geteuid() == 0 and shutil.which("mount") and disk.mount():
+            mounted.append(disk)
+            return disk
+        if in_ci():
+            pytest.fail("CI=true but a tmpfs cannot be mounted here: the disk-full faults need root and mount")
+        return None
 
     yield make
     for disk in reversed(mounted):
@@ -639,7 +649,7 @@ def test_second_snakemake_on_one_folder_is_refused(baseline, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(first.pid, signal.SIGKILL)
     assert first.returncode == 0, output[-5000:]
-    assert_summary_identical(work, baseline)
+    assert_results_identical(work, baseline)
 
 
 def wait_for(condition, what: str, timeout: float = 300) -> None:
@@ -695,7 +705,14 @@ def test_bad_image_folder_is_reported_whole(tmp_path):
                        f"{bad['empty']}: empty class folder", f"{bad['small']}: 1 image(s), fewer than the 3")
     assert f"skipped 1 file(s) that are not images" in log and str(notes) in log
 
-    bad["corrupt"].unlink(), bad["loop"].unlink(), shutil.rmtree(bad["empty"]), shutil.rmtree(bad["small"])
+    # Without class problems the files are decoded while the splits are written: still all listed.
+    shutil.rmtree(bad["empty"]), shutil.rmtree(bad["small"])
+    failed = snakemake(work, "all_hdf5")
+    assert_plain_error(failed.failed_log(work, "build_hdf5"), "2 problem(s)", f"{bad['corrupt']}: cannot decode",
+                       f"{bad['loop']}: cannot decode")
+    assert not list((work / "data" / "mine").glob("*.h5")) and not list((work / "data" / "mine").glob(".*"))
+
+    bad["corrupt"].unlink(), bad["loop"].unlink()
     snakemake(work, "all_hdf5").check()
     train = HDF5Split(work / "data/mine/train.h5")
     rows = train.indices_by_class()[0]  # class 0, files in sorted order: a_grey, b_rgba, c_cmyk, d_deep, img_*
@@ -738,7 +755,7 @@ def test_slurm_requeue_resumes_pretrain(baseline, tmp_path, slurm_cluster: Slurm
     assert result.returncode == 0, result.explain()
     log = job_log(work, "pretrain")
     assert "pretrain: resuming from epoch 2, step 3 " in log, log
-    assert_summary_identical(work, baseline)
+    assert_results_identical(work, baseline)
 
 
 def slurm_job_state(job: str) -> str:

@@ -78,11 +78,16 @@ def _first_line(err: BaseException) -> str:
 
 
 def atomic_torch_save(obj, dest: str | os.PathLike) -> Path:
-    """``torch.save`` through :func:`atomic_path`, so a kill mid-write never corrupts a checkpoint."""
+    """``torch.save`` through :func:`atomic_path`, so a kill mid-write never corrupts a checkpoint.
+
+    It writes through a file handle: given a path, torch names the archive's top folder after the
+    file, so the temporary name would end up in the bytes, and the same tensors saved twice would
+    differ (meta-training's resume check compares the encoder's SHA-256).
+    """
     import torch
 
-    with atomic_path(dest) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(dest) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
     return Path(dest)
 
 

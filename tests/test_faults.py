@@ -21,7 +21,6 @@ each row to the test that tries it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import importlib
 import json
 import os

@@ -73,3 +73,15 @@ def test_fault_hook_is_a_no_op_without_its_variable_and_fires_once_with_it(tmp_p
     assert not (tmp_path / "fired").exists()  # the first time is not the second
     fault_point("meta.step")
     assert (tmp_path / "fired").exists()
+
+
+def test_the_same_tensors_saved_twice_are_the_same_bytes(tmp_path):
+    """Meta-training resumes only with the encoder of the same SHA-256: rewriting encoder.pt from
+    the same state (a rerun) must not change its bytes, whatever the file is called."""
+    import torch
+
+    from mtl.io import atomic_torch_save, file_sha256
+
+    first = atomic_torch_save({"weight": torch.arange(6.0)}, tmp_path / "a" / "encoder.pt")
+    second = atomic_torch_save({"weight": torch.arange(6.0)}, tmp_path / "b" / "other-name.pt")
+    assert file_sha256(first) == file_sha256(second)

@@ -114,7 +114,7 @@ FAULTS = [
           "the job stops within a step", "Slurm reruns it, it resumes at that step; the workflow completes",
           "test_slurm_requeue_resumes_pretrain"),
     Fault("GPU rules", "two GPU jobs racing for one GPU", "the second waits, naming the holder",
-          "it runs once the first ends or is killed", "tests/test_device.py::test_a_killed_jobs_slot_becomes_free"),
+          "it takes the GPU once the first ends", "tests/test_device.py::test_a_waiting_job_takes_the_slot_a_finished_job_frees"),
 ]
 
 # --------------------------------------------------------------------------- the baseline run

@@ -124,10 +124,10 @@ def nearest_mean_accuracies(features: torch.Tensor, support: np.ndarray, query: 
 def _load_for_method(method: str, model_path, dev: torch.device):
     """The encoder to embed with (scales folded in), the file's entries, and the learner
     initialisation (None: a fresh learner per episode)."""
-    encoder, info = load_encoder_file(model_path, producer=MODEL_PRODUCER if method in META_METHODS
-                                      else ENCODER_PRODUCER)
+    meta_trained = get_method(method).meta_trained
+    encoder, info = load_encoder_file(model_path, producer=MODEL_PRODUCER if meta_trained else ENCODER_PRODUCER)
     init = None
-    if get_method(method).meta_trained:
+    if meta_trained:
         if "learner" not in info:
             raise CheckpointError(
                 f"{model_path} is not a meta-trained model (no learner initialisation); "

@@ -296,6 +296,8 @@ def assert_results_identical(workdir: Path, baseline: Baseline) -> None:
     """summary.csv byte for byte, and every epoch of every training history (but its wall time):
     a resume that went wrong in an epoch that did not become the best one shows only there."""
     summary = workdir / summary_path(baseline.outputs)
+    built_before = (baseline.workdir / summary_path(baseline.outputs)).stat().st_mtime
+    assert summary.stat().st_mtime > built_before, "the summary was not rebuilt: this compares nothing"
     assert summary.read_bytes() == baseline.summary, (
         f"summary differs from the uninterrupted run's:\n{summary.read_text()}\nvs\n{baseline.summary.decode()}")
     for rule in TRAINING_RULES:

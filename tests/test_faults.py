@@ -95,9 +95,9 @@ FAULTS = [
           "log: `stopped by SIGTERM at epoch 2, step 3`", "rerun resumes at that step", META),
     Fault("meta_train", "disk full while writing `model.pt`", "log: `No space left to write .../model.pt`",
           "free space, rerun: the finished checkpoint is reused", META),
-    Fault("pretrain", "truncated HDF5 split", "log: `cannot open ... as HDF5`, `build_hdf5` rule, delete it",
-          "delete it, rerun", DAMAGED),
     Fault("meta_train", "corrupt `encoder.pt`", "log: `cannot read ...`, `pretrain` rule, delete it",
+          "delete it, rerun", DAMAGED),
+    Fault("pretrain", "truncated HDF5 split", "log: `cannot open ... as HDF5`, `build_hdf5` rule, delete it",
           "delete it, rerun", DAMAGED),
     Fault("evaluate", "corrupt `model.pt`", "log: `cannot read ...`, `meta_train` rule, delete it",
           "delete it, rerun", DAMAGED),
@@ -296,6 +296,8 @@ def assert_results_identical(workdir: Path, baseline: Baseline) -> None:
     """summary.csv byte for byte, and every epoch of every training history (but its wall time):
     a resume that went wrong in an epoch that did not become the best one shows only there."""
     summary = workdir / summary_path(baseline.outputs)
+    built_before = (baseline.workdir / summary_path(baseline.outputs)).stat().st_mtime
+    assert summary.stat().st_mtime > built_before, "the summary was not rebuilt: this compares nothing"
     assert summary.read_bytes() == baseline.summary, (
         f"summary differs from the uninterrupted run's:\n{summary.read_text()}\nvs\n{baseline.summary.decode()}")
     for rule in TRAINING_RULES:
@@ -607,23 +609,28 @@ def test_pretrain_diverged_then_checkpoint_corrupt(baseline, tmp_path):
 
 
 def test_damaged_files_name_the_rule_that_rebuilds_them(baseline, tmp_path):
-    """A truncated file before the job that reads it (episodes, model, encoder, HDF5 split, in turn):
-    each error names the file, the rule that makes it and the fix; after deleting it the rerun
-    rebuilds it, and the end result is the uninterrupted one."""
-    work = fresh_copy(baseline, tmp_path / "run")
-    steps = [  # (file, its rule, the rule that reads it first, what the error says)
-        (baseline.output("episodes"), "episodes", "evaluate", "cannot be read"),
-        (baseline.output("meta_train", "model.pt"), "meta_train", "evaluate", "cannot read"),
-        (baseline.output("pretrain", "encoder.pt"), "pretrain", "meta_train", "cannot read"),
-        (baseline.output("build_hdf5", "train.h5"), "build_hdf5", "pretrain", "as HDF5"),
-    ]
-    for damaged, rule, reader, says in steps:
+    """A file truncated on disk before the job that reads it (encoder, HDF5 split, episodes, model,
+    in turn, with meta-training and what follows still to run): each error names the file, the
+    rule that makes it and the fix; deleting it and rerunning rebuilds it, and the end result is the
+    uninterrupted one."""
+    work = fresh_copy(baseline, tmp_path / "run", "meta_train")
+    train, encoder = baseline.output("build_hdf5", "train.h5"), baseline.output("pretrain", "encoder.pt")
+    episodes, model = baseline.output("episodes"), baseline.output("meta_train", "model.pt")
+
+    def damaged_then_deleted(damaged: str, rule: str, reader: str, says: str, *args: str) -> None:
         truncate(work / damaged)
-        failed, _ = rerun_as_a_user(work)
+        failed, _ = rerun_as_a_user(work, *args)
         assert failed.returncode != 0, failed.explain()
-        assert_plain_error(failed.failed_log(work, reader), damaged, says, f"`{rule}` rule",
-                           "delete", "rerun the workflow")
+        assert_plain_error(failed.failed_log(work, reader), damaged, says, f"`{rule}` rule", "delete",
+                           "rerun the workflow")
         (work / damaged).unlink()  # what the message says
+
+    damaged_then_deleted(encoder, "pretrain", "meta_train", "cannot read")
+    damaged_then_deleted(train, "build_hdf5", "pretrain", "as HDF5")
+    rebuilt, _ = rerun_as_a_user(work, "--omit-from", "evaluate")  # up to the trained model
+    assert rebuilt.returncode == 0, rebuilt.explain()
+    damaged_then_deleted(episodes, "episodes", "evaluate", "cannot be read")
+    damaged_then_deleted(model, "meta_train", "evaluate", "cannot read")
     finish_and_compare(work, baseline)
 
 

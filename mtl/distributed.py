@@ -88,6 +88,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (``flag`` itself in one process).
+    ``device``: where this rank's collectives run (a GPU under NCCL)."""
+    if not is_distributed():
+        return bool(flag)
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
 def shard(size: int, rank_: int | None = None, world: int | None = None) -> slice:
     """This rank's contiguous part of a batch of ``size`` items: parts differ by at most one item,
     and the parts of ranks 0..N-1 in order are the whole batch (numpy.array_split's rule).

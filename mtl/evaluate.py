@@ -33,6 +33,7 @@ from mtl.errors import CheckpointError, ConfigError
 from mtl.finetune import finetune_accuracies
 from mtl.methods import NAMES, PROTOTYPE, get_method
 from mtl.models import load_encoder_file
+from mtl.models.encoder_io import ENCODER_PRODUCER, MODEL_PRODUCER
 from mtl.results import write_episode_results
 from mtl.train.learner import DEFAULT_EMBED_BATCH, embed_episodes, evaluate_episodes
 
@@ -123,9 +124,10 @@ def nearest_mean_accuracies(features: torch.Tensor, support: np.ndarray, query: 
 def _load_for_method(method: str, model_path, dev: torch.device):
     """The encoder to embed with (scales folded in), the file's entries, and the learner
     initialisation (None: a fresh learner per episode)."""
-    encoder, info = load_encoder_file(model_path)
+    meta_trained = get_method(method).meta_trained
+    encoder, info = load_encoder_file(model_path, producer=MODEL_PRODUCER if meta_trained else ENCODER_PRODUCER)
     init = None
-    if get_method(method).meta_trained:
+    if meta_trained:
         if "learner" not in info:
             raise CheckpointError(
                 f"{model_path} is not a meta-trained model (no learner initialisation); "

@@ -50,8 +50,15 @@ def dataset_entry(wildcards):
 
 
 def dataset_build_options(wildcards):
+    """Builder options; a folder of images must hold shot + query images of every class for the
+    largest episode (test shots and the pre-training validation shot)."""
     entry = config["data"][wildcards.dataset]
-    return {"strict_counts": entry["strict_counts"], "image_size": entry["image_size"]}
+    largest_shot = max(SHOTS + [config["pretrain"]["val_shot"]])
+    return {
+        "strict_counts": entry["strict_counts"],
+        "image_size": entry["image_size"],
+        "min_images_per_class": largest_shot + config["protocol"]["query"],
+    }
 
 
 def is_hard_task_method(wildcards):

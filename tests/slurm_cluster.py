@@ -446,13 +446,14 @@ def run_workflow_on_slurm(
     extra_args: list[str] = (),
     set_resources: dict | None = None,
     timeout: int = 600,
+    env: dict[str, str] | None = None,
 ) -> WorkflowRun:
     """Run the workflow under profiles/slurm in ``workdir`` and say which jobs went through sbatch.
 
     ``config`` is the whole workflow config (default: the `tiny` scenario); ``set_resources`` is
-    added to the profile (see :func:`profile_for`). The run is bounded
-    by ``timeout -s INT``: the plugin ignores SIGTERM while it waits on Slurm, and SIGINT makes
-    Snakemake scancel its jobs.
+    added to the profile (see :func:`profile_for`); ``env``, variables added to the environment
+    (jobs inherit it). The run is bounded by ``timeout -s INT``: the plugin ignores SIGTERM while it
+    waits on Slurm, and SIGINT makes Snakemake scancel its jobs.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -474,7 +475,8 @@ def run_workflow_on_slurm(
         "--verbose",
         *extra_args,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=venv_env(), cwd=workdir, capture_output=True, text=True, timeout=timeout + 60)
+    proc = subprocess.run(cmd, env={**venv_env(), **(env or {})}, cwd=workdir, capture_output=True, text=True,
+                          timeout=timeout + 60)
     output = proc.stdout + proc.stderr
     local_jobs, remote_jobs = jobs_by_place(output)
     return WorkflowRun(proc.returncode, output, workdir, local_jobs, remote_jobs, submissions(output))

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from mtl.errors import ConfigError
-from mtl.methods import LAST, NAMES, RANDOM_INIT, REGISTRY, get_method, meta_settings, meta_trained, start_encoder
+from mtl.methods import NAMES, RANDOM_INIT, REGISTRY, get_method, meta_settings, meta_trained, start_encoder
 from mtl.models import build_backbone, load_encoder, load_encoder_file, meta_parameters, save_encoder
 from mtl.train.meta import MetaConfig, MetaTrainer
 from mtl.train.pretrain import random_encoder

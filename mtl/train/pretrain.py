@@ -8,7 +8,9 @@ of fixed, seeded validation episodes; the best encoder is kept.
 
 Resume: ``checkpoint_dir/last.pt`` is replaced atomically after every epoch (model, optimizer,
 RNG, next epoch, best score and weights, history). A rerun with the same settings continues
-where it stopped; ``epochs`` may grow between runs. Shuffling and augmentation of epoch e are
+where it stopped; ``epochs`` may grow between runs. On SIGTERM/SIGINT (a scheduler's time limit or
+preemption, Ctrl-C) the run saves its exact place inside the epoch after the current step and
+stops (:mod:`mtl.train.stop`); the rerun continues from that step. Shuffling and augmentation of epoch e are
 seeded by (seed, e), and the learning rate is a pure function of the epoch, so a resumed run
 trains exactly as an uninterrupted one would (up to GPU non-determinism).
 
@@ -50,9 +52,12 @@ from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
 from mtl.device import autocast, grad_scaler, select_device
 from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
+from mtl.faults import fault_point
 from mtl.io import atomic_path
 from mtl.models import PretrainClassifier, build_backbone, save_encoder
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from mtl.train.stop import (ignore_stop_signals, note_stop_elsewhere, raise_if_stop_requested, stop_on_signals,
+                            stop_requested)
 from mtl.results import mean_ci95
 from mtl.train.learner import DEFAULT_EMBED_BATCH, evaluate_encoder
 
@@ -182,10 +187,12 @@ def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, back
     run.write_history(history_out)
     epochs = tqdm(range(run.next_epoch, config.epochs + 1), desc="pretrain", unit="epoch",
                   initial=run.next_epoch - 1, total=config.epochs, disable=None if run.is_main else True)
-    for epoch in epochs:
-        row = run.train_epoch(epoch)
-        epochs.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}")
-        run.write_history(history_out)
+    with stop_on_signals():
+        for epoch in epochs:
+            row = run.train_epoch(epoch)
+            epochs.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}")
+            run.write_history(history_out)
+            run.stop_if_requested(f"after epoch {epoch}")
     return run.save_best_encoder(encoder_out)
 
 
@@ -242,12 +249,13 @@ class _Run:
         }
         self.next_epoch, self.history = 1, []
         self.best_acc, self.best_epoch, self.best_state = -1.0, 0, None
+        self.partial = None  # where a stopped epoch resumes: see _fit_one_epoch
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick kernels
 
     # -- resume
     def resume_or_start(self) -> None:
-        state = load_checkpoint(self.checkpoint_path)
+        state = load_checkpoint(self.checkpoint_path, producer="the `pretrain` rule")
         if state is None:
             log.info("pretrain: starting from scratch (no %s)", self.checkpoint_path)
             return
@@ -260,7 +268,9 @@ class _Run:
         self.next_epoch, self.history = int(state["next_epoch"]), list(state["history"])
         self.best_acc, self.best_epoch = float(state["best_acc"]), int(state["best_epoch"])
         self.best_state = state["best_state"]
-        log.info("pretrain: resuming from epoch %d (%s)", self.next_epoch, self.checkpoint_path)
+        self.partial = state.get("partial")
+        step = f", step {self.partial['step']}" if self.partial else ""
+        log.info("pretrain: resuming from epoch %d%s (%s)", self.next_epoch, step, self.checkpoint_path)
         if distributed.is_distributed():
             log.info("pretrain: training in %d processes; the checkpoint is the same for any count",
                      distributed.world_size())
@@ -273,13 +283,33 @@ class _Run:
                 f"{'; '.join(differ[:5])}. Delete the folder {self.checkpoint_path.parent} to start this run "
                 "from scratch, or restore the settings it was made with.")
 
-    def _save_checkpoint(self, epoch: int) -> None:
+    def _save_checkpoint(self, next_epoch: int, partial: dict | None = None) -> None:
         save_checkpoint(self.checkpoint_path, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": capture_rng(), "next_epoch": epoch + 1,
+            "scaler": self.scaler.state_dict(), "rng": capture_rng(), "next_epoch": next_epoch,
             "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_state": self.best_state,
             "identity": self.identity, "config": self.config.to_dict(), "history": self.history,
+            "partial": partial,
         })
+
+    def stop_if_requested(self, where: str) -> None:
+        """After a checkpoint of this very point: end the run if SIGTERM/SIGINT arrived (to any process)."""
+        if self._stop_agreed():
+            note_stop_elsewhere()
+        raise_if_stop_requested("pre-training", where, self.checkpoint_path)
+
+    def _stop_agreed(self) -> bool:
+        """True on every process once any of them got a stop signal: they must stop at the same step."""
+        return distributed.any_rank(stop_requested(), self.device)
+
+    def _save_partial(self, epoch: int, step: int, generator: torch.Generator, totals: torch.Tensor,
+                      seen: int) -> None:
+        """Checkpoint a stopped epoch after ``step`` batches; its sums so far are over every process."""
+        sums = distributed.all_reduce_sum(torch.cat([totals.detach(), totals.new_tensor([seen])])).cpu()
+        if self.is_main:
+            self._save_checkpoint(epoch, partial={"step": step, "generator": generator.get_state(),
+                                                  "totals": sums[:2], "seen": int(sums[2])})
+        distributed.barrier()
 
     # -- one epoch
     def train_epoch(self, epoch: int) -> dict:
@@ -297,7 +327,7 @@ class _Run:
                "lr": lr, "seconds": time.perf_counter() - start}
         self.history.append(row)
         if self.is_main:
-            self._save_checkpoint(epoch)
+            self._save_checkpoint(epoch + 1)
             log.info("pretrain epoch %d/%d: loss %.4f acc %.4f val %.4f +- %.4f lr %.4g (%.1fs)", epoch,
                      self.config.epochs, loss, acc, val_acc, val_ci, lr, row["seconds"])
         distributed.barrier()  # the other ranks wait for validation and the checkpoint
@@ -308,15 +338,23 @@ class _Run:
         # Each batch in file order (reads fastest); this process trains on its part of it.
         batches = [np.sort(b) for b in epoch_batches(len(self.train), self.config.batch_size, self.seed, epoch)]
         parts = [distributed.shard(len(b)) for b in batches]
-        loader = torch.utils.data.DataLoader(_Batches(self.train, [b[p] for b, p in zip(batches, parts)]),
-                                             batch_size=None, shuffle=False, num_workers=self.config.num_workers,
-                                             pin_memory=self.device.type == "cuda")
         generator = epoch_generator(self.seed, epoch)
         world = distributed.world_size()
         # this process's summed cross-entropy and correct predictions (on the device: no sync per step)
-        totals, seen = torch.zeros(2, device=self.device), 0
-        steps = tqdm(zip(loader, batches, parts), total=len(batches), desc=f"epoch {epoch}", unit="batch",
-                     leave=False, disable=None if self.is_main else True)
+        totals, seen, step = torch.zeros(2, device=self.device), 0, 0
+        if self.partial is not None:  # a stopped epoch: continue after its last step
+            step = self.partial["step"]
+            generator.set_state(self.partial["generator"])
+            if self.is_main:  # the sums over every process so far, counted once
+                totals += self.partial["totals"].to(self.device)
+                seen = self.partial["seen"]
+            self.partial = None
+        loader = torch.utils.data.DataLoader(_Batches(self.train, [b[p] for b, p in zip(batches[step:], parts[step:])]),
+                                             batch_size=None, shuffle=False, num_workers=self.config.num_workers,
+                                             worker_init_fn=ignore_stop_signals,
+                                             pin_memory=self.device.type == "cuda")
+        steps = tqdm(zip(loader, batches[step:], parts[step:]), initial=step, total=len(batches),
+                     desc=f"epoch {epoch}", unit="batch", leave=False, disable=None if self.is_main else True)
         for (images, labels), batch, part in steps:
             # Augmentation is drawn for the whole batch, in one process's order; keep this part's draws.
             draws = (self.train_transform.draw(len(batch), *self.train.image_shape[:2], generator)[part]
@@ -336,6 +374,11 @@ class _Run:
             self.scaler.update()
             totals += torch.stack([summed.detach(), (logits.argmax(1) == y).sum().float()])
             seen += len(y)
+            step += 1
+            fault_point("pretrain.step")
+            if self._stop_agreed():
+                self._save_partial(epoch, step, generator, totals, seen)
+                self.stop_if_requested(f"at epoch {epoch}, step {step} of {len(batches)}")
         epoch_sums = torch.cat([totals, totals.new_tensor([seen])])
         total_loss, correct, seen = distributed.all_reduce_sum(epoch_sums).tolist()  # over all processes
         mean_loss = total_loss / max(seen, 1)

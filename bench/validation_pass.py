@@ -13,7 +13,9 @@ episodes, fresh linear learner (100 SGD steps, lr 0.01) per episode, as in pre-t
 Both embed with the same fast model (`inference_copy`: scales and BN folded, channels_last) and
 the same batch size (``--batch-size``, default ``auto``: measured by `mtl.batching`, as the
 workflow does, and printed), so the ratio measures embedding each image once and adapting all
-learners together, not the model preparation.
+learners together, not the model preparation. ``--baseline reference`` times the per-episode
+protocol as the reference code runs it (and as this bench did before issue 13): the eval-mode
+model as it is, one batch per episode.
 
 Run: .venv/bin/python bench/validation_pass.py [--width 0.25] [--baseline-episodes 100] [--device cpu]
 """
@@ -33,7 +35,7 @@ from mtl.batching import inference_batch_size
 from mtl.data.episodes import EpisodeSampler, EpisodeSet
 from mtl.data.hdf5 import HDF5Split, write_split
 from mtl.data.transforms import EvalTransform
-from mtl.device import select_device
+from mtl.device import autocast, select_device
 from mtl.models import build_backbone, inference_copy
 from mtl.train.learner import embed_batch, evaluate_encoder
 
@@ -47,21 +49,27 @@ def synthetic_split(path: Path, classes: int, per_class: int, size: int) -> Path
 
 
 def per_episode_protocol(encoder, split, support: np.ndarray, query: np.ndarray, transform, device, count: int,
-                         way: int, *, batch_size: int, seed: int = 0, steps: int = 100,
+                         way: int, *, batch_size: int | None, seed: int = 0, steps: int = 100,
                          lr: float = 0.01) -> np.ndarray:
     """The straightforward protocol: each episode reads and embeds its own images and adapts its
     own fresh learner with autograd. Fresh weights come from a generator seeded like the batched
-    path's, drawn episode after episode, so episode e starts from the same learner in both. The
-    embedding uses the batched path's fast model and batch size. Shared with bench/evaluate.py."""
+    path's, drawn episode after episode, so episode e starts from the same learner in both.
+    ``batch_size``: embed with the batched path's fast model (`inference_copy`) in batches of that
+    size; None: as the reference code, the eval-mode model as it is, one batch per episode.
+    Shared with bench/evaluate.py."""
     generator = torch.Generator().manual_seed(seed)
     s_t = torch.arange(way, device=device).repeat_interleave(support.shape[1] // way)
     q_t = torch.arange(way, device=device).repeat_interleave(query.shape[1] // way)
     accs = []
-    fast = inference_copy(encoder)
+    model = encoder.eval() if batch_size is None else inference_copy(encoder)
     for e in range(count):
         rows = np.concatenate([support[e], query[e]])
-        feats = torch.cat([embed_batch(fast, split.get_images(rows[start:start + batch_size]), transform, device)
-                           for start in range(0, len(rows), batch_size)])
+        if batch_size is None:
+            with torch.no_grad(), autocast(device):
+                feats = model(transform(split.get_images(rows), device=device)).float()
+        else:
+            feats = torch.cat([embed_batch(model, split.get_images(rows[start:start + batch_size]), transform, device)
+                               for start in range(0, len(rows), batch_size)])
         s_feats, q_feats = feats[: len(s_t)], feats[len(s_t):]
         weight = torch.nn.init.kaiming_normal_(torch.empty(way, feats.shape[1]), generator=generator)
         weight = weight.to(device).requires_grad_()
@@ -86,6 +94,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     parser.add_argument("--batch-size", default="auto", help="embedding batch: auto (probe, as the workflow) or N")
+    parser.add_argument("--baseline", choices=("same", "reference"), default="same",
+                        help="per-episode protocol with the batched path's model and batch, or as the reference")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,6 +108,7 @@ def main() -> None:
     batch_size = inference_batch_size(setting, {"name": "resnet12", "width": args.width, "image_size": size}, device)
     context.figure(f"inference batch size {batch_size} ({args.batch_size}; "
                    f"chosen in {time.perf_counter() - probe_start:.1f} s, not part of the timings below)")
+    base_batch = batch_size if args.baseline == "same" else None
     torch.manual_seed(0)
     encoder = build_backbone("resnet12", width=args.width).to(device).eval()
     transform = EvalTransform(size)
@@ -118,13 +129,13 @@ def main() -> None:
 
         # warm-up (kernel selection, allocator), not timed
         per_episode_protocol(encoder, split, episodes.support, episodes.query, transform, device, 2, way,
-                             batch_size=batch_size)
+                             batch_size=base_batch)
         batched, t_batched = timed(lambda: evaluate_encoder(
             encoder, split, episodes, transform, way, shot, query, batch_size=batch_size, device=device,
             generator=torch.Generator().manual_seed(0)))
         n_base = min(args.baseline_episodes, args.episodes)
         baseline, t_base = timed(lambda: per_episode_protocol(
-            encoder, split, episodes.support, episodes.query, transform, device, n_base, way, batch_size=batch_size))
+            encoder, split, episodes.support, episodes.query, transform, device, n_base, way, batch_size=base_batch))
         split.close()
     t_base_full = t_base * args.episodes / n_base
     diff = np.abs(batched[:n_base] - baseline).max()
@@ -133,7 +144,8 @@ def main() -> None:
           f"{query}-query, 100 SGD steps lr 0.01, embedding batch {batch_size}")
     context.figure(f"batched (embed {distinct} distinct images once + adapt all): {t_batched:.1f} s, "
                    f"mean acc {batched.mean():.4f}")
-    context.figure(f"per-episode protocol ({args.episodes * way * (shot + query)} image embeddings): {t_base:.1f} s "
+    context.figure(f"per-episode protocol, {args.baseline} model and batch "
+                   f"({args.episodes * way * (shot + query)} image embeddings): {t_base:.1f} s "
                    f"for {n_base} episodes -> {t_base_full:.1f} s for {args.episodes}"
                    + (" (extrapolated linearly)" if n_base < args.episodes else ""))
     context.figure(f"speed-up: {t_base_full / t_batched:.1f}x at batch {batch_size}; "

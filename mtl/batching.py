@@ -87,8 +87,10 @@ def probe_rates(run_batch: Callable[[int], None], candidates: Iterable[int] = CA
     """Images per second of ``run_batch(size)`` for the sizes that fit in ``budget_s``.
 
     Sizes are tried smallest first, each with one untimed pass (the first pass at a new shape
-    builds its kernels) and one timed pass. The next size is tried only if its two passes,
-    predicted from the last rate, still fit in the budget; the smallest is always measured.
+    builds its kernels) and one timed pass; the smallest is always measured. The next size is
+    tried while two passes as long as the last timed one still fit in the budget: a pass of a
+    larger batch takes at least that long, and often little more (threads waiting for each other
+    cost per pass, not per image), so the probe ends within about twice the budget at worst.
     Budget left over re-times every measured size, keeping each one's best rate (other work on
     the machine can only slow a pass down). A size the device has no memory for ends the probe.
     """
@@ -101,7 +103,8 @@ def probe_rates(run_batch: Callable[[int], None], candidates: Iterable[int] = CA
         return size / max(timer() - began, 1e-9)
 
     for size in sorted(set(candidates)):
-        if rates and timer() - start + 2 * size / rates[max(rates)] > budget_s:
+        last_pass = max(rates) / rates[max(rates)] if rates else 0.0
+        if rates and timer() - start + 2 * last_pass > budget_s:
             break
         try:
             run_batch(size)

@@ -137,6 +137,14 @@ def test_probe_stays_within_its_budget_on_a_slow_device():
     assert device.calls[:4] == [4, 4, 8, 8]  # an untimed warm-up pass before each timed one
 
 
+def test_probe_tries_larger_sizes_when_a_pass_costs_the_same_whatever_its_size():
+    """Threads waiting for each other on a loaded machine: 0.2 s a pass at any size."""
+    device = FakeDevice({size: size / 0.2 for size in CPU_LIKE})
+    rates = probe_rates(device.run_batch, budget_s=1.5, timer=device.timer)
+    assert set(rates) == {4, 8, 16} and pick_batch_size(rates) == 16
+    assert device.now <= 1.5
+
+
 def test_probe_always_measures_the_smallest_size():
     device = FakeDevice({size: 1.0 for size in CPU_LIKE})
     assert set(probe_rates(device.run_batch, budget_s=0.5, timer=device.timer)) == {4}

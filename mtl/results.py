@@ -36,6 +36,7 @@ from scipy import stats
 
 from mtl.errors import ConfigError, DataError, MTLError
 from mtl.io import atomic_path
+from mtl.methods import NAMES
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ INTERVAL_FORMULA = "1.96*std/sqrt(n)"
 SEED_INTERVAL = "t(0.975,n_seeds-1)*sd/sqrt(n_seeds) over training seeds"
 NOT_MEASURED = "training variance not measured (1 seed)"
 Z_95 = 1.96
-METHOD_ORDER = ("ft", "proto", "mtl", "mtl_ht")
+METHOD_ORDER = NAMES  # the method registry's order
 BASELINE = "ft"
 
 #: Keys ``metrics.json`` must hold, in the order they are written. ``seed`` is the training seed of

@@ -1,11 +1,16 @@
 # Lists derived from config, wildcard constraints and target functions. No training logic here:
-# anything that needs a unit test lives in mtl/.
+# anything that needs a unit test lives in mtl/. What each method trains and starts from is read
+# from the method registry (mtl/methods.py).
+from mtl import methods as method_registry
 
 SPLITS = ["train", "val", "test"]
 DATASETS = [name for name, entry in config["data"].items() if entry["enabled"]]
 BACKBONE = config["backbone"]["name"]
 METHODS = config["methods"]
-META_METHODS = [m for m in ["mtl", "mtl_ht"] if m in METHODS]
+# `snakemake ablation` scores every registry entry, whatever `methods` lists.
+ABLATION_ARMS = list(method_registry.NAMES)
+META_METHODS = method_registry.meta_trained(METHODS)
+META_ARMS = method_registry.meta_trained(ABLATION_ARMS)
 WAY = config["protocol"]["way"]
 SHOTS = config["protocol"]["shots"]
 # Where the measured inference batch size is cached per machine, model and image size
@@ -13,13 +18,28 @@ SHOTS = config["protocol"]["shots"]
 INFERENCE_CACHE = "results/.cache"
 # Training seeds: each replicates the whole training chain as its own jobs (DESIGN.md "Seeds").
 SEEDS = config["protocol"]["seeds"]
+# Pre-training processes (one GPU each). With more than one, under profiles/slurm the job itself
+# starts them with srun over its allocation: the executor plugin then runs the job script outside
+# a job step (`mpi`), asks for one task per process (`tasks`; `tasks_per_gpu: 0` stops the plugin
+# reading `tasks` as tasks per GPU) with `threads` CPUs each. None leaves a resource unset.
+PRETRAIN_PROCESSES = config["pretrain"]["gpus"]
+PRETRAIN_SLURM = (
+    {
+        "mpi": "srun",
+        "tasks": PRETRAIN_PROCESSES,
+        "tasks_per_gpu": 0,
+        "cpus_per_task": config["threads"],
+    }
+    if PRETRAIN_PROCESSES > 1
+    else {}
+)
 
 
 wildcard_constraints:
     dataset="|".join(DATASETS) or "NO_DATASET_ENABLED",
     split="|".join(SPLITS),
     backbone=BACKBONE,
-    method="|".join(METHODS),
+    method="|".join(method_registry.NAMES),
     shot=r"\d+",
     way=r"\d+",
     seed=r"\d+",
@@ -30,19 +50,43 @@ def dataset_entry(wildcards):
 
 
 def dataset_build_options(wildcards):
+    """Builder options; a folder of images must hold shot + query images of every class for the
+    largest episode (test shots and the pre-training validation shot)."""
     entry = config["data"][wildcards.dataset]
-    return {"strict_counts": entry["strict_counts"], "image_size": entry["image_size"]}
+    largest_shot = max(SHOTS + [config["pretrain"]["val_shot"]])
+    return {
+        "strict_counts": entry["strict_counts"],
+        "image_size": entry["image_size"],
+        "min_images_per_class": largest_shot + config["protocol"]["query"],
+    }
 
 
 def is_hard_task_method(wildcards):
-    return wildcards.method == "mtl_ht"
+    return method_registry.get_method(wildcards.method).meta.hard_tasks
+
+
+def get_meta_scope(wildcards):
+    """Where the method meta-learns scales/shifts: all blocks, or the last one."""
+    return method_registry.get_method(wildcards.method).meta.scope
+
+
+def get_meta_config(wildcards):
+    """config.yaml's `meta` block with the arm's fixed settings (second order, meta-batch)."""
+    return method_registry.meta_settings(wildcards.method, config["meta"])
+
+
+def get_start_encoder(wildcards):
+    """The encoder of this seed the method starts from: pre-trained, or untrained (random_init)."""
+    if method_registry.start_encoder(wildcards.method) == method_registry.RANDOM_INIT:
+        return rules.random_init.output.encoder.format(**wildcards)
+    return rules.pretrain.output.encoder.format(**wildcards)
 
 
 def get_evaluated_model(wildcards):
-    """Meta-trained methods are scored with their model, the baselines with the pre-trained encoder."""
-    if wildcards.method in META_METHODS:
+    """Meta-trained methods are scored with their model, the others with their start encoder."""
+    if method_registry.get_method(wildcards.method).meta_trained:
         return rules.meta_train.output.model.format(**wildcards)
-    return rules.pretrain.output.encoder.format(**wildcards)
+    return get_start_encoder(wildcards)
 
 
 def get_training_seed(wildcards):
@@ -66,23 +110,23 @@ def get_run_protocol(wildcards):
     }
 
 
-def _run_files(pattern):
+def _run_files(pattern, methods):
     return expand(
         pattern,
         dataset=DATASETS,
         backbone=BACKBONE,
         seed=SEEDS,
-        method=METHODS,
+        method=methods,
         shot=SHOTS,
     )
 
 
-def get_metrics_files():
-    return _run_files(rules.evaluate.output.metrics)
+def get_metrics_files(methods=METHODS):
+    return _run_files(rules.evaluate.output.metrics, methods)
 
 
-def get_episode_result_files():
-    return _run_files(rules.evaluate.output.episodes)
+def get_episode_result_files(methods=METHODS):
+    return _run_files(rules.evaluate.output.episodes, methods)
 
 
 def get_history_files():

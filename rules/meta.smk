@@ -1,11 +1,12 @@
-# Meta-train the scaling/shifting of the frozen encoder (mtl), with the hard-task meta-batch (mtl_ht).
+# Meta-train the scaling/shifting of the frozen encoder: mtl, mtl_ht and the mtl_* ablation arms
+# (mtl/methods.py says what each one trains and which encoder it starts from).
 
 
 rule meta_train:
     input:
         train="data/{dataset}/train.h5",
         val="data/{dataset}/val.h5",
-        encoder=rules.pretrain.output.encoder,
+        encoder=get_start_encoder,
     output:
         model="results/{dataset}/{backbone}/seed{seed}/{method}/{shot}shot/model.pt",
         history="results/{dataset}/{backbone}/seed{seed}/{method}/{shot}shot/history.csv",
@@ -14,7 +15,7 @@ rule meta_train:
     benchmark:
         "benchmarks/meta_train/{dataset}/{backbone}/seed{seed}/{method}/{shot}shot.tsv"
     wildcard_constraints:
-        method="|".join(META_METHODS),
+        method="|".join(META_ARMS),
     conda:
         "../envs/mtl.yaml"
     threads: config["threads"]
@@ -25,9 +26,10 @@ rule meta_train:
         checkpoint_dir="checkpoints/{dataset}/{backbone}/seed{seed}/{method}/{shot}shot",
         seed=get_training_seed,
         torch_threads=config["threads"],
-        config=config["meta"],
+        config=get_meta_config,
         protocol=config["protocol"],
         hard_tasks=is_hard_task_method,
+        scope=get_meta_scope,
         device=config["device"],
         backbone=config["backbone"],
         inference_batch=config["inference"]["batch_size"],

@@ -31,3 +31,23 @@ rule summarize:
         mem_mb=1000,
     script:
         "../workflow_scripts/summarize.py"
+
+
+# `snakemake ablation`: every arm of the method registry (whatever `methods` lists) for every
+# dataset, shot and seed, as one table against ft and mtl (mtl/ablation.py).
+rule ablation:
+    input:
+        metrics=get_metrics_files(ABLATION_ARMS),
+        episodes=get_episode_result_files(ABLATION_ARMS),
+    output:
+        csv="results/ablation.csv",
+        md="results/ablation.md",
+    log:
+        "logs/ablation/ablation.log",
+    conda:
+        "../envs/mtl.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    script:
+        "../workflow_scripts/ablation.py"

@@ -400,8 +400,9 @@ class WorkflowRun:
         return f"snakemake exited {self.returncode} in {self.workdir}; its output ends:\n{self.output[-6000:]}"
 
 
-def profile_for(cluster: SlurmCluster, dest: Path) -> Path:
-    """profiles/slurm with each memory and GPU request capped at what the test node has.
+def profile_for(cluster: SlurmCluster, dest: Path, set_resources: dict | None = None) -> Path:
+    """profiles/slurm (plus ``set_resources``, {rule: {resource: value}}, as a user would edit
+    it) with each memory and GPU request capped at what the test node has.
 
     A real cluster's per-rule memory does not fit a CI runner's one node, and sbatch rejects a
     request no node can satisfy (threads are capped by ``--max-threads`` in
@@ -409,11 +410,15 @@ def profile_for(cluster: SlurmCluster, dest: Path) -> Path:
     runtimes) is the profile as users get it.
     """
     profile = yaml.safe_load((SLURM_PROFILE / "config.yaml").read_text())
+    for rule, values in (set_resources or {}).items():
+        profile.setdefault("set-resources", {}).setdefault(rule, {}).update(values)
     for resources in (profile.get("set-resources") or {}).values():
         if "mem_mb" in resources:
             resources["mem_mb"] = min(int(resources["mem_mb"]), cluster.memory_mb)
         if "gpu" in resources:
             resources["gpu"] = min(int(resources["gpu"]), cluster.gpus)
+    # pretrain's memory comes from the rule (8 GB per training process), beyond a small runner's node
+    profile.setdefault("set-resources", {}).setdefault("pretrain", {}).setdefault("mem_mb", cluster.memory_mb // 2)
     profile["default-resources"] = [
         f"mem_mb={min(int(item.split('=')[1]), cluster.memory_mb)}" if item.startswith("mem_mb=") else item
         for item in profile.get("default-resources") or []
@@ -439,19 +444,22 @@ def run_workflow_on_slurm(
     *,
     config: dict | None = None,
     extra_args: list[str] = (),
+    set_resources: dict | None = None,
     timeout: int = 600,
+    env: dict[str, str] | None = None,
 ) -> WorkflowRun:
     """Run the workflow under profiles/slurm in ``workdir`` and say which jobs went through sbatch.
 
-    ``config`` is the whole workflow config (default: the `tiny` scenario). The run is bounded
-    by ``timeout -s INT``: the plugin ignores SIGTERM while it waits on Slurm, and SIGINT makes
-    Snakemake scancel its jobs.
+    ``config`` is the whole workflow config (default: the `tiny` scenario); ``set_resources`` is
+    added to the profile (see :func:`profile_for`); ``env``, variables added to the environment
+    (jobs inherit it). The run is bounded by ``timeout -s INT``: the plugin ignores SIGTERM while it
+    waits on Slurm, and SIGINT makes Snakemake scancel its jobs.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(config or scenario_config("tiny"), sort_keys=False))
-    profile = profile_for(cluster, workdir.parent / f"{workdir.name}-profile")
+    profile = profile_for(cluster, workdir.parent / f"{workdir.name}-profile", set_resources)
     cmd = [
         "timeout", "-s", "INT", "-k", "30", str(timeout),
         sys.executable, "-m", "snakemake",
@@ -467,7 +475,8 @@ def run_workflow_on_slurm(
         "--verbose",
         *extra_args,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=venv_env(), cwd=workdir, capture_output=True, text=True, timeout=timeout + 60)
+    proc = subprocess.run(cmd, env={**venv_env(), **(env or {})}, cwd=workdir, capture_output=True, text=True,
+                          timeout=timeout + 60)
     output = proc.stdout + proc.stderr
     local_jobs, remote_jobs = jobs_by_place(output)
     return WorkflowRun(proc.returncode, output, workdir, local_jobs, remote_jobs, submissions(output))

@@ -306,7 +306,7 @@ def test_every_inference_pass_uses_the_given_batch_size_with_the_same_results(tm
         out = tmp_path / f"batch{batch}"
         embed_batch_sizes.clear()
         encoder = pretrain(train, val, encoder_out=out / "encoder.pt", history_out=out / "pretrain.csv",
-                           checkpoint_dir=out / "ckpt", device="cpu", inference_batch_size=batch,
+                           checkpoint_dir=out / "ckpt", device="cpu", inference_batch=batch,
                            backbone={"name": "resnet12", "width": 0.125, "image_size": 16},
                            config=PretrainConfig.from_dict({"epochs": 1, "batch_size": 16, "num_workers": 0}),
                            **protocol)

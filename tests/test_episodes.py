@@ -146,7 +146,7 @@ def test_checkpoint_roundtrip_restores_rng(tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
     assert load_checkpoint(tmp_path / "none.pt") is None
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match=r"bad.pt.*Delete it"):
+    with pytest.raises(CheckpointError, match=r"bad.pt.*delete it and rerun"):
         load_checkpoint(tmp_path / "bad.pt")
 
 

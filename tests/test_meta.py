@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from mtl.data.episodes import EpisodeSampler
 from mtl.data.hdf5 import HDF5Split, write_split
 from mtl.data.transforms import EvalTransform
-from mtl.errors import CheckpointError, ConfigError
+from mtl.errors import CheckpointError, ConfigError, MTLError
 from mtl.models import build_backbone, freeze_for_meta, load_encoder, meta_parameters, save_encoder
 from mtl.models.ss_conv import SSConv2d
 from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound
 from mtl.train.meta import MetaConfig, MetaTrainer, TaskStream, meta_train, task_query_loss, train_epoch
+from mtl.train.stop import Stopped
 
 WAY, SHOT, QUERY, SIZE = 3, 1, 2, 16
 
@@ -197,7 +198,7 @@ def test_meta_train_writes_model_and_history(data, tmp_path):
     saved = torch.load(out, weights_only=True)
     assert set(saved) >= {"backbone", "state_dict", "learner", "image_size", "normalize", "protocol", "epoch",
                           "val_acc"}
-    assert saved["protocol"] == {"way": WAY, "shot": SHOT, "query": QUERY, "seed": 3, "method": "mtl"}
+    assert saved["protocol"] == {"way": WAY, "shot": SHOT, "query": QUERY, "seed": 3, "method": "mtl", "scope": "all"}
     assert saved["image_size"] == SIZE and saved["normalize"]["mean"] == [0.5] * 3
     assert saved["learner"]["weight"].shape == (WAY, 64) and saved["learner"]["bias"].shape == (WAY,)
     assert any(k.endswith(".scale") for k in saved["state_dict"])
@@ -229,6 +230,31 @@ def test_resume_continues_from_saved_epoch(data, tmp_path, caplog):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert rows[0] == first[0]  # epoch 1 was not rerun
     assert float(rows[1]["lr"]) == pytest.approx(0.5e-4)  # StepLR(step_size=1, gamma=0.5) state resumed
+
+
+def test_sigterm_inside_a_hard_task_round_resumes_exactly(data, tmp_path, monkeypatch, caplog):
+    """SIGTERM after step 2 of epoch 2, with the round's failure classes collected and its hard
+    task next: the rerun continues that round and ends with the uninterrupted model, bit for bit."""
+    config = tiny_config(epochs=2, episodes_per_epoch=4, hard_tasks={"normal_tasks": 2, "hard_tasks": 1})
+    monkeypatch.setenv("MTL_FAULT_AT", "meta.step#6=term")
+    monkeypatch.setenv("MTL_FAULT_DIR", str(tmp_path))
+    with pytest.raises(Stopped, match=r"meta-training stopped by SIGTERM at epoch 2, step 2; .*last.pt holds"):
+        run(data, tmp_path / "a", config=config, hard_tasks=True)
+    with caplog.at_level(logging.INFO, logger="mtl.train.meta"):
+        run(data, tmp_path / "a", config=config, hard_tasks=True)
+    assert "resuming from epoch 2, step 2 " in caplog.text
+    run(data, tmp_path / "b", config=config, hard_tasks=True)
+    resumed = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    straight = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in straight["state_dict"].items())
+    assert torch.equal(resumed["learner"]["weight"], straight["learner"]["weight"])
+    assert read_history(tmp_path / "a" / "history.csv")[1]["hard_tasks"] == "1"
+
+
+def test_a_diverging_loss_stops_meta_training_and_saves_nothing(data, tmp_path):
+    with pytest.raises(MTLError, match=r"meta-training diverged at epoch 1, step 1 .*meta.base_lr \(now 1e\+38\)"):
+        run(data, tmp_path, config=tiny_config(base_lr=1e38))
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "ckpt" / "last.pt").exists()
 
 
 def test_resume_refuses_a_different_config(data, tmp_path):

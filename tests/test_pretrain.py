@@ -11,6 +11,7 @@ from mtl.data.hdf5 import write_split
 from mtl.errors import CheckpointError, ConfigError
 from mtl.models import load_encoder
 from mtl.train.pretrain import PretrainConfig, lr_at, pretrain
+from mtl.train.stop import Stopped
 
 BACKBONE = {"name": "resnet12", "width": 0.125, "image_size": 16}
 
@@ -96,3 +97,21 @@ def test_dataloader_workers_read_the_hdf5_split_as_the_default_config_does(tmp_p
     run(tmp_path, splits, epochs=1, num_workers=2)
     rows = read_history(tmp_path)
     assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0
+
+
+def test_sigterm_mid_epoch_saves_that_step_and_the_rerun_ends_as_an_uninterrupted_run(tmp_path, splits,
+                                                                                        monkeypatch, caplog):
+    """SIGTERM (a scheduler's time limit) after step 2 of epoch 2: a checkpoint of that step, a
+    Stopped error saying how to resume, and a rerun that ends with the same encoder bit for bit."""
+    monkeypatch.setenv("MTL_FAULT_AT", "pretrain.step#6=term")  # 4 batches an epoch: epoch 2, step 2
+    monkeypatch.setenv("MTL_FAULT_DIR", str(tmp_path))
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM at epoch 2, step 2 of 4; .*last.pt holds this point"):
+        run(tmp_path / "a", splits, epochs=3)
+    caplog.set_level("INFO", logger="mtl.train.pretrain")
+    run(tmp_path / "a", splits, epochs=3)  # the hook fires once: this run goes clean
+    assert "resuming from epoch 2, step 2 " in caplog.text
+    run(tmp_path / "b", splits, epochs=3)
+    resumed = torch.load(tmp_path / "a" / "out" / "encoder.pt", weights_only=True)["state_dict"]
+    straight = torch.load(tmp_path / "b" / "out" / "encoder.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(resumed[key], straight[key]) for key in straight)
+    assert [r["train_loss"] for r in read_history(tmp_path / "a")] == [r["train_loss"] for r in read_history(tmp_path / "b")]

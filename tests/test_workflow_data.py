@@ -66,7 +66,9 @@ def data_config(raw_sources) -> dict:
             },
             "mine": {"source": "imagefolder", "path": str(raw_sources["folder"].path), "image_size": 16},
             "tieredimagenet": disabled("tieredimagenet"),
-        }
+        },
+        # a folder of images must hold shot + query images per class: the fixture has 3
+        "protocol": {"shots": [1], "query": 2},
     }
 
 

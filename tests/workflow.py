@@ -44,6 +44,29 @@ def write_config(workdir: Path, config: dict) -> Path:
     return path
 
 
+def snakemake_command(workdir: Path, config: dict | None, *args: str, cores: int = 2) -> list[str]:
+    """``python -m snakemake`` on this repository's Snakefile inside ``workdir`` (see run_snakemake)."""
+    command = [
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(SNAKEFILE),
+        "--directory", str(workdir),
+        "--cores", str(cores),
+        "--workflow-profile", "none",
+    ]
+    command += list(args)
+    if config is not None:  # last: --configfile takes several values and would swallow targets
+        command += ["--configfile", str(write_config(workdir, config))]
+    return command
+
+
+def snakemake_env(env: dict | None = None) -> dict:
+    """This environment plus ``env``, with this Python's bin folder first on PATH and one inference
+    batch-size cache shared by every test run (the probe is measured once)."""
+    run_env = {**os.environ, "MTL_INFERENCE_CACHE": str(INFERENCE_CACHE), **(env or {})}
+    run_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{run_env.get('PATH', '')}"
+    return run_env
+
+
 def run_snakemake(
     workdir: Path,
     config: dict | None,
@@ -58,19 +81,8 @@ def run_snakemake(
     ``config`` replaces config.yaml entirely (written to ``workdir/config.yaml``); the default
     workflow profile is left out so a developer's local settings cannot leak into a test.
     """
-    command = [
-        sys.executable, "-m", "snakemake",
-        "--snakefile", str(SNAKEFILE),
-        "--directory", str(workdir),
-        "--cores", str(cores),
-        "--workflow-profile", "none",
-    ]
-    command += list(args)
-    if config is not None:  # last: --configfile takes several values and would swallow targets
-        command += ["--configfile", str(write_config(workdir, config))]
-    run_env = {**os.environ, "MTL_INFERENCE_CACHE": str(INFERENCE_CACHE), **(env or {})}
-    run_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{run_env.get('PATH', '')}"
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=run_env)
+    command = snakemake_command(workdir, config, *args, cores=cores)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=snakemake_env(env))
     if check and result.returncode != 0:
         raise AssertionError(
             f"snakemake failed ({result.returncode}): {' '.join(command)}\n"

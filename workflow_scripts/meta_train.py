@@ -1,4 +1,4 @@
-"""Rule meta_train: learn the scaling/shifting of the frozen encoder for one dataset, shot and method."""
+"""Rule meta_train: learn the scaling/shifting of the frozen encoder for one dataset, shot, seed and method."""
 from mtl.logs import log_to_file
 
 log_to_file(snakemake.log[0])
@@ -31,6 +31,8 @@ with claim_device(snakemake.params.device) as device:
         val_episodes=protocol["val_episodes"],
         seed=snakemake.params.seed,
         hard_tasks=snakemake.params.hard_tasks,
+        scope=snakemake.params.scope,
+        method=snakemake.wildcards.method,
         device=device,
         inference_batch_size=batch_size,
     )

@@ -3,32 +3,33 @@ from mtl.logs import log_to_file
 
 log_to_file(snakemake.log[0])
 
-import torch
-
-from mtl.batching import inference_batch_size
-from mtl.device import claim_device
+from mtl.distributed import launch
 from mtl.train.pretrain import PretrainConfig, pretrain
 
-# The configured thread count, not Snakemake's (scaled to --cores): numbers must not depend on --cores.
-torch.set_num_threads(snakemake.params.torch_threads)
+config = PretrainConfig.from_dict(dict(snakemake.params.config))
 protocol = snakemake.params.protocol
-# Several GPU jobs on one machine each take a different GPU; a scheduler's choice is kept.
-with claim_device(snakemake.params.device) as device:
-    # measured once per machine and model (a ~2 s probe), then read from the cache
-    batch_size = inference_batch_size(snakemake.params.inference_batch, dict(snakemake.params.backbone), device,
-                                      cache_dir=snakemake.params.inference_cache)
-    pretrain(
-        snakemake.input.train,
-        snakemake.input.val,
-        encoder_out=snakemake.output.encoder,
-        history_out=snakemake.output.history,
-        checkpoint_dir=snakemake.params.checkpoint_dir,
-        backbone=dict(snakemake.params.backbone),
-        config=PretrainConfig.from_dict(dict(snakemake.params.config)),
-        way=protocol["way"],
-        query=protocol["query"],
-        val_episodes=protocol["val_episodes"],
-        seed=snakemake.params.seed,
-        device=device,
-        inference_batch_size=batch_size,
-    )
+# config.gpus processes (torchrun here, srun in a Slurm job), each claiming its own device; one
+# process runs here. The thread count is the configured one, not Snakemake's (scaled to --cores):
+# numbers must not depend on --cores. The inference batch is probed on the claimed device (cached).
+launch(
+    pretrain,
+    {
+        "train_h5": snakemake.input.train,
+        "val_h5": snakemake.input.val,
+        "encoder_out": snakemake.output.encoder,
+        "history_out": snakemake.output.history,
+        "checkpoint_dir": snakemake.params.checkpoint_dir,
+        "backbone": dict(snakemake.params.backbone),
+        "config": config.to_dict(),
+        "way": protocol["way"],
+        "query": protocol["query"],
+        "val_episodes": protocol["val_episodes"],
+        "seed": snakemake.params.seed,
+        "inference_batch": snakemake.params.inference_batch,
+        "inference_cache": snakemake.params.inference_cache,
+    },
+    processes=config.gpus,
+    device=snakemake.params.device,
+    threads=snakemake.params.torch_threads,
+    log_path=snakemake.log[0],
+)

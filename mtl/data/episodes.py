@@ -27,6 +27,7 @@ from mtl.errors import DataError
 from mtl.io import atomic_path, file_sha256
 
 EPISODE_FILE_VERSION = 1
+_REDRAW = "It is written by the `episodes` rule: delete it and rerun the workflow to draw it again."
 REQUIRED_META = ("way", "shot", "query", "seed", "count", "split", "num_classes", "num_images")
 
 
@@ -276,9 +277,9 @@ def _read_episode_file(path: Path) -> EpisodeSet:
             arrays = {k: data[k] for k in ("support", "query", "classes", "meta")}
     except KeyError as err:
         raise DataError(f"episode file {path} lacks the array {err}; it is not an episode file. "
-                        f"Delete it so it is drawn again.") from err
+                        f"{_REDRAW}") from err
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"episode file {path} cannot be read ({err}); delete it so it is drawn again.") from err
+        raise DataError(f"episode file {path} cannot be read ({type(err).__name__}: {err}). {_REDRAW}") from err
     try:
         meta = json.loads(str(arrays["meta"]))
     except json.JSONDecodeError as err:

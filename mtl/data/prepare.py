@@ -75,14 +75,22 @@ def fetch_raw(name: str, conf: dict, raw_dir: str | Path, manifest: str | Path, 
     return Path(manifest)
 
 
-def build_splits(manifest: str | Path, out_dir: str | Path, *, strict_counts: bool = True, image_size: int | None = None) -> dict[str, Path]:
-    """Build ``out_dir/{train,val,test}.h5`` from the raw files a manifest names."""
+def build_splits(manifest: str | Path, out_dir: str | Path, *, strict_counts: bool = True,
+                 image_size: int | None = None, min_images_per_class: int = 1) -> dict[str, Path]:
+    """Build ``out_dir/{train,val,test}.h5`` from the raw files a manifest names.
+
+    ``min_images_per_class`` (shot + query of the largest episode) is checked for folders of
+    images (a user's own, the demo's); the published datasets' counts are checked against their
+    published figures instead (600 or more per class).
+    """
     from mtl.data.builders import build_dataset
 
     record = read_manifest(manifest)
     kind = record["source"]
     builder = get_source(kind).builder if kind in sources.SOURCES else kind
     options = {"image_size": image_size} if image_size else {}
+    if builder in sources.LOCAL_KINDS:
+        options["min_images_per_class"] = min_images_per_class
     return build_dataset(builder, Path(record["raw_dir"]), Path(out_dir), strict_counts=strict_counts, **options)
 
 

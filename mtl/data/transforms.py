@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,15 +46,20 @@ def to_float_nchw(images, device: torch.device | str | None = None) -> torch.Ten
     return tensor.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) after `resize_shorter` to ``size``."""
+    if min(height, width) == size:
+        return height, width
+    if height <= width:
+        return size, max(1, int(size * width / height))
+    return max(1, int(size * height / width)), size
+
+
 def resize_shorter(x: torch.Tensor, size: int) -> torch.Tensor:
     """Resize (B, C, H, W) so the shorter side is ``size`` (bilinear, antialiased like PIL)."""
-    height, width = x.shape[-2:]
-    if min(height, width) == size:
+    new_hw = resized_shape(*x.shape[-2:], size)
+    if new_hw == tuple(x.shape[-2:]):
         return x
-    if height <= width:
-        new_hw = (size, max(1, int(size * width / height)))
-    else:
-        new_hw = (max(1, int(size * height / width)), size)
     return F.interpolate(x, size=new_hw, mode="bilinear", align_corners=False, antialias=True)
 
 
@@ -96,13 +102,33 @@ class EvalTransform:
         return f"EvalTransform(size={self.size})"
 
 
+@dataclass(frozen=True)
+class CropsAndFlips:
+    """The random draws of `TrainTransform` for a batch: crop boxes (B, 4) and flips (B,).
+
+    Slicing gives the draws of a part of the batch (``draws[start:stop]``): a training process
+    that holds part of a batch draws for the whole batch and keeps its part, so its images get
+    exactly the crops they would get in one process.
+    """
+
+    boxes: torch.Tensor
+    flips: torch.Tensor
+
+    def __getitem__(self, part: slice) -> CropsAndFlips:
+        return CropsAndFlips(self.boxes[part], self.flips[part])
+
+    def __len__(self) -> int:
+        return len(self.flips)
+
+
 class TrainTransform:
     """Reference training augmentation, per image random, on whole batches.
 
     Resize(round(S*92/80)) -> RandomResizedCrop(round(S*88/80), scale (0.08, 1), ratio (3/4, 4/3))
     -> CenterCrop(S) -> RandomHorizontalFlip -> Normalize. The random crop, the centre crop and the
     flip are one affine map per image, applied in a single bilinear ``grid_sample`` call.
-    Randomness comes from ``generator`` (CPU ``torch.Generator``; the global RNG when None).
+    Randomness comes from ``generator`` (CPU ``torch.Generator``; the global RNG when None), or
+    from ``draws`` made beforehand with `draw`.
     """
 
     def __init__(self, size: int, mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
@@ -113,14 +139,23 @@ class TrainTransform:
         self.generator = generator
 
     def __call__(self, images, device: torch.device | str | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, draws: CropsAndFlips | None = None) -> torch.Tensor:
         x = resize_shorter(to_float_nchw(images, device), resize_size(self.size))
-        generator = generator if generator is not None else self.generator
-        boxes = random_crop_boxes(x.shape[0], x.shape[-2], x.shape[-1], generator)
-        flips = torch.rand(x.shape[0], generator=generator) < 0.5
-        grid = self._sampling_grid(boxes, flips, x.shape[-2], x.shape[-1]).to(x.device)
+        if draws is None:
+            draws = self.draw(len(x), *images.shape[1:3], generator)
+        if len(draws) != len(x):
+            raise ValueError(f"draws are for {len(draws)} images, the batch has {len(x)}")
+        grid = self._sampling_grid(draws.boxes, draws.flips, x.shape[-2], x.shape[-1]).to(x.device)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return self.normalize(out).contiguous()
+
+    def draw(self, count: int, height: int, width: int, generator: torch.Generator | None = None) -> CropsAndFlips:
+        """Random crops and flips for ``count`` images of ``height`` x ``width`` input pixels,
+        drawn as `__call__` draws them (the same generator state gives the same draws)."""
+        generator = generator if generator is not None else self.generator
+        boxes = random_crop_boxes(count, *resized_shape(height, width, resize_size(self.size)), generator)
+        flips = torch.rand(count, generator=generator) < 0.5
+        return CropsAndFlips(boxes, flips)
 
     def _sampling_grid(self, boxes: torch.Tensor, flips: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(B, S, S, 2) source coordinates in grid_sample's [-1, 1] convention.

@@ -2,7 +2,9 @@
 
 A backbone maps images ``(B, 3, H, W)`` to features ``(B, out_dim)`` (global average pool, so any
 ``H, W >= 16`` works). ``Backbone.config`` (name, width) is all a checkpoint needs to rebuild the
-architecture: ``build_backbone(**model.config, ss=...)``.
+architecture: ``build_backbone(**model.config, ss=...)``. The forward is two halves,
+``forward_trunk`` (every block but the last) then ``forward_head`` (the last residual block and the
+pool), so ablation arms can adapt or meta-learn the last block alone (:func:`encoder_part`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mtl.errors import ConfigError
+from mtl.methods import ALL, LAST
 from mtl.models.ss_conv import SSConv2d
 
 MIN_INPUT_SIZE = 16
@@ -41,12 +44,29 @@ class Backbone(nn.Module):
 
     name: str = ""
     native_size: int = 0
+    #: the attribute holding the last residual block (the paper's Theta_4 for ResNet-12)
+    last_stage_name: str = ""
 
     def __init__(self, *, width: float = 1.0, ss: bool = False) -> None:
         super().__init__()
         self.width = check_width(width)
         self.ss = bool(ss)
         self.out_dim = 0
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_trunk(x))
+
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the feature map entering the last residual block."""
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's feature map -> features ``(B, out_dim)``: last residual block, average pool."""
+        return torch.flatten(self.avgpool(self.last_stage()(x)), 1)
+
+    def last_stage(self) -> nn.Module:
+        return getattr(self, self.last_stage_name)
 
     @property
     def config(self) -> dict:
@@ -120,8 +140,18 @@ def meta_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(unique.values())
 
 
-def freeze_for_meta(model: nn.Module) -> list[nn.Parameter]:
-    """Make exactly :func:`meta_parameters` require grad and freeze everything else; return them.
+def encoder_part(model: Backbone, scope: str) -> nn.Module:
+    """The part of ``model`` an arm adapts: ``all`` (the model) or ``last`` (its last residual block)."""
+    if scope == ALL:
+        return model
+    if scope == LAST:
+        return model.last_stage()
+    raise ConfigError(f"Unknown value '{scope}' for argument scope. Valid values are {{{ALL}, {LAST}}}.")
+
+
+def freeze_for_meta(model: nn.Module, scope: str = ALL) -> list[nn.Parameter]:
+    """Make exactly :func:`meta_parameters` of ``encoder_part(model, scope)`` require grad and
+    freeze everything else; return them.
 
     Raises ValueError on a model without SS convs: meta-training it would silently train BN only.
     """
@@ -130,7 +160,7 @@ def freeze_for_meta(model: nn.Module) -> list[nn.Parameter]:
                          "found); build it with build_backbone(..., ss=True) and load the "
                          "pre-trained state into it")
     model.requires_grad_(False)
-    params = meta_parameters(model)
+    params = meta_parameters(encoder_part(model, scope))
     for param in params:
         param.requires_grad_(True)
     return params

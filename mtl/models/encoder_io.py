@@ -17,6 +17,7 @@ from mtl.io import atomic_torch_save
 from mtl.models.backbone import Backbone, build_backbone, fold_scales
 
 ENCODER_PRODUCER = "the `pretrain` rule (results/<dataset>/<backbone>/seed<N>/pretrain/encoder.pt)"
+MODEL_PRODUCER = "the `meta_train` rule (results/<dataset>/<backbone>/seed<N>/<method>/<shot>shot/model.pt)"
 SS_SUFFIXES = (".scale", ".shift")
 
 
@@ -41,7 +42,7 @@ def load_encoder(path: str | os.PathLike, *, ss: bool = False, map_location="cpu
 
 
 def load_encoder_file(path: str | os.PathLike, *, ss: bool = False, map_location="cpu",
-                      expected: Mapping | None = None) -> tuple[Backbone, dict]:
+                      expected: Mapping | None = None, producer: str = ENCODER_PRODUCER) -> tuple[Backbone, dict]:
     """Rebuild the backbone stored in ``path``, load its weights, and return it with the file's
     other entries (image_size, normalize, learner, ...), so callers read the file once.
 
@@ -49,10 +50,11 @@ def load_encoder_file(path: str | os.PathLike, *, ss: bool = False, map_location
     folded into plain weights with :func:`fold_scales`. ``ss=True`` returns the SS form; a plain
     (pre-trained) file gets scale 1 / shift 0. ``expected`` (a backbone config), when given, must
     match the stored name and width (other keys, e.g. image_size, are ignored). The model is
-    returned in train mode, like any new module.
+    returned in train mode, like any new module. ``producer`` names what writes the file, for the
+    error a missing or corrupt one raises (:data:`ENCODER_PRODUCER`, :data:`MODEL_PRODUCER`).
     """
     path = Path(path)
-    payload = read_encoder_file(path, map_location)
+    payload = read_encoder_file(path, map_location, producer)
     config = stored_backbone_config(payload, path)
     if expected is not None:
         check_expected_backbone(config, expected, path)
@@ -78,16 +80,17 @@ def check_expected_backbone(config: dict, expected: Mapping, path: Path) -> None
                               f"rerun {ENCODER_PRODUCER} for this backbone or change the config")
 
 
-def read_encoder_file(path: Path, map_location) -> dict:
+def read_encoder_file(path: Path, map_location, producer: str = ENCODER_PRODUCER) -> dict:
     """``torch.load(weights_only=True)`` with errors that name the file and its producer."""
     if not path.is_file():
-        raise CheckpointError(f"encoder file {path} does not exist; it is written by {ENCODER_PRODUCER}: "
-                              "run pre-training first (or point the config at an existing encoder)")
+        raise CheckpointError(f"encoder file {path} does not exist; it is written by {producer}: "
+                              "run that step first (or point the config at an existing encoder)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # corrupt, truncated or pickled with code: all unusable alike
-        raise CheckpointError(f"cannot read encoder file {path} ({type(error).__name__}: {error}); "
-                              f"delete it and rerun {ENCODER_PRODUCER}") from error
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read {path} ({type(error).__name__}: {first_line}); it is written by "
+                              f"{producer}: delete it and rerun the workflow to rebuild it") from error
     if not isinstance(payload, dict) or "backbone" not in payload or "state_dict" not in payload:
         seen = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} is not an encoder file: expected a dict with 'backbone' and "

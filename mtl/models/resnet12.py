@@ -73,6 +73,7 @@ class ResNet12(Backbone):
 
     name = "resnet12"
     native_size = 84
+    last_stage_name = "layer4"
 
     def __init__(self, *, width: float = 1.0, ss: bool = False) -> None:
         super().__init__(width=width, ss=ss)
@@ -81,14 +82,12 @@ class ResNet12(Backbone):
             out_channels = scaled_channels(channels, self.width)
             self.add_module(f"layer{index}", ResBlock12(in_channels, out_channels, ss=ss))
             in_channels = out_channels
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = in_channels
         init_conv_and_bn(self, nonlinearity="leaky_relu", a=LEAKY_SLOPE)
         for module in self.modules():
             if isinstance(module, nn.Conv2d) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.layer3(self.layer2(self.layer1(x)))

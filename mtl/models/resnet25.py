@@ -56,6 +56,7 @@ class ResNet25(Backbone):
 
     name = "resnet25"
     native_size = 80
+    last_stage_name = "layer3"
 
     def __init__(self, *, width: float = 1.0, ss: bool = False) -> None:
         super().__init__(width=width, ss=ss)
@@ -68,7 +69,6 @@ class ResNet25(Backbone):
             out_channels = scaled_channels(channels, self.width)
             self.add_module(f"layer{index}", self._make_stage(in_channels, out_channels, ss))
             in_channels = out_channels
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = in_channels
         init_conv_and_bn(self, nonlinearity="relu")
 
@@ -78,8 +78,7 @@ class ResNet25(Backbone):
         blocks += [BasicBlock(out_channels, out_channels, 1, ss=ss) for _ in range(BLOCKS_PER_STAGE - 1)]
         return nn.Sequential(*blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.layer2(self.layer1(x))

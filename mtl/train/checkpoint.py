@@ -25,21 +25,25 @@ def save_checkpoint(path: str | os.PathLike, state: dict | None = None, **fields
     return atomic_torch_save({**(state or {}), **fields}, path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict | None:
-    """The checkpoint at ``path``, or None when there is none (a fresh start)."""
+def load_checkpoint(path: str | os.PathLike, producer: str = "the training step") -> dict | None:
+    """The checkpoint at ``path``, or None when there is none (a fresh start).
+
+    ``producer`` names what writes it (e.g. "the `pretrain` rule"), for the error a corrupt one raises.
+    """
     path = Path(path)
     if not path.exists():
         return None
+    fix = (f"It is the resume state of {producer}: delete it and rerun the workflow to restart that "
+           "training from scratch.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated / foreign files
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {_first_line(err)}). "
-            f"Delete it (or its folder) to restart training from scratch."
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {_first_line(err)}). {fix}"
         ) from err
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of training "
-                              "state. Delete it to restart training from scratch.")
+                              f"state. {fix}")
     return state
 
 

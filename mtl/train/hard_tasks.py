@@ -236,6 +236,21 @@ class HardTaskRound:
             self._next_round()
         return task
 
+    def state(self) -> dict:
+        """The round's progress as plain values (pending tasks as index lists), for a checkpoint."""
+        pending = [{"support": e.support.tolist(), "query": e.query.tolist(), "classes": e.classes.tolist()}
+                   for e in self.pending]
+        return {"position": self.position, "round_index": self.round_index, "failures": list(self.failures),
+                "pending": pending, "built": self.built}
+
+    def load_state(self, state: dict) -> None:
+        from mtl.data.episodes import Episode
+
+        self.position, self.round_index = int(state["position"]), int(state["round_index"])
+        self.failures, self.built = [int(c) for c in state["failures"]], bool(state["built"])
+        self.pending = [Episode(*(np.asarray(task[k], dtype=np.int64) for k in ("support", "query", "classes")))
+                        for task in state["pending"]]
+
     def _build(self) -> None:
         rng = hard_task_rng(self.seed, self.epoch, self.round_index)
         self.pending = build_hard_tasks(

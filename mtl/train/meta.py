@@ -26,15 +26,18 @@ Where we differ on purpose (same maths, less work or fixed defects):
     one epoch earlier.
 
 Options: ``first_order: false`` (second-order: support embeddings and inner loop keep the graph),
-``meta_batch > 1`` (average the query losses of several tasks per outer step), and the hard-task
-meta-batch (:mod:`mtl.train.hard_tasks`).
+``meta_batch > 1`` (average the query losses of several tasks per outer step), the hard-task
+meta-batch (:mod:`mtl.train.hard_tasks`), and ``scope="last"`` (scales/shifts and BN affine of the
+last residual block only). The ablation arms of :mod:`mtl.methods` are these options, named.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,11 +51,13 @@ from mtl.data.episodes import EpisodeSampler
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
 from mtl.device import autocast, grad_scaler, select_device
-from mtl.errors import CheckpointError, ConfigError, check_known_keys
+from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
+from mtl.faults import fault_point
 from mtl.io import atomic_path, atomic_torch_save, file_sha256
 from mtl.models import fold_scales, freeze_for_meta, load_encoder_file
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, failure_class
+from mtl.train.stop import raise_if_stop_requested, stop_on_signals, stop_requested
 from mtl.results import mean_ci95
 from mtl.train.learner import DEFAULT_EMBED_BATCH, adapt_linear, embed_episodes, evaluate_episodes
 
@@ -196,6 +201,16 @@ class TaskStream:
         if self.hard_round is not None and self._kind == "normal":
             self.hard_round.record(failure_class(predictions, targets, episode.classes))
 
+    def state(self) -> dict:
+        """Where the stream stands between two tasks, as plain values (for a mid-epoch checkpoint)."""
+        return {"normal_count": self.normal_count, "hard_count": self.hard_count,
+                "hard_round": self.hard_round.state() if self.hard_round is not None else None}
+
+    def load_state(self, state: dict) -> None:
+        self.normal_count, self.hard_count = int(state["normal_count"]), int(state["hard_count"])
+        if self.hard_round is not None:
+            self.hard_round.load_state(state["hard_round"])
+
 
 # --------------------------------------------------------------------------- helpers
 def normalize_stats(normalize) -> tuple[list[float], list[float]]:
@@ -231,9 +246,9 @@ class MetaTrainer:
     """
 
     def __init__(self, model, *, way, shot, query, config: MetaConfig, device, image_size, mean, std,
-                 seed: int | None = None):
+                 seed: int | None = None, scope: str = "all"):
         self.model = model.to(device)
-        self.params = freeze_for_meta(self.model)
+        self.params = freeze_for_meta(self.model, scope)
         self.way, self.shot, self.query = way, shot, query
         self.config = config
         self.device = torch.device(device)
@@ -307,8 +322,15 @@ def _load_images(split, episode, transform, device, generator=None):
 
 
 def train_epoch(trainer: MetaTrainer, split, sampler, transform, *, epoch: int, seed: int,
-                hard_config: HardTaskConfig | None, indices_by_class=None) -> dict:
-    """One epoch of ``episodes_per_epoch`` outer steps; returns mean loss/accuracy and hard-task count."""
+                hard_config: HardTaskConfig | None, indices_by_class=None, resume: dict | None = None,
+                on_stop: Callable[[dict], None] | None = None) -> dict:
+    """One epoch of ``episodes_per_epoch`` outer steps; returns mean loss/accuracy and hard-task count.
+
+    ``resume``: the place a stopped epoch saved (see ``on_stop``), to continue after its last step.
+    ``on_stop(place)``: called after the step during which SIGTERM/SIGINT arrived, with the place
+    reached (step, task stream, augmentation generator, running statistics); it saves a checkpoint
+    and ends the run.
+    """
     config = trainer.config
     tasks_per_epoch = config.episodes_per_epoch * config.meta_batch
     hard_round = None
@@ -320,21 +342,39 @@ def train_epoch(trainer: MetaTrainer, split, sampler, transform, *, epoch: int, 
                                                   .integers(2**62)))
     query_targets = np.repeat(np.arange(trainer.way), trainer.query)
     trainer.model.train()
-    losses, accuracies = [], []
-    steps = tqdm(range(config.episodes_per_epoch), desc=f"meta epoch {epoch + 1}", leave=False,
-                 disable=None, unit="step")
-    for _ in steps:
+    losses, accuracies, first_step = [], [], 0
+    if resume is not None:
+        first_step, losses, accuracies = resume["step"], list(resume["losses"]), list(resume["accuracies"])
+        stream.load_state(resume["stream"])
+        generator.set_state(resume["generator"])
+    steps = tqdm(range(first_step, config.episodes_per_epoch), desc=f"meta epoch {epoch + 1}", leave=False,
+                 disable=None, unit="step", initial=first_step, total=config.episodes_per_epoch)
+    for step in steps:
         for _ in range(config.meta_batch):
             _, episode = stream.next()
             support_x, query_x = _load_images(split, episode, transform, trainer.device, generator)
             loss, predictions = trainer.task_forward_backward(support_x, query_x, 1.0 / config.meta_batch)
+            check_finite_loss(loss, trainer.config, epoch, step)
             stream.done(episode, predictions, query_targets)
             losses.append(loss)
             accuracies.append(float((predictions == query_targets).mean()))
         trainer.optimizer_step()
         steps.set_postfix(loss=f"{np.mean(losses):.3f}", acc=f"{np.mean(accuracies):.3f}")
+        fault_point("meta.step")
+        if on_stop is not None and stop_requested():
+            on_stop({"step": step + 1, "stream": stream.state(), "generator": generator.get_state(),
+                     "losses": losses, "accuracies": accuracies})
     return {"meta_loss": float(np.mean(losses)), "train_acc": float(np.mean(accuracies)),
             "hard_tasks": stream.hard_count}
+
+
+def check_finite_loss(loss: float, config: MetaConfig, epoch: int, step: int) -> None:
+    """A NaN/inf query loss poisons every weight it reaches: stop before it is applied or saved."""
+    if not math.isfinite(loss):
+        raise MTLError(
+            f"meta-training diverged at epoch {epoch + 1}, step {step + 1} (query loss {loss}); lower "
+            f"meta.meta_lr (now {config.meta_lr}), meta.learner_lr (now {config.learner_lr}) or meta.base_lr "
+            f"(now {config.base_lr}) and rerun. Nothing from this epoch was saved.")
 
 
 def validate(trainer: MetaTrainer, val_split, episodes, transform,
@@ -356,11 +396,14 @@ def validate(trainer: MetaTrainer, val_split, episodes, transform,
 # --------------------------------------------------------------------------- entry point
 def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkpoint_dir,
                config: MetaConfig, way: int, shot: int, query: int, val_episodes: int, seed: int,
-               hard_tasks: bool, device: str = "auto", inference_batch_size: int = DEFAULT_EMBED_BATCH) -> Path:
+               hard_tasks: bool, device: str = "auto", scope: str = "all", method: str | None = None,
+               inference_batch_size: int = DEFAULT_EMBED_BATCH) -> Path:
     """Meta-train the pre-trained encoder at ``encoder_path``; write ``model_out`` and ``history_out``.
 
     ``hard_tasks`` switches the HT meta-batch on (method ``mtl_ht``) and overrides
-    ``config.hard_tasks.enabled``. Resumes from ``checkpoint_dir/last.pt`` when present (a longer
+    ``config.hard_tasks.enabled``. ``scope`` is where scales/shifts are learned (``all`` or ``last``,
+    see :func:`mtl.models.freeze_for_meta`); ``method`` is the name recorded in the model file
+    (default ``mtl``/``mtl_ht``). Resumes from ``checkpoint_dir/last.pt`` when present (a longer
     ``epochs`` continues a finished shorter run); any other config, protocol, backbone or encoder
     change is refused with a CheckpointError, since silently mixing two runs would corrupt results.
     Outputs are written once, at the end: the best-validation model and the full history.
@@ -375,12 +418,12 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
     model, encoder_meta = load_encoder_file(encoder_path, ss=True)
     image_size = int(encoder_meta.get("image_size") or model.native_size)
     mean, std = normalize_stats(encoder_meta.get("normalize"))
-    protocol = {"way": way, "shot": shot, "query": query, "seed": seed,
-                "method": "mtl_ht" if config.hard_tasks.enabled else "mtl"}
+    protocol = {"way": way, "shot": shot, "query": query, "seed": seed, "scope": scope,
+                "method": method or ("mtl_ht" if config.hard_tasks.enabled else "mtl")}
     identity = run_identity(model, config, protocol, val_episodes, image_size, Path(encoder_path))
 
     trainer = MetaTrainer(model, way=way, shot=shot, query=query, config=config, device=device,
-                          image_size=image_size, mean=mean, std=std, seed=seed)
+                          image_size=image_size, mean=mean, std=std, seed=seed, scope=scope)
     train_split, val_split = open_split(train_h5), open_split(val_h5)
     data = {
         "split": train_split,
@@ -393,18 +436,34 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
 
     checkpoint_path = Path(checkpoint_dir) / "last.pt"
     run = resume_or_start(trainer, checkpoint_path, identity)
+
+    def save(next_epoch: int, partial: dict | None = None) -> None:
+        save_checkpoint(checkpoint_path, trainer=trainer.state(), rng=capture_rng(), next_epoch=next_epoch,
+                        best=run["best"], history=run["history"], config=config.to_dict(), identity=identity,
+                        partial=partial)
+
     if run["next_epoch"] >= config.epochs:
         log.info("checkpoint %s already holds %d epochs (epochs: %d); writing the outputs from it",
                  checkpoint_path, run["next_epoch"], config.epochs)
     epochs = tqdm(range(run["next_epoch"], config.epochs), desc=f"meta-train {protocol['method']} {shot}-shot",
                   initial=run["next_epoch"], total=config.epochs, disable=None, unit="epoch")
-    for epoch in epochs:
-        row = run_epoch(trainer, epoch, run, data, val, seed)
-        epochs.set_postfix(val=f"{row['val_acc']:.4f}", best=f"{run['best']['val_acc']:.4f}")
-        save_checkpoint(checkpoint_path, trainer=trainer.state(), rng=capture_rng(), next_epoch=epoch + 1,
-                        best=run["best"], history=run["history"], config=config.to_dict(), identity=identity)
+    with stop_on_signals():
+        for epoch in epochs:
+            def stop_here(place: dict, epoch: int = epoch) -> None:
+                save(epoch, partial={"epoch": epoch, **place})
+                raise_if_stop_requested("meta-training", f"at epoch {epoch + 1}, step {place['step']}",
+                                        checkpoint_path)
+
+            row = run_epoch(trainer, epoch, run, data, val, seed, on_stop=stop_here)
+            epochs.set_postfix(val=f"{row['val_acc']:.4f}", best=f"{run['best']['val_acc']:.4f}")
+            save(epoch + 1)
+            raise_if_stop_requested("meta-training", f"after epoch {epoch + 1}", checkpoint_path)
 
     best = run["best"]
+    if best["state"] is None:  # only when no epoch validated to a number
+        raise MTLError(f"meta-training finished without a model to keep: no epoch gave a finite validation "
+                       f"accuracy (history: {history_out}). Delete {checkpoint_dir} and rerun with lower "
+                       "meta learning rates.")
     atomic_torch_save({"backbone": model.config, **best["state"], "image_size": image_size,
                        "normalize": {"mean": mean, "std": std}, "protocol": protocol,
                        # meta-test adapts with the inner loop the init was meta-learned for
@@ -438,22 +497,32 @@ def run_identity(model, config: MetaConfig, protocol: dict, val_episodes: int, i
 
 def resume_or_start(trainer: MetaTrainer, checkpoint_path: Path, identity: dict) -> dict:
     """Run state {next_epoch, history, best}: from the checkpoint (loaded into ``trainer``) or fresh."""
-    saved = load_checkpoint(checkpoint_path)
+    saved = load_checkpoint(checkpoint_path, producer="the `meta_train` rule")
     if saved is None:
-        return {"next_epoch": 0, "history": [], "best": {"val_acc": -1.0, "epoch": 0, "state": None}}
+        return {"next_epoch": 0, "history": [], "best": {"val_acc": -1.0, "epoch": 0, "state": None},
+                "partial": None}
     _check_identity(saved, identity, checkpoint_path)
     trainer.load_state(saved["trainer"])
     restore_rng(saved["rng"])
-    log.info("resuming from epoch %d (checkpoint %s)", saved["next_epoch"] + 1, checkpoint_path)
-    return {"next_epoch": saved["next_epoch"], "history": list(saved["history"]), "best": saved["best"]}
+    partial = saved.get("partial")
+    step = f", step {partial['step']}" if partial else ""
+    log.info("resuming from epoch %d%s (checkpoint %s)", saved["next_epoch"] + 1, step, checkpoint_path)
+    return {"next_epoch": saved["next_epoch"], "history": list(saved["history"]), "best": saved["best"],
+            "partial": partial}
 
 
-def run_epoch(trainer: MetaTrainer, epoch: int, run: dict, data: dict, val: dict, seed: int) -> dict:
-    """Train one epoch, validate, step the schedule, keep the best; append and return the history row."""
+def run_epoch(trainer: MetaTrainer, epoch: int, run: dict, data: dict, val: dict, seed: int,
+              on_stop: Callable[[dict], None] | None = None) -> dict:
+    """Train one epoch, validate, step the schedule, keep the best; append and return the history row.
+
+    A stopped epoch saved in ``run["partial"]`` continues where it stopped (see ``train_epoch``).
+    """
     started = time.perf_counter()
     lr = trainer.lr
+    partial = run.pop("partial", None)
     stats = train_epoch(trainer, data["split"], data["sampler"], data["transform"], epoch=epoch, seed=seed,
-                        hard_config=trainer.config.hard_tasks, indices_by_class=data["indices_by_class"])
+                        hard_config=trainer.config.hard_tasks, indices_by_class=data["indices_by_class"],
+                        resume=partial if partial and partial["epoch"] == epoch else None, on_stop=on_stop)
     val_acc, val_ci = mean_ci95(validate(trainer, val["split"], val["episodes"], val["transform"], val["batch_size"]))
     trainer.scheduler.step()
     if val_acc > run["best"]["val_acc"]:

@@ -19,6 +19,7 @@ from mtl.data.builders import SPLITS, check_counts
 from mtl.data.builders import imagefolder
 from mtl.data.sources import SplitFacts
 from mtl.errors import DataError
+from mtl.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -30,29 +31,34 @@ SPLIT_FACTS = {
     "test": SplitFacts(classes=3, images=533),
 }
 DEFAULT_IMAGE_SIZE = 32
+TEMP_PREFIX = ".digits-"
 
 
 def export_digits(raw_dir) -> Path:
     """Write the digits image folder into ``raw_dir`` and return ``raw_dir``.
 
     The tree is written in a temporary folder first and each split folder is swapped in whole,
-    so an interrupted export never leaves a half-filled split behind.
+    so an interrupted export never leaves a half-filled split behind; the temporary folder a
+    killed export left is removed by the next one.
     """
     from PIL import Image
     from sklearn.datasets import load_digits
 
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
+    for stale in raw_dir.glob(f"{TEMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     digits = load_digits()
     grey = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
-    with tempfile.TemporaryDirectory(prefix=".digits-", dir=raw_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX, dir=raw_dir) as tmp:
         for split, wanted in DIGITS_BY_SPLIT.items():
             for digit in wanted:
                 folder = Path(tmp) / split / str(digit)
                 folder.mkdir(parents=True)
                 for index in np.flatnonzero(digits.target == digit):
                     Image.fromarray(rgb[index]).save(folder / f"{index:04d}.png", compress_level=1)
+                fault_point("digits.export")  # test hook (mtl/faults.py); a no-op in normal use
         for split in SPLITS:
             shutil.rmtree(raw_dir / split, ignore_errors=True)
             (Path(tmp) / split).rename(raw_dir / split)
@@ -61,7 +67,8 @@ def export_digits(raw_dir) -> Path:
 
 
 def build(
-    raw_dir: Path, out_dir: Path, *, strict_counts: bool = True, image_size: int | None = None
+    raw_dir: Path, out_dir: Path, *, strict_counts: bool = True, image_size: int | None = None,
+    min_images_per_class: int = 1,
 ) -> dict[str, Path]:
     """Build HDF5 splits from an :func:`export_digits` tree (default ``image_size`` 32)."""
     raw_dir = Path(raw_dir)
@@ -76,5 +83,6 @@ def build(
         labels = np.repeat(np.arange(len(classes)), [len(files) for _, files in sorted(classes.items())])
         check_counts("digits", split, labels, len(classes), SPLIT_FACTS[split], raw_dir / split, strict=strict_counts)
     return imagefolder.build(
-        raw_dir, out_dir, image_size=image_size or DEFAULT_IMAGE_SIZE, dataset="digits"
+        raw_dir, out_dir, image_size=image_size or DEFAULT_IMAGE_SIZE, dataset="digits",
+        min_images_per_class=min_images_per_class,
     )

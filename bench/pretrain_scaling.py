@@ -1,0 +1,223 @@
+"""Pre-training throughput on 1, 2, ... processes (GPUs): images/s and scaling efficiency.
+
+    python bench/pretrain_scaling.py                      # every visible GPU count 1, 2, 4, ... (one call < 10 min)
+    python bench/pretrain_scaling.py --processes 1,2      # chosen counts
+    python bench/pretrain_scaling.py --cpu-dry-run        # tiny run on the CPU with gloo: checks this script (< 2 min)
+    python bench/pretrain_scaling.py --processes 1 --cpu-dry-run --steps 40   # one-process CPU timing
+
+What is timed is the pipeline's own pre-training epoch (``mtl.train.pretrain._Run._fit_one_epoch``:
+HDF5 reads in DataLoader workers, on-device augmentation, AMP on GPUs, synchronised BN and DDP
+when N > 1), on a synthetic split of random 84x84 images written once (``--steps`` x batch
+images). Each count N runs through ``mtl.distributed.launch`` exactly as the workflow does (N = 1
+in this process, N > 1 with torchrun), trains epoch 1 as a warm-up (cuDNN autotuning, loader
+start) and times epoch 2 on rank 0 between barriers. Same training, more hands: the global batch
+stays ``--batch-size`` whatever N, so each GPU gets batch/N images (``--weak`` scales the batch
+with N instead). Efficiency = images/s at N / (N x images/s at 1).
+
+Prints CPU model, core count, torch version, GPUs and the load average beside the figures, then a
+Markdown table for bench/RESULTS.md. Figures taken while the load average exceeds the core count
+are marked provisional.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mtl.data.hdf5 import write_split  # noqa: E402
+
+CLASSES = 64
+STORED_SIZE = 84
+
+
+def write_synthetic_split(path: Path, images: int, size: int, classes: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    labels = np.sort(np.arange(images) % classes)  # every class present, contiguous
+    pixels = rng.integers(0, 256, size=(images, size, size, 3), dtype=np.uint8)
+    names = [f"class{c:03d}" for c in range(classes)]
+    write_split(path, pixels, labels, names, {"dataset": "synthetic", "split": path.stem})
+    return str(path)
+
+
+def time_epoch(train_h5: str, val_h5: str, backbone: dict, config: dict, out_json: str, device) -> None:
+    """Worker target: warm-up epoch, then a timed epoch; rank 0 writes seconds and images to ``out_json``."""
+    from mtl.train.pretrain import PretrainConfig, _Run
+
+    try:
+        from mtl import distributed
+    except ImportError:  # a checkout from before multi-process training: one-process timing only
+        distributed = None
+
+    known = PretrainConfig.__dataclass_fields__  # one-process timing also runs on older checkouts
+    config = PretrainConfig.from_dict({k: v for k, v in config.items() if k in known})
+    with tempfile.TemporaryDirectory() as scratch:
+        run = _Run(train_h5, val_h5, backbone, config, 5, 1, 1, 1, 0, device, Path(scratch))
+        run._fit_one_epoch(1)
+        barrier = distributed.barrier if distributed else (lambda: None)
+        barrier()
+        sync(device)
+        start = time.perf_counter()
+        run._fit_one_epoch(2)
+        sync(device)
+        barrier()
+        seconds = time.perf_counter() - start
+    if distributed is None or distributed.is_main():
+        images = sum(len(b) for b in _epoch_batches(run, config, 2))
+        Path(out_json).write_text(json.dumps({"seconds": seconds, "images": images}))
+
+
+def _epoch_batches(run, config, epoch):
+    from mtl.train.pretrain import epoch_batches
+
+    return epoch_batches(len(run.train), config.batch_size, run.seed, epoch)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(processes: int, args, train_h5: str, val_h5: str, scratch: Path) -> dict:
+    batch = args.batch_size * (processes if args.weak else 1)
+    config = {"epochs": 2, "batch_size": batch, "num_workers": args.num_workers, "augment": True,
+              "gpus": processes}
+    backbone = {"name": args.backbone, "width": args.width, "image_size": args.image_size}
+    out = scratch / f"n{processes}.json"
+    log = scratch / f"n{processes}.log"
+    kwargs = {"train_h5": train_h5, "val_h5": val_h5, "backbone": backbone, "config": config, "out_json": str(out)}
+    started = time.perf_counter()
+    try:
+        if processes == 1:  # as launch(processes=1) does it, and as the code before launch existed did
+            from mtl.device import select_device
+
+            torch.set_num_threads(args.threads_per_process)
+            time_epoch(**kwargs, device=select_device(args.device))
+        else:
+            from mtl.distributed import launch
+
+            launch(time_epoch, kwargs, processes=processes, device=args.device,
+                   threads=args.threads_per_process, log_path=log)
+    except Exception as err:  # report and go on: one count failing must not hide the others
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        print(f"N={processes}: failed: {err}\n{tail}", flush=True)
+        return {"processes": processes, "error": str(err)}
+    result = json.loads(out.read_text())
+    result.update(processes=processes, batch=batch, wall=time.perf_counter() - started,
+                  images_per_s=result["images"] / result["seconds"], load=os.getloadavg()[0])
+    print(f"N={processes}: {result['images']} images in {result['seconds']:.2f} s = "
+          f"{result['images_per_s']:.1f} images/s (global batch {batch}; whole call {result['wall']:.0f} s; "
+          f"load average {result['load']:.2f})", flush=True)
+    return result
+
+
+def environment(args) -> dict:
+    model = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if args.device != "cpu" else []
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "gpus": gpus, "load_before": os.getloadavg()}
+
+
+def markdown(env: dict, args, results: list[dict]) -> str:
+    base = next((r for r in results if r["processes"] == 1 and "error" not in r), None)
+    lines = [
+        f"{', '.join(env['gpus']) or 'CPU only'}; CPU {env['cpu']} x {env['cores']} cores; torch {env['torch']}; "
+        f"{args.backbone} width {args.width} at {args.image_size or 'native'} px, "
+        f"{'weak' if args.weak else 'global'} batch {args.batch_size}, {args.steps} steps timed, "
+        f"{args.num_workers} loader workers and {args.threads_per_process} CPU thread(s) per process; "
+        f"load average before {env['load_before'][0]:.2f}.",
+        "",
+        "| processes | global batch | images/s | speed-up | efficiency | load avg |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['processes']} | - | failed | - | - | - |")
+            continue
+        speedup = r["images_per_s"] / base["images_per_s"] if base else float("nan")
+        lines.append(f"| {r['processes']} | {r['batch']} | {r['images_per_s']:.1f} | {speedup:.2f}x | "
+                     f"{speedup / r['processes']:.0%} | {r['load']:.2f} |")
+    provisional = any(r.get("load", 0) > (env["cores"] or 1) for r in results)
+    if provisional:
+        lines += ["", "Provisional: the load average exceeded the core count during the run."]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", help="comma-separated counts (default: 1, 2, 4, ... up to the visible GPUs)")
+    parser.add_argument("--steps", type=int, default=60, help="batches in the timed epoch")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--weak", action="store_true", help="global batch = batch-size x processes")
+    parser.add_argument("--backbone", default="resnet12")
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--image-size", type=int, default=None, help="input size (default: the backbone's)")
+    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    parser.add_argument("--threads-per-process", type=int, default=4)
+    parser.add_argument("--cpu-dry-run", action="store_true",
+                        help="CPU and gloo, tiny network (width 0.125, 16 px, batch 32, 1 thread, no loader "
+                             "workers) unless those options are given; default counts 1,2")
+    args = parser.parse_args(argv)
+    args.device = "cpu" if args.cpu_dry_run else "cuda"
+    if args.cpu_dry_run:
+        given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
+        tiny = {"--steps": ("steps", 8), "--batch-size": ("batch_size", 32), "--width": ("width", 0.125),
+                "--image-size": ("image_size", 16), "--num-workers": ("num_workers", 0),
+                "--threads-per-process": ("threads_per_process", 1)}
+        for flag, (name, value) in tiny.items():
+            if flag not in given:
+                setattr(args, name, value)
+    if args.processes:
+        args.counts = [int(n) for n in args.processes.split(",")]
+    elif args.cpu_dry_run:
+        args.counts = [1, 2]
+    else:
+        visible = torch.cuda.device_count()
+        if visible == 0:
+            parser.error("no CUDA GPU is visible; use --cpu-dry-run to check the script on the CPU")
+        args.counts = [n for n in (1, 2, 4, 8, 16, 32) if n <= visible]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = environment(args)
+    print(json.dumps(env), flush=True)
+    with tempfile.TemporaryDirectory(prefix="pretrain_scaling_") as scratch:
+        scratch = Path(scratch)
+        stored = min(STORED_SIZE, 2 * (args.image_size or STORED_SIZE))
+        largest = args.batch_size * (max(args.counts) if args.weak else 1) * args.steps
+        started = time.perf_counter()
+        train_h5 = write_synthetic_split(scratch / "train.h5", largest, stored, CLASSES, 0)
+        val_h5 = write_synthetic_split(scratch / "val.h5", 5 * 4, stored, 5, 1)
+        print(f"synthetic split: {largest} images of {stored} px in {time.perf_counter() - started:.1f} s", flush=True)
+        if args.weak:
+            print("--weak: the split holds enough images for the largest batch; smaller counts train more steps")
+        results = [measure(n, args, train_h5, val_h5, scratch) for n in args.counts]
+    print()
+    print(markdown(env, args, results))
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    from bench.pretrain_scaling import main as _main  # workers import this module by name, not as __main__
+
+    sys.exit(_main())

@@ -1,0 +1,156 @@
+"""Test-time fine-tuning (ft_last, ft_all): what adapts, that the batched computation equals a
+per-episode autograd loop, that it reduces to ft when the network's step is 0, and that the
+workflow's evaluate scores it on the shared episode file."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtl.data.episodes import write_test_episodes
+from mtl.data.hdf5 import HDF5Split, write_split
+from mtl.data.transforms import EvalTransform
+from mtl.evaluate import evaluate
+from mtl.finetune import (
+    adapt_on_support,
+    adapted_parameter_names,
+    episodes_per_chunk,
+    finetune_accuracies,
+    query_features,
+)
+from mtl.models import build_backbone, save_encoder
+from mtl.train.learner import evaluate_encoder, fresh_init
+
+WAY, SHOT, QUERY, EPISODES, SIZE = 3, 2, 3, 5, 16
+NORMALIZE = {"mean": [0.5] * 3, "std": [0.25] * 3}
+STEPS, LR = 5, 0.05
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finetune")
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 8)
+    base = rng.integers(0, 256, size=(4, 1, 1, 3))
+    images = np.clip(base[labels] + rng.integers(-60, 60, size=(len(labels), SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+    split = write_split(folder / "test.h5", images, labels, [f"c{c}" for c in range(4)], {"dataset": "toy", "split": "test"})
+    episodes = write_test_episodes(split, folder / "episodes.npz", way=WAY, shot=SHOT, query=QUERY, count=EPISODES, seed=3)
+    torch.manual_seed(0)
+    encoder = build_backbone("resnet12", width=0.125).eval()
+    with torch.no_grad():  # non-trivial running statistics, so eval-mode BN is not the identity
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    model = save_encoder(encoder, folder / "encoder.pt", image_size=SIZE, normalize=NORMALIZE)
+    import mtl.data.episodes as ep
+
+    loaded = ep.load_episodes(episodes)
+    return {"folder": folder, "split": split, "episodes": episodes, "encoder": encoder, "model": model,
+            "arrays": (loaded.support, loaded.query), "images": HDF5Split(split, in_memory=True)}
+
+
+def run(setup, scope, encoder_lr, chunk=None, seed=7):
+    return finetune_accuracies(setup["encoder"], setup["images"], setup["arrays"], EvalTransform(SIZE, **NORMALIZE),
+                               WAY, SHOT, QUERY, scope=scope, steps=STEPS, lr=LR, encoder_lr=encoder_lr,
+                               generator=torch.Generator().manual_seed(seed), chunk=chunk)
+
+
+@pytest.mark.parametrize("scope", ["last", "all"])
+def test_with_a_frozen_network_it_is_ft(setup, scope):
+    expected = evaluate_encoder(setup["encoder"], setup["images"], setup["arrays"], EvalTransform(SIZE, **NORMALIZE),
+                                WAY, SHOT, QUERY, steps=STEPS, lr=LR, generator=torch.Generator().manual_seed(7))
+    np.testing.assert_allclose(run(setup, scope, encoder_lr=0.0), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("scope", ["last", "all"])
+def test_chunking_changes_nothing_and_leaves_the_encoder_untouched(setup, scope):
+    state = {k: v.clone() for k, v in setup["encoder"].state_dict().items()}
+    one_by_one, together, sized = (run(setup, scope, 0.05, chunk=c) for c in (1, 4, None))
+    np.testing.assert_allclose(one_by_one, together, atol=1e-6)
+    np.testing.assert_allclose(one_by_one, sized, atol=1e-6)
+    for key, value in setup["encoder"].state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert all(p.requires_grad for p in setup["encoder"].parameters())
+
+
+def test_chunks_are_sized_to_the_memory_budget(setup):
+    """ResNet-12 at width 0.125, 16 px, ft_all: the layers' outputs of one image sum to a known size;
+    the chunk is the budget over 3 x that x the support size."""
+    encoder, image = setup["encoder"], torch.zeros(1, 3, SIZE, SIZE)
+    per_image = episodes_per_chunk(encoder, "all", image, support_size=1, budget=10**12)
+    assert episodes_per_chunk(encoder, "all", image, support_size=2, budget=10**12) == per_image // 2
+    bytes_per_image = 10**12 / per_image / 3
+    assert 100_000 < bytes_per_image < 1_000_000  # ~10 layer outputs of 8x16x16 .. 64x2x2 floats each
+    assert episodes_per_chunk(encoder, "all", image, support_size=6, budget=1) == 1  # never 0
+    last = episodes_per_chunk(encoder, "last", encoder.forward_trunk(image), support_size=1, budget=10**12)
+    assert last > per_image  # the last block alone holds fewer activations
+
+
+def test_ft_last_adapts_the_last_block_and_ft_all_every_parameter(setup):
+    encoder = setup["encoder"]
+    last = adapted_parameter_names(encoder, "last")
+    assert last and all(name.startswith("layer4.") for name in last)
+    assert {n for n, _ in encoder.named_parameters() if n.startswith("layer4.")} == set(last)
+    assert adapted_parameter_names(encoder, "all") == [n for n, _ in encoder.named_parameters()]
+
+    torch.manual_seed(1)
+    x = torch.randn(2, WAY * SHOT, 3, SIZE, SIZE)
+    y = torch.arange(WAY).repeat_interleave(SHOT)
+    for scope, inputs in (("last", encoder.forward_trunk(x.flatten(0, 1)).unflatten(0, (2, WAY * SHOT))), ("all", x)):
+        weight, bias = fresh_init(2, WAY, encoder.out_dim, generator=torch.Generator().manual_seed(0))
+        params, _, _ = adapt_on_support(encoder, scope, inputs.detach(), y, weight, bias, steps=3, lr=LR,
+                                        encoder_lr=0.05)
+        assert list(params) == adapted_parameter_names(encoder, scope)
+        own = dict(encoder.named_parameters())
+        for name, value in params.items():
+            assert value.shape == (2, *own[name].shape)
+            for episode in range(2):  # every adapted parameter moved, in each episode separately
+                assert not torch.equal(value[episode], own[name].detach()), (scope, name)
+
+
+def test_batched_adaptation_equals_a_per_episode_autograd_loop(setup):
+    """Reference: per episode, a copy of the network, plain SGD with autograd on the last block + learner."""
+    encoder = setup["encoder"]
+    torch.manual_seed(2)
+    x = torch.randn(3, WAY * SHOT, 3, SIZE, SIZE)
+    query_x = torch.randn(3, WAY * QUERY, 3, SIZE, SIZE)
+    y = torch.arange(WAY).repeat_interleave(SHOT)
+    weight, bias = fresh_init(3, WAY, encoder.out_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trunk = encoder.forward_trunk(x.flatten(0, 1)).unflatten(0, (3, WAY * SHOT))
+        query_trunk = encoder.forward_trunk(query_x.flatten(0, 1)).unflatten(0, (3, WAY * QUERY))
+    params, w_all, b_all = adapt_on_support(encoder, "last", trunk, y, weight, bias, steps=4, lr=LR, encoder_lr=0.03)
+    feats = query_features(encoder, "last", params, query_trunk)
+    for e in range(3):
+        net = copy.deepcopy(encoder).eval()
+        block = list(net.layer4.parameters())
+        w, b = weight[e].clone().requires_grad_(), bias[e].clone().requires_grad_()
+        for _ in range(4):
+            loss = F.cross_entropy(net.forward_head(trunk[e]) @ w.T + b, y)
+            grads = torch.autograd.grad(loss, block + [w, b])
+            with torch.no_grad():
+                for p, g in zip(block, grads[:-2]):
+                    p -= 0.03 * g
+            w, b = w - LR * grads[-2], b - LR * grads[-1]
+        torch.testing.assert_close(w_all[e], w, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b_all[e], b, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(feats[e], net.forward_head(query_trunk[e]), rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_scores_ft_last_on_the_shared_episode_file(setup):
+    folder = setup["folder"]
+    digests = {}
+    for method in ("ft", "ft_last", "ft_all"):
+        evaluate(method, setup["model"], setup["split"], setup["episodes"], episodes_out=folder / f"{method}.csv",
+                 metrics_out=folder / f"{method}.json", protocol={"dataset": "toy", "backbone": "resnet12", "seed": 7},
+                 device="cpu")
+        metrics = json.loads((folder / f"{method}.json").read_text())
+        assert metrics["method"] == method and metrics["episodes"] == EPISODES
+        digests[method] = metrics["episodes_sha256"]
+    assert len(set(digests.values())) == 1

@@ -9,8 +9,9 @@ the size is measured, not assumed:
 - :func:`probe_rates` times a few sizes, smallest first, on a fresh copy of the backbone
   (random weights: the cost does not depend on their values) through the real embedding path
   (:func:`mtl.train.learner.embed_batch`), within a time budget (default 1.5 s);
-- :func:`pick_batch_size` takes the smallest size within 5% of the best rate (less memory, and
-  timing noise cannot push the choice into a slow, cache-thrashing size);
+- :func:`pick_batch_size` takes the largest size within 5% of the best rate: as fast on an idle
+  machine, and fewer passes where other jobs share the cores (each pass then pays for threads
+  waiting on each other, whatever its size: at 4 images a batch that was 10x slower here);
 - :class:`BatchSizeCache` keeps the choice in ``<cache folder>/inference_batch_size.json`` per
   :func:`cache_key`: device (CPU model or GPU name), torch threads, torch version, backbone,
   width and image size. Each machine probes once; delete the file (or its entry) to probe again.
@@ -118,11 +119,11 @@ def probe_rates(run_batch: Callable[[int], None], candidates: Iterable[int] = CA
 
 
 def pick_batch_size(rates: dict[int, float], tolerance: float = TOLERANCE) -> int:
-    """The smallest size whose rate is within ``tolerance`` of the best."""
+    """The largest size whose rate is within ``tolerance`` of the best."""
     if not rates:
         raise ValueError("pick_batch_size needs at least one measured size")
     best = max(rates.values())
-    return min(size for size, rate in rates.items() if rate >= (1 - tolerance) * best)
+    return max(size for size, rate in rates.items() if rate >= (1 - tolerance) * best)
 
 
 def embedding_probe(backbone: str, width: float, image_size: int, device: torch.device) -> Callable[[int], None]:

@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from mtl.methods import ALL, LAST
 from mtl.models.backbone import Backbone, encoder_part
-from mtl.train.learner import embed, embed_episodes, episode_accuracy, fresh_init
+from mtl.train.learner import DEFAULT_EMBED_BATCH, embed, embed_episodes, episode_accuracy, fresh_init
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def finetune_accuracies(backbone: Backbone, images, episodes: tuple[np.ndarray, 
                         way: int, shot: int, query: int, *, scope: str, steps: int, lr: float,
                         encoder_lr: float, generator: torch.Generator | None = None,
                         device: torch.device | str = "cpu", chunk: int | None = None,
-                        batch_size: int = 256, progress: bool = False) -> np.ndarray:
+                        batch_size: int = DEFAULT_EMBED_BATCH, progress: bool = False) -> np.ndarray:
     """Per-episode query accuracies (E,) float64 of test-time fine-tuning (see the module docstring).
 
     ``episodes`` = (support (E, way*shot), query (E, way*query)) image indices into ``images``,

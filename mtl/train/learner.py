@@ -157,11 +157,15 @@ def embed(encoder: torch.nn.Module, images, transform: Callable, batch_size: int
 
 def embed_batch(model: torch.nn.Module, images, transform: Callable, device: torch.device, *,
                 amp: bool = True) -> torch.Tensor:
-    """Features of one batch of uint8 images, (B, D) float32, with a model from `inference_copy`."""
+    """Features of one batch of uint8 images, (B, D) float32, with a model from `inference_copy`.
+
+    The input goes in as channels_last; the output comes back in the default layout (a model that
+    returns feature maps, e.g. a trunk, would otherwise hand channels_last tensors to its caller).
+    """
     with torch.no_grad():
         x = transform(images, device=device).contiguous(memory_format=torch.channels_last)
         with autocast(device, enabled=amp):
-            return model(x).float()
+            return model(x).float().contiguous()
 
 
 def _read_batch(images, indices, start: int, stop: int):

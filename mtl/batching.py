@@ -8,10 +8,13 @@ the size is measured, not assumed:
 
 - :func:`probe_rates` times a few sizes, smallest first, on a fresh copy of the backbone
   (random weights: the cost does not depend on their values) through the real embedding path
-  (:func:`mtl.train.learner.embed_batch`), within a time budget (default 1.5 s);
-- :func:`pick_batch_size` takes the largest size within 5% of the best rate: as fast on an idle
-  machine, and fewer passes where other jobs share the cores (each pass then pays for threads
-  waiting on each other, whatever its size: at 4 images a batch that was 10x slower here);
+  (:func:`mtl.train.learner.embed_batch`), sweeping up within a time budget (default 1.5 s),
+  then once more down (so warm-up cannot favour the sizes timed last);
+- :func:`pick_batch_size` takes the smallest size within 5% of the best rate. On a CPU the probe's
+  few passes over the same images can flatter a large batch (seen on an idle 2-core Xeon: 64 at
+  580 images/s vs 32 at 557 in the probe, then 430 vs 680 in the real meta-test: memory traffic
+  the probe does not reproduce), while a size that really is faster, as large batches on a GPU
+  or on a loaded CPU, wins by far more than 5%.
 - :class:`BatchSizeCache` keeps the choice in ``<cache folder>/inference_batch_size.json`` per
   :func:`cache_key`: device (CPU model or GPU name), torch threads, torch version, backbone,
   width and image size. Each machine probes once; delete the file (or its entry) to probe again.
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 AUTO = "auto"
 CANDIDATES = (4, 8, 16, 32, 64, 128, 256, 512)
 PROBE_BUDGET_S = 1.5
-TOLERANCE = 0.05  # sizes within 5% of the best rate count as equally fast
+TOLERANCE = 0.05  # sizes within 5% of the best rate count as equally fast; the smallest wins
 CACHE_FILE = "inference_batch_size.json"
 CACHE_ENV = "MTL_INFERENCE_CACHE"  # a cache folder that replaces the caller's (share one across projects)
 
@@ -92,8 +95,12 @@ def probe_rates(run_batch: Callable[[int], None], candidates: Iterable[int] = CA
     tried while two passes as long as the last timed one still fit in the budget: a pass of a
     larger batch takes at least that long, and often little more (threads waiting for each other
     cost per pass, not per image), so the probe ends within about twice the budget at worst.
-    Budget left over re-times every measured size, keeping each one's best rate (other work on
-    the machine can only slow a pass down). A size the device has no memory for ends the probe.
+    Then every measured size is timed once more, largest first, whatever the budget (at most as
+    long as the sweep's timed passes): what slowed the sweep's first sizes (the process's first
+    kernels, a CPU clocking up; on an idle 2-core Xeon it once halved the rates of 4 - 32 and
+    made the probe keep 128, 1.5x slower than 32 there) now falls on the other end. Budget left
+    over re-times every size again. Each size keeps its best rate (other work on the machine can
+    only slow a pass down). A size the device has no memory for ends the sweep.
     """
     start = timer()
     rates: dict[int, float] = {}
@@ -112,6 +119,8 @@ def probe_rates(run_batch: Callable[[int], None], candidates: Iterable[int] = CA
             rates[size] = timed_rate(size)
         except (torch.cuda.OutOfMemoryError, MemoryError):
             break
+    for size in sorted(rates, reverse=True):
+        rates[size] = max(rates[size], timed_rate(size))
     while rates and timer() - start + sum(size / rate for size, rate in rates.items()) <= budget_s:
         for size in rates:
             rates[size] = max(rates[size], timed_rate(size))
@@ -119,11 +128,11 @@ def probe_rates(run_batch: Callable[[int], None], candidates: Iterable[int] = CA
 
 
 def pick_batch_size(rates: dict[int, float], tolerance: float = TOLERANCE) -> int:
-    """The largest size whose rate is within ``tolerance`` of the best."""
+    """The smallest size whose rate is within ``tolerance`` of the best."""
     if not rates:
         raise ValueError("pick_batch_size needs at least one measured size")
     best = max(rates.values())
-    return max(size for size, rate in rates.items() if rate >= (1 - tolerance) * best)
+    return min(size for size, rate in rates.items() if rate >= (1 - tolerance) * best)
 
 
 def embedding_probe(backbone: str, width: float, image_size: int, device: torch.device) -> Callable[[int], None]:

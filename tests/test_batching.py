@@ -122,10 +122,10 @@ def test_probe_picks_the_fastest_size():
     rates = probe_rates(device.run_batch, budget_s=30, timer=device.timer)
     assert set(rates) == set(CPU_LIKE)
     assert rates == pytest.approx(CPU_LIKE)
-    assert pick_batch_size(rates) == 32  # 395 is within 5% of 410: the larger size wins
+    assert pick_batch_size(rates) == 8  # 400 is within 5% of 410: the smaller size wins
     assert pick_batch_size(rates, tolerance=0.0) == 16
     gpu = FakeDevice(GPU_LIKE)
-    assert pick_batch_size(probe_rates(gpu.run_batch, budget_s=30, timer=gpu.timer)) == 512
+    assert pick_batch_size(probe_rates(gpu.run_batch, budget_s=30, timer=gpu.timer)) == 256
 
 
 def test_probe_stays_within_its_budget_on_a_slow_device():
@@ -133,8 +133,8 @@ def test_probe_stays_within_its_budget_on_a_slow_device():
     device = FakeDevice(slow)
     rates = probe_rates(device.run_batch, budget_s=1.5, timer=device.timer)
     assert set(rates) == {4, 8}  # 16 would need 2 x 0.8 s more
-    assert device.now <= 1.5
-    assert device.calls[:4] == [4, 4, 8, 8]  # an untimed warm-up pass before each timed one
+    assert device.calls == [4, 4, 8, 8, 8, 4]  # untimed + timed pass per size up, one timed pass down
+    assert device.now <= 2 * 1.5  # the way down costs at most the timed passes of the way up
 
 
 def test_probe_tries_larger_sizes_when_a_pass_costs_the_same_whatever_its_size():
@@ -142,7 +142,7 @@ def test_probe_tries_larger_sizes_when_a_pass_costs_the_same_whatever_its_size()
     device = FakeDevice({size: size / 0.2 for size in CPU_LIKE})
     rates = probe_rates(device.run_batch, budget_s=1.5, timer=device.timer)
     assert set(rates) == {4, 8, 16} and pick_batch_size(rates) == 16
-    assert device.now <= 1.5
+    assert device.now <= 2 * 1.5
 
 
 def test_probe_always_measures_the_smallest_size():
@@ -151,12 +151,20 @@ def test_probe_always_measures_the_smallest_size():
 
 
 def test_spare_budget_retimes_and_keeps_the_best_pass():
-    device = FakeDevice(CPU_LIKE, slow_passes={16: 2})  # warm-up and first timed pass of 16 hit
+    device = FakeDevice(CPU_LIKE, slow_passes={16: 3})  # warm-up, timed pass and the way down hit
     rates = probe_rates(device.run_batch, budget_s=30, timer=device.timer)
     assert rates[16] == pytest.approx(410)
-    once = FakeDevice(CPU_LIKE, slow_passes={16: 2})
+    once = FakeDevice(CPU_LIKE, slow_passes={16: 3})
     no_spare = probe_rates(once.run_batch, candidates=[16], budget_s=0.01, timer=once.timer)
-    assert no_spare[16] == pytest.approx(410 / 5)  # what the retiming repaired
+    assert no_spare[16] == pytest.approx(410 / 5)  # what the spare budget's retiming repaired
+
+
+def test_a_slow_start_cannot_make_the_probe_keep_a_large_size():
+    """The process's first passes run slowly (seen on an idle Xeon: 4 - 32 at half speed, 128 kept)."""
+    device = FakeDevice(CPU_LIKE, slow_passes={4: 2, 8: 2, 16: 2, 32: 2})
+    rates = probe_rates(device.run_batch, budget_s=3.0, timer=device.timer)  # no spare budget left
+    assert set(rates) >= {4, 8, 16, 32, 64}
+    assert pick_batch_size(rates) == 8  # not 64, the only size the slow start spared
 
 
 def test_probe_stops_at_the_first_size_without_memory():
@@ -204,14 +212,14 @@ def test_cache_miss_probes_and_hit_reads(tmp_path):
     first = FakeDevice(CPU_LIKE)
     size = inference_batch_size("auto", BACKBONE, "cpu", cache_dir=tmp_path, run_batch=first.run_batch,
                                 timer=first.timer)
-    assert size == 32 and first.calls
+    assert size == 8 and first.calls
     (key, entry), = json.loads((tmp_path / "inference_batch_size.json").read_text()).items()
     assert "1 threads" in key and "resnet12 width 0.25" in key and "84 px" in key  # native size filled in
-    assert entry["batch_size"] == 32 and entry["images_per_s"]["16"] == pytest.approx(410, abs=0.1)
+    assert entry["batch_size"] == 8 and entry["images_per_s"]["16"] == pytest.approx(410, abs=0.1)
 
     again = FakeDevice(GPU_LIKE)  # a hit must not consult the device at all
     assert inference_batch_size("auto", BACKBONE, "cpu", cache_dir=tmp_path, run_batch=again.run_batch,
-                                timer=again.timer) == 32
+                                timer=again.timer) == 8
     assert again.calls == []
 
 
@@ -226,7 +234,7 @@ def test_another_model_size_or_thread_count_is_a_miss(tmp_path, change):
         other[change] = {"width": 1.0, "image_size": 32, "name": "resnet25"}[change]
     second = FakeDevice(GPU_LIKE)
     assert inference_batch_size("auto", other, "cpu", cache_dir=tmp_path, run_batch=second.run_batch,
-                                timer=second.timer) == 512
+                                timer=second.timer) == 256
     assert len(json.loads((tmp_path / "inference_batch_size.json").read_text())) == 2  # both kept
 
 
@@ -250,7 +258,7 @@ def test_unreadable_cache_is_probed_again_and_rewritten(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mtl.batching"):
         size = inference_batch_size("auto", BACKBONE, "cpu", cache_dir=tmp_path, run_batch=probe.run_batch,
                                     timer=probe.timer)
-    assert size == 32 and "unreadable" in caplog.text
+    assert size == 8 and "unreadable" in caplog.text
     assert len(json.loads((tmp_path / "inference_batch_size.json").read_text())) == 1
 
 

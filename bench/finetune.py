@@ -12,24 +12,15 @@ evaluation costs about 100 (its steps) x test episodes x this figure, plus the e
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
-from pathlib import Path
 
+import context  # first: this checkout's mtl, and the machine beside every figure
 import torch
 import torch.nn.functional as F
 
 from mtl.finetune import adapt_on_support
 from mtl.models import build_backbone
 from mtl.train.learner import fresh_init
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def batched(encoder, scope, inputs, targets, way, steps) -> float:
@@ -63,8 +54,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s), "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(context.machine_line())
     print(f"resnet12 width {args.width}, {args.size} px, {args.way}-way {args.shot}-shot, {args.steps} steps")
     encoder = build_backbone("resnet12", width=args.width).eval()
     support = args.way * args.shot
@@ -77,10 +67,9 @@ def main() -> None:
                     0, (chunk, support))
             batched(encoder, scope, inputs, targets, args.way, 1)  # warm-up
             best = min(batched(encoder, scope, inputs, targets, args.way, args.steps) for _ in range(args.repeats))
-            print(f"{scope:4s} batched, chunk {chunk:3d}: {1000 * best / (args.steps * chunk):7.2f} ms per episode-step")
+            context.figure(f"{scope:4s} batched, chunk {chunk:3d}: {1000 * best / (args.steps * chunk):7.2f} ms per episode-step")
         best = min(loop(encoder, scope, inputs, targets, args.way, args.steps) for _ in range(args.repeats))
-        print(f"{scope:4s} per-episode autograd loop:  {1000 * best / args.steps:7.2f} ms per episode-step")
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+        context.figure(f"{scope:4s} per-episode autograd loop:  {1000 * best / args.steps:7.2f} ms per episode-step")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ are marked provisional.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+# torchrun's workers import this file as a module, without bench/ on their path (no `import context`)
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -37,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mtl.data.hdf5 import write_split  # noqa: E402
+from mtl.machine import cpu_model  # noqa: E402
 
 CLASSES = 64
 STORED_SIZE = 84
@@ -63,7 +66,9 @@ def time_epoch(train_h5: str, val_h5: str, backbone: dict, config: dict, out_jso
     known = PretrainConfig.__dataclass_fields__  # one-process timing also runs on older checkouts
     config = PretrainConfig.from_dict({k: v for k, v in config.items() if k in known})
     with tempfile.TemporaryDirectory() as scratch:
-        run = _Run(train_h5, val_h5, backbone, config, 5, 1, 1, 1, 0, device, Path(scratch))
+        # validation is not timed, so its batch size does not matter (older checkouts lack the argument)
+        extra = {"inference_batch_size": 64} if "inference_batch_size" in inspect.signature(_Run).parameters else {}
+        run = _Run(train_h5, val_h5, backbone, config, 5, 1, 1, 1, 0, device, Path(scratch), **extra)
         run._fit_one_epoch(1)
         barrier = distributed.barrier if distributed else (lambda: None)
         barrier()
@@ -123,16 +128,8 @@ def measure(processes: int, args, train_h5: str, val_h5: str, scratch: Path) -> 
 
 
 def environment(args) -> dict:
-    model = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if args.device != "cpu" else []
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "gpus": gpus, "load_before": os.getloadavg()}
 
 

@@ -74,6 +74,23 @@ def test_roundtrip_streamed_chunks(tmp_path, with_labels):
     assert split.attrs["image_size"] == 5
 
 
+def test_content_fingerprint_follows_images_and_labels_not_how_they_were_written(tmp_path):
+    images, labels = _toy()
+    whole = HDF5Split(write_split(tmp_path / "a.h5", images, labels, CLASS_NAMES, ATTRS)).content_sha256
+    streamed = HDF5Split(write_split(tmp_path / "b.h5", _chunks(images, labels, 4, True), None, CLASS_NAMES,
+                                     {**ATTRS, "split": "val"}, n_images=len(labels))).content_sha256
+    assert whole == streamed and len(whole) == 64  # same rows, other chunks and attributes
+    one_pixel = images.copy()
+    one_pixel[7, 2, 3, 1] ^= 1
+    other = HDF5Split(write_split(tmp_path / "c.h5", one_pixel, labels, CLASS_NAMES, ATTRS)).content_sha256
+    moved = np.repeat([0, 1, 2], (6, 3, 6))  # image 5 now in class 0: same images, other labels
+    relabelled = HDF5Split(write_split(tmp_path / "d.h5", images, moved, CLASS_NAMES, ATTRS)).content_sha256
+    assert len({whole, other, relabelled}) == 3
+    with h5py.File(tmp_path / "a.h5", "a") as f:  # a file built before the fingerprint existed
+        del f.attrs["content_sha256"]
+    assert HDF5Split(tmp_path / "a.h5").content_sha256 is None
+
+
 @pytest.mark.parametrize("in_memory", [False, True])
 def test_get_images_any_order_with_repeats(tmp_path, in_memory):
     images, labels = _toy()

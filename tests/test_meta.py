@@ -263,6 +263,17 @@ def test_resume_refuses_a_different_config(data, tmp_path):
         run(data, tmp_path, config=tiny_config(epochs=2, base_lr=0.1))
 
 
+def test_resume_refuses_a_split_rebuilt_with_other_images(data, tmp_path):
+    """The same encoder (e.g. the ablation's random_init, which never reads the data) but a
+    train.h5 rebuilt with other images of the same counts: the checkpoint is not resumed."""
+    rebuilt = dict(data, train=write_fake_split(tmp_path / "train.h5", "train", seed=1))
+    run(rebuilt, tmp_path / "out", config=tiny_config(epochs=1))
+    run(rebuilt, tmp_path / "out", config=tiny_config(epochs=2))  # same images: resumes
+    write_fake_split(tmp_path / "train.h5", "train", seed=9)
+    with pytest.raises(CheckpointError, match=r"splits_sha256.*Delete the folder"):
+        run(rebuilt, tmp_path / "out", config=tiny_config(epochs=3))
+
+
 def test_missing_encoder_names_the_pretrain_rule(data, tmp_path):
     with pytest.raises(CheckpointError, match="pretrain"):
         meta_train(data["train"], data["val"], tmp_path / "nope.pt", model_out=tmp_path / "m.pt",

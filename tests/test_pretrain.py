@@ -73,6 +73,19 @@ def test_pretrain_resumes_after_a_stop(tmp_path, splits, caplog):
         run(tmp_path, splits, epochs=3, lr=0.1)
 
 
+def test_a_rebuilt_split_resumes_only_if_its_images_are_the_same(tmp_path, splits, caplog):
+    """Rebuilding train.h5 makes Snakemake rerun pre-training, which finds its old checkpoint:
+    the same images rebuilt resume it; other images with the same counts must not."""
+    run(tmp_path, splits, epochs=1)
+    make_split(splits[0], 4, 16, 1, "train")  # rebuilt, same content
+    caplog.set_level("INFO", logger="mtl.train.pretrain")
+    run(tmp_path, splits, epochs=2)
+    assert "resuming from epoch 2" in caplog.text
+    make_split(splits[0], 4, 16, 7, "train")  # same names and counts, other noise
+    with pytest.raises(CheckpointError, match=r"train.content_sha256: checkpoint '[0-9a-f]{64}' vs now .*Delete"):
+        run(tmp_path, splits, epochs=3)
+
+
 def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ConfigError, match=r"(?i)unknown key\(s\) \['epoch'\].*valid keys.*epochs"):
         PretrainConfig.from_dict({"epoch": 3})

@@ -8,6 +8,7 @@ sorted so each class's images are contiguous; ``class_names`` utf-8 strings (C,)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -52,7 +53,9 @@ def write_split(
     whose labels are checked as they arrive. Labels must be int 0..C-1, sorted (each class's images
     contiguous) and cover every class; ``class_names`` must be sorted and unique. ``attrs`` needs
     ``dataset`` and ``split``; ``source_files`` (name -> checksum dict) is stored as JSON, and
-    ``format_version`` and ``image_size`` are set here. Any problem raises DataError.
+    ``format_version``, ``image_size`` and ``content_sha256`` (of the image bytes and labels, so a
+    training checkpoint can tell a rebuilt file with other images from the same one rebuilt) are
+    set here. Any problem raises DataError.
     """
     path = Path(path)
     class_names = _checked_class_names(class_names, path)
@@ -73,18 +76,23 @@ def write_split(
 
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            _write_chunks(f, chunks, labels, n_images, checker, path, progress)
+            content = _write_chunks(f, chunks, labels, n_images, checker, path, progress)
             f.create_dataset("class_names", data=class_names, dtype=h5py.string_dtype("utf-8"))
             f.attrs.update(file_attrs)
             height, width = f["images"].shape[1:3]
             f.attrs["image_size"] = height if height == width else np.array([height, width])
             f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["content_sha256"] = content
     log.info("wrote %s: %d images, %d classes", path, n_images, len(class_names))
     return path
 
 
-def _write_chunks(f, chunks, labels, n_images, checker, path, progress) -> None:
-    """Stream chunks into ``images`` (created from the first chunk's shape) and ``labels``."""
+def _write_chunks(f, chunks, labels, n_images, checker, path, progress) -> str:
+    """Stream chunks into ``images`` (created from the first chunk's shape) and ``labels``.
+
+    Returns the sha256 of the image bytes in row order, then of the int64 labels.
+    """
+    digest = hashlib.sha256()
     images = None
     all_labels = np.empty(n_images, dtype=np.int64)
     start = 0
@@ -105,6 +113,7 @@ def _write_chunks(f, chunks, labels, n_images, checker, path, progress) -> None:
             if labels is None:
                 checker.check_chunk(chunk_labels, start)
             images[start:stop] = chunk
+            digest.update(np.ascontiguousarray(chunk))
             all_labels[start:stop] = chunk_labels
             start = stop
             bar.update(len(chunk))
@@ -113,6 +122,8 @@ def _write_chunks(f, chunks, labels, n_images, checker, path, progress) -> None:
     if labels is None:
         checker.check_complete()
     f.create_dataset("labels", data=all_labels)
+    digest.update(all_labels)
+    return digest.hexdigest()
 
 
 def _split_item(item, labels, start: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -276,6 +287,12 @@ class HDF5Split:
                 f"{self.path}: images {images.dtype} {images.shape} do not match {len(self.labels)} labels "
                 f"(expected uint8 (N, H, W, 3)). {_REBUILD}"
             )
+
+    @property
+    def content_sha256(self) -> str | None:
+        """sha256 of the images and labels, written at build time (None in files built before it was)."""
+        value = self.attrs.get("content_sha256")
+        return None if value is None else str(value)
 
     @property
     def num_classes(self) -> int:

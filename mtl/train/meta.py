@@ -434,6 +434,9 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
     val = {"split": val_split, "transform": EvalTransform(image_size, mean, std), "batch_size": inference_batch_size,
            "episodes": EpisodeSampler(val_split.labels, way, shot, query, seed).sample(val_episodes)}
 
+    contents = {"train": train_split.content_sha256, "val": val_split.content_sha256}
+    if any(contents.values()):  # splits built before the fingerprint existed: the encoder's hash only
+        identity["splits_sha256"] = contents  # an encoder that ignores the data (random_init) covers nothing
     checkpoint_path = Path(checkpoint_dir) / "last.pt"
     run = resume_or_start(trainer, checkpoint_path, identity)
 

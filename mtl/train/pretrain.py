@@ -430,7 +430,11 @@ def _backbone_spec(backbone: dict) -> dict:
 
 
 def _split_identity(split: HDF5Split) -> dict:
-    return {"file": split.path.name, "num_images": len(split), "num_classes": split.num_classes}
+    """What a checkpoint must have been trained on: the file's name, counts and content."""
+    identity = {"file": split.path.name, "num_images": len(split), "num_classes": split.num_classes}
+    if split.content_sha256 is not None:  # files built before the fingerprint existed: counts only
+        identity["content_sha256"] = split.content_sha256
+    return identity
 
 
 def _differences(saved, current, prefix: str = "") -> list[str]:

@@ -51,6 +51,23 @@ def machine_line() -> str:
             f"load average {loads} (1 / 5 / 15 min)")
 
 
+def add_device_options(parser) -> None:
+    """``--device`` and ``--threads``, as every torch bench takes them (see :func:`device_from`)."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+
+
+def device_from(args):
+    """Set torch's thread count from ``args.threads`` (0: leave it) and select ``args.device``."""
+    import torch
+
+    from mtl.device import select_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return select_device(args.device)
+
+
 def figure(text: str) -> None:
     """Print one measured figure with the context it was taken in."""
     print(f"{text}  [{context()}]", flush=True)

@@ -50,7 +50,6 @@ from mtl.batching import inference_batch_size
 from mtl.data.episodes import load_episodes, write_test_episodes
 from mtl.data.hdf5 import HDF5Split, write_split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform
-from mtl.device import select_device
 from mtl.models import build_backbone, load_encoder, save_encoder
 from validation_pass import per_episode_protocol  # bench/ is on sys.path when run as a script
 
@@ -254,20 +253,16 @@ def main() -> None:
     parser.add_argument("--big-episodes", type=int, default=10_000, help="part 2 episodes")
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--per-class", type=int, default=600)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    context.add_device_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = select_device(args.device)
+    device = context.device_from(args)
     began = time.perf_counter()
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"{context.machine_line()}, device {device}{gpu}")
     print(f"setup: resnet12 width {args.width}, {SIZE}x{SIZE}, {args.classes} classes x {args.per_class} images, "
           f"{WAY}-way {SHOT}-shot {QUERY}-query, seed {SEED}, fresh learner {STEPS} SGD steps lr {LR}")
-    setting = "auto" if args.batch_size == "auto" else int(args.batch_size)
     probe_start = time.perf_counter()
-    batch_size = inference_batch_size(setting, {"name": "resnet12", "width": args.width, "image_size": SIZE}, device)
+    batch_size = inference_batch_size(args.batch_size, {"name": "resnet12", "width": args.width, "image_size": SIZE}, device)
     context.figure(f"inference batch size {batch_size} ({args.batch_size}; chosen in "
                    f"{time.perf_counter() - probe_start:.1f} s, not part of the timings below)")
     with tempfile.TemporaryDirectory() as folder:

@@ -293,7 +293,7 @@ def describe_environment(settings: Settings) -> dict:
             "bf16 supported": str(torch.cuda.is_bf16_supported()),
         })
     else:
-        env.update({"device": f"CPU ({platform.processor() or platform.machine()})", "capability": "n/a",
+        env.update({"device": f"CPU ({context.cpu_model()})", "capability": "n/a",
                     "bf16 supported": "n/a"})
     dtype = autocast_dtype(device)
     env["pipeline AMP dtype"] = str(dtype).replace("torch.", "") if dtype is not None else "none (fp32 on CPU)"

@@ -36,7 +36,6 @@ from torch import nn
 
 from mtl.batching import BatchSizeCache, inference_batch_size
 from mtl.data.transforms import EvalTransform
-from mtl.device import select_device
 from mtl.models import build_backbone, fold_batchnorm, inference_copy
 from mtl.train.learner import embed
 
@@ -162,12 +161,9 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--images", type=int, default=640)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    context.add_device_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = select_device(args.device)
+    device = context.device_from(args)
     print(f"{context.machine_line()}, device {device}")
     size = 84
     print(f"setup: {args.backbone} width {args.width:g}, {size}x{size}, {args.images} random images")

@@ -35,7 +35,7 @@ from mtl.batching import inference_batch_size
 from mtl.data.episodes import EpisodeSampler, EpisodeSet
 from mtl.data.hdf5 import HDF5Split, write_split
 from mtl.data.transforms import EvalTransform
-from mtl.device import autocast, select_device
+from mtl.device import autocast
 from mtl.models import build_backbone, inference_copy
 from mtl.train.learner import embed_batch, evaluate_encoder
 
@@ -91,21 +91,17 @@ def main() -> None:
     parser.add_argument("--baseline-episodes", type=int, default=100)
     parser.add_argument("--classes", type=int, default=16)
     parser.add_argument("--per-class", type=int, default=600)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    context.add_device_options(parser)
     parser.add_argument("--batch-size", default="auto", help="embedding batch: auto (probe, as the workflow) or N")
     parser.add_argument("--baseline", choices=("same", "reference"), default="same",
                         help="per-episode protocol with the batched path's model and batch, or as the reference")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = select_device(args.device)
+    device = context.device_from(args)
     way, shot, query, size = 5, 1, 15, 84
     print(context.machine_line() + f", device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    setting = "auto" if args.batch_size == "auto" else int(args.batch_size)
     probe_start = time.perf_counter()
-    batch_size = inference_batch_size(setting, {"name": "resnet12", "width": args.width, "image_size": size}, device)
+    batch_size = inference_batch_size(args.batch_size, {"name": "resnet12", "width": args.width, "image_size": size}, device)
     context.figure(f"inference batch size {batch_size} ({args.batch_size}; "
                    f"chosen in {time.perf_counter() - probe_start:.1f} s, not part of the timings below)")
     base_batch = batch_size if args.baseline == "same" else None

@@ -31,16 +31,13 @@ from mtl.data.transforms import EvalTransform
 from mtl.device import select_device
 from mtl.errors import CheckpointError, ConfigError
 from mtl.finetune import finetune_accuracies
-from mtl.methods import NAMES, PROTOTYPE, get_method
+from mtl.methods import PROTOTYPE, get_method
 from mtl.models import load_encoder_file
 from mtl.models.encoder_io import ENCODER_PRODUCER, MODEL_PRODUCER
 from mtl.results import write_episode_results
 from mtl.train.learner import DEFAULT_EMBED_BATCH, embed_episodes, evaluate_episodes
 
 log = logging.getLogger(__name__)
-
-METHODS = NAMES
-
 
 def evaluate(
     method: str,

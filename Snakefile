@@ -42,6 +42,7 @@ include: "rules/pretrain.smk"
 include: "rules/meta.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/predict.smk"
 
 
 rule all:

@@ -25,7 +25,7 @@ PRETRAINED, RANDOM_INIT = "pretrained", "random_init"
 #: Parts of the encoder: every block, or the last residual block (resnet12: layer4; resnet25: layer3).
 ALL, LAST = "all", "last"
 #: Base learners at test time: a fresh linear learner, the meta-learned one, nearest class mean.
-FRESH, META_LEARNED, PROTOTYPE = "fresh", "meta", "prototype"
+FRESH, META_LEARNED, PROTOTYPE, LOGISTIC = "fresh", "meta", "prototype", "logistic"
 
 
 @dataclass(frozen=True)

@@ -155,4 +155,69 @@ def get_encoder_targets():
 
 
 def get_final_output():
-    return ["results/summary.csv"]
+    return ["results/summary.csv"] + get_exported_models()
+
+
+# ---------------------------------------------------------------- exported models, prediction
+# `predict:` in config.yaml: a support folder of labelled class folders and a query folder.
+PREDICT = config["predict"]
+
+
+def get_model_settings(wildcards):
+    """What an exported model records of the config it was trained and is used with."""
+    method = method_registry.get_method(wildcards.method)
+    settings = {
+        "backbone": config["backbone"],
+        "protocol": config["protocol"],
+        "pretrain": config["pretrain"],
+        "data": config["data"][wildcards.dataset],
+    }
+    if method.meta_trained:
+        settings["meta"] = get_meta_config(wildcards)
+    return settings
+
+
+def get_exported_models(datasets=DATASETS, methods=METHODS, shots=SHOTS):
+    return expand(
+        rules.export_model.output.model,
+        dataset=datasets,
+        backbone=BACKBONE,
+        method=methods,
+        shot=shots,
+        seed=SEEDS,
+    )
+
+
+def get_predict_dataset(wildcards=None):
+    """The trained dataset whose models predict: `predict.trained_on`, else the only one enabled."""
+    name = PREDICT["trained_on"]
+    if name is None and len(DATASETS) == 1:
+        return DATASETS[0]
+    if name not in DATASETS:
+        raise ValueError(
+            f"predict.trained_on is {name!r}; set it to one of the trained datasets {DATASETS} "
+            "(config.yaml `predict:`)"
+        )
+    return name
+
+
+def get_predict_inputs(wildcards):
+    """Every seed's model of the chosen method and shot; left open, all of them and the summary
+    (the script picks the best method for the closest shot)."""
+    missing = [key for key in ("support", "query") if not PREDICT[key]]
+    if missing:
+        raise ValueError(
+            f"snakemake predict needs predict.{' and predict.'.join(missing)} in the config: a support "
+            "folder of class folders (support/<class>/<images>) and a flat query folder of images, e.g. "
+            "--config 'predict={support: my_support, query: my_query}'"
+        )
+    methods = [PREDICT["method"]] if PREDICT["method"] else METHODS
+    shots = [PREDICT["shot"]] if PREDICT["shot"] else SHOTS
+    inputs = {
+        "support": PREDICT["support"],
+        "query": PREDICT["query"],
+        "models": get_exported_models([get_predict_dataset()], methods, shots),
+    }
+    if not (PREDICT["method"] and PREDICT["shot"]):
+        inputs["summary"] = "results/summary.csv"
+    return inputs

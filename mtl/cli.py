@@ -1,0 +1,66 @@
+"""Console commands for people outside Snakemake (``[project.scripts]`` in pyproject.toml).
+
+``mtl-predict``: classify a folder of images with exported models (one file, several seeds' files,
+or a folder of them), adapting to a folder of labelled support images::
+
+    mtl-predict --model results/models/digits/resnet12/mtl/5shot/ \\
+                --support my_support/ --query my_query/ --out predictions.csv
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mtl.errors import MTLError
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mtl-predict",
+        description="Classify the images of a query folder with exported few-shot models, adapted to a support "
+                    "folder of labelled class folders (support/<class>/<images>). Several models (the seeds of "
+                    "one method) are averaged: a seed ensemble.")
+    parser.add_argument("--model", required=True, action="append",
+                        help="an exported model file, or a folder of them (seed*.pt); repeat for more")
+    parser.add_argument("--support", required=True, help="folder of class folders holding labelled images")
+    parser.add_argument("--query", required=True, help="flat folder of images to classify")
+    parser.add_argument("--out", required=True, help="CSV to write: one row per query image")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when visible), cuda or cpu (default: auto)")
+    parser.add_argument("--batch-size", default="auto",
+                        help="images per forward pass: auto (measured once per machine and cached) or an integer")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        written = run_prediction(args.model, args.support, args.query, args.out, device=args.device,
+                                 batch_size=args.batch_size, threads=args.threads)
+    except MTLError as error:  # a message the user can act on, not a traceback
+        print(f"mtl-predict: {error}", file=sys.stderr)
+        return 2
+    print(f"mtl-predict: wrote {written}")
+    return 0
+
+
+def run_prediction(models, support, query, out, *, device="auto", batch_size="auto", threads=None,
+                   cache_dir=None, expected_backbone=None):
+    """Load the models, predict, write the CSV atomically; returns its path."""
+    import torch
+
+    from mtl.batching import inference_batch_size
+    from mtl.device import select_device
+    from mtl.predict import load_models, write_predictions
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    ensemble = load_models(models, expected_backbone=expected_backbone)
+    dev = select_device(device)
+    first = ensemble.models[0]
+    backbone = {**first.info["backbone"], "image_size": first.image_size}
+    size = inference_batch_size(batch_size, backbone, dev, cache_dir=cache_dir)
+    write_predictions(ensemble, support, query, out, batch_size=size, device=dev)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(predict_main())

@@ -1,0 +1,312 @@
+"""Classify your own images with what the workflow trained: one model, or the seed ensemble.
+
+    import mtl
+    model = mtl.load_model("results/models/digits/resnet12/mtl/5shot/seed1.pt")
+    prediction = model.predict("my_support/", "my_query/")       # folders, or uint8 arrays
+    ensemble = mtl.load_models("results/models/digits/resnet12/mtl/5shot/")  # every seed's file
+    ensemble.predict("my_support/", "my_query/").table()          # one row per query image
+
+A model adapts to the support set exactly as ``evaluate`` adapts it to a test episode's support
+set (:mod:`mtl.methods` says how each method does), then scores every query image; the support
+set is embedded once per model, the queries in batches. A seed ensemble averages the models'
+probabilities: the training replicates the workflow makes anyway become a better predictor, and
+how far they disagree is reported per image (``seeds_agreeing``, ``probability_sd``).
+
+Contract (tests/test_predict.py): a saved test episode written out as a support and a query
+folder gets exactly the predictions ``evaluate`` makes on that episode, for every method.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from mtl.data.transforms import EvalTransform
+from mtl.data.user_images import SupportSet, list_query_folder, read_query_chunks, read_support_folder
+from mtl.errors import ConfigError
+from mtl.finetune import _Trunk, adapt_on_support, query_features
+from mtl.methods import FRESH, LOGISTIC, META_LEARNED, PROTOTYPE
+from mtl.model_file import read_model_file
+from mtl.models import inference_copy
+from mtl.train.learner import DEFAULT_EMBED_BATCH, adapt_linear, embed_batch, fresh_init, linear_logits
+
+log = logging.getLogger(__name__)
+
+
+class FewShotModel:
+    """An exported model (:mod:`mtl.model_file`), ready to adapt to a support set."""
+
+    def __init__(self, backbone: torch.nn.Module, info: Mapping, path: Path | None = None):
+        self.backbone, self.info, self.path = backbone.eval(), dict(info), path
+        self.transform = EvalTransform(self.image_size, **self.info["normalize"])
+
+    @classmethod
+    def load(cls, path, *, expected_backbone: Mapping | None = None) -> FewShotModel:
+        backbone, info = read_model_file(path, expected_backbone=expected_backbone)
+        return cls(backbone, info, Path(path))
+
+    method = property(lambda self: self.info["method"])
+    seed = property(lambda self: int(self.info["seed"]))
+    shot = property(lambda self: int(self.info["shot"]))
+    trained_on = property(lambda self: self.info["trained_on"])
+    image_size = property(lambda self: int(self.info["image_size"]))
+    #: the side new images are resized to before the network's own resize and crop
+    stored_image_size = property(lambda self: int(self.info["stored_image_size"]))
+
+    def __repr__(self) -> str:
+        return (f"FewShotModel({self.method}, trained on {self.trained_on}, {self.shot}-shot, seed {self.seed}, "
+                f"{self.info['backbone']['name']} width {self.info['backbone']['width']})")
+
+    def adapt(self, support: SupportSet, *, batch_size: int = DEFAULT_EMBED_BATCH,
+              device: torch.device | str = "cpu") -> AdaptedClassifier:
+        """The classifier this model's method builds from ``support`` (see the module docstring)."""
+        return AdaptedClassifier(self, support, batch_size=batch_size, device=torch.device(device))
+
+    def predict(self, support, query, *, batch_size: int = DEFAULT_EMBED_BATCH,
+                device: torch.device | str = "cpu") -> Prediction:
+        """Probabilities of every query image; ``support``/``query`` as in :meth:`SeedEnsemble.predict`."""
+        return SeedEnsemble([self]).predict(support, query, batch_size=batch_size, device=device)
+
+
+class AdaptedClassifier:
+    """One model adapted to one support set: ``probabilities(images)`` for any batch of queries."""
+
+    def __init__(self, model: FewShotModel, support: SupportSet, *, batch_size: int, device: torch.device):
+        self.model, self.device, self.batch_size = model, device, batch_size
+        self.n_classes = len(support.class_names)
+        test_time = model.info["test_time"]
+        self.kind, self.scope = test_time["learner"], test_time["finetune"]
+        backbone = model.backbone.to(device)
+        # the network that embeds: the whole encoder, or the frozen trunk before a fine-tuned part
+        self.embedder = inference_copy(backbone if self.scope is None else _Trunk(backbone, self.scope))
+        labels = torch.as_tensor(support.labels, device=device)
+        support_x = self._embed(support.images)
+        # the same generator evaluate seeds per run: a fresh learner here is episode 0's learner there
+        generator = torch.Generator().manual_seed(model.seed)
+        if self.scope is not None:
+            weight, bias = fresh_init(1, self.n_classes, backbone.out_dim, generator=generator, device=device)
+            self.params, self.weight, self.bias = adapt_on_support(
+                backbone, self.scope, support_x.unsqueeze(0), labels, weight, bias, steps=test_time["steps"],
+                lr=test_time["lr"], encoder_lr=test_time["encoder_lr"])
+        elif self.kind in (FRESH, META_LEARNED):
+            init_weight, init_bias = self._learner_init() if self.kind == META_LEARNED else (None, None)
+            self.weight, self.bias = adapt_linear(support_x.unsqueeze(0), labels, self.n_classes,
+                                                  init_weight=init_weight, init_bias=init_bias,
+                                                  steps=test_time["steps"], lr=test_time["lr"], generator=generator)
+        elif self.kind == PROTOTYPE:
+            sums = torch.zeros(self.n_classes, support_x.shape[1], device=device).index_add_(0, labels, support_x)
+            self.prototypes = sums / torch.bincount(labels, minlength=self.n_classes).unsqueeze(1)
+        elif self.kind == LOGISTIC:
+            self.support_x, self.labels = support_x, labels
+        else:
+            raise ConfigError(f"{model.path}: unknown test-time learner {self.kind!r}; upgrade mtl-fewshot")
+
+    def _embed(self, images: np.ndarray) -> torch.Tensor:
+        chunks = [embed_batch(self.embedder, images[start:start + self.batch_size], self.model.transform,
+                              self.device) for start in range(0, len(images), self.batch_size)]
+        return torch.cat(chunks)
+
+    def _learner_init(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The meta-learned initialisation; for another number of classes than it was trained for,
+        every class starts from the mean of its rows (class positions in episodes are arbitrary)."""
+        weight, bias = self.model.info["learner"]["weight"].float(), self.model.info["learner"]["bias"].float()
+        if weight.shape[0] != self.n_classes:
+            weight = weight.mean(dim=0, keepdim=True).expand(self.n_classes, -1)
+            bias = bias.mean().expand(self.n_classes)
+        return weight.to(self.device), bias.to(self.device)
+
+    def probabilities(self, images: np.ndarray) -> torch.Tensor:
+        """(B, C) float64 class probabilities of a batch of uint8 query images."""
+        x = self._embed(images)
+        if self.scope is not None:
+            feats = query_features(self.model.backbone, self.scope, self.params, x.unsqueeze(0))
+            logits = linear_logits(feats, self.weight, self.bias)[0]
+        elif self.kind in (FRESH, META_LEARNED):
+            logits = linear_logits(x.unsqueeze(0), self.weight, self.bias)[0]
+        elif self.kind == PROTOTYPE:
+            logits = -torch.cdist(x, self.prototypes).square()
+        else:
+            from mtl.logistic import logistic_probabilities
+
+            return logistic_probabilities(self.support_x.cpu(), self.labels.cpu(), x.cpu(),
+                                          self.n_classes).double()
+        return F.softmax(logits.double(), dim=-1).cpu()
+
+
+@dataclass
+class Prediction:
+    """Per-model probabilities (M, Q, C) of Q query images over C classes, and what they came from."""
+
+    class_names: list[str]
+    per_model: np.ndarray
+    files: list[Path] | None = None
+    models: list[str] | None = None
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """(Q, C): the mean over the models (the seed ensemble)."""
+        return self.per_model.mean(axis=0)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """(Q,) index of the predicted class of every query."""
+        return self.probabilities.argmax(axis=1)
+
+    def table(self) -> pd.DataFrame:
+        """One row per query: file, predicted class, its probability, how the seeds agree, then one
+        probability column per class (``p_<class>``)."""
+        predicted, probs = self.predicted, self.probabilities
+        rows = np.arange(len(predicted))
+        per_model_choice = self.per_model.argmax(axis=2)  # (M, Q)
+        table = pd.DataFrame({
+            "file": [p.name for p in self.files] if self.files is not None else rows,
+            "predicted": [self.class_names[i] for i in predicted],
+            "probability": probs[rows, predicted],
+            # disagreement between the seeds' models: how many pick the ensemble's class, and the
+            # spread of the probability they give it
+            "seeds_agreeing": (per_model_choice == predicted).sum(axis=0),
+            "seeds": len(self.per_model),
+            "probability_sd": self.per_model[:, rows, predicted].std(axis=0, ddof=1)
+            if len(self.per_model) > 1 else np.nan,
+        })
+        for c, name in enumerate(self.class_names):
+            table[f"p_{name}"] = probs[:, c]
+        return table
+
+
+class SeedEnsemble:
+    """Models of one method trained with different seeds; probabilities are averaged over them."""
+
+    def __init__(self, models: Sequence[FewShotModel]):
+        if not models:
+            raise ConfigError("a seed ensemble needs at least one model file")
+        kinds = {(m.method, m.trained_on, m.shot, m.stored_image_size) for m in models}
+        if len(kinds) > 1:
+            raise ConfigError("the models of an ensemble must share method, training data, shot and image size; "
+                              f"got {sorted(kinds)}: " + ", ".join(str(m.path) for m in models))
+        self.models = list(models)
+
+    def __repr__(self) -> str:
+        return f"SeedEnsemble(seeds {[m.seed for m in self.models]} of {self.models[0]!r})"
+
+    def predict(self, support, query, *, batch_size: int = DEFAULT_EMBED_BATCH,
+                device: torch.device | str = "cpu") -> Prediction:
+        """Adapt every model to ``support`` once, then classify ``query`` in batches.
+
+        ``support``: a folder of class folders, or a :class:`SupportSet`. ``query``: a flat folder of
+        images, or a uint8 array (Q, H, W, 3) of images as the model expects them.
+        """
+        size = self.models[0].stored_image_size
+        if not isinstance(support, SupportSet):
+            support = read_support_folder(support, size)
+        adapted = [model.adapt(support, batch_size=batch_size, device=device) for model in self.models]
+        files, chunks = _query_stream(query, size, batch_size)
+        per_model: list[list[torch.Tensor]] = [[] for _ in adapted]
+        for images in chunks:
+            for out, classifier in zip(per_model, adapted):
+                out.append(classifier.probabilities(images))
+        return Prediction(support.class_names, torch.stack([torch.cat(p) for p in per_model]).numpy(), files,
+                          [str(m.path) for m in self.models])
+
+
+def _query_stream(query, image_size: int, batch_size: int) -> tuple[list[Path] | None, Iterable[np.ndarray]]:
+    if isinstance(query, (str, Path)):
+        files = list_query_folder(query)
+        return files, read_query_chunks(files, image_size, chunk=max(batch_size, 256))
+    images = np.asarray(query)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ConfigError(f"query images must be uint8 (Q, H, W, 3), got {images.dtype} {images.shape}")
+    step = max(batch_size, 256)
+    return None, (images[start:start + step] for start in range(0, len(images), step))
+
+
+def load_model(path, *, expected_backbone: Mapping | None = None) -> FewShotModel:
+    """One exported model file (see :mod:`mtl.model_file`)."""
+    return FewShotModel.load(path, expected_backbone=expected_backbone)
+
+
+def load_models(paths, *, expected_backbone: Mapping | None = None) -> SeedEnsemble:
+    """A seed ensemble from model files, or from a folder holding them (``seed*.pt``)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ConfigError(f"model path {path} does not exist; the workflow writes exported models to "
+                              "results/models/<dataset>/<backbone>/<method>/<shot>shot/seed<N>.pt")
+        files += sorted(path.glob("seed*.pt")) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"no model files (seed*.pt) in {', '.join(map(str, paths))}; the workflow writes them "
+                          "to results/models/<dataset>/<backbone>/<method>/<shot>shot/")
+    return SeedEnsemble([load_model(f, expected_backbone=expected_backbone) for f in files])
+
+
+def choose_run(summary: pd.DataFrame, trained_on: str, support_counts: Sequence[int], *,
+               method: str | None = None, shot: int | None = None) -> tuple[str, int]:
+    """(method, shot) to predict with: the trained shot closest to the support's median images per
+    class (ties: the smaller), and the method with the best across-seed accuracy there, in-domain."""
+    rows = summary[summary["dataset"] == trained_on]
+    if "trained_on" in rows:
+        rows = rows[rows["trained_on"] == trained_on]
+    if rows.empty:
+        raise ConfigError(f"results/summary.csv has no rows of dataset '{trained_on}'; train it first "
+                          f"(datasets there: {sorted(summary['dataset'].unique())})")
+    if shot is None:
+        median = float(np.median(support_counts))
+        shot = min(sorted(rows["shot"].unique()), key=lambda s: (abs(s - median), s))
+    rows = rows[rows["shot"] == int(shot)]
+    if method is None:
+        if rows.empty:
+            raise ConfigError(f"no {shot}-shot rows of '{trained_on}' in results/summary.csv")
+        method = str(rows.sort_values("accuracy", ascending=False, kind="stable").iloc[0]["method"])
+    return method, int(shot)
+
+
+def write_predictions(ensemble: SeedEnsemble, support, query, out_csv, *, batch_size: int = DEFAULT_EMBED_BATCH,
+                      device: torch.device | str = "cpu") -> Prediction:
+    """Predict and write ``out_csv`` (one row per query image, :meth:`Prediction.table`) atomically:
+    any bad input stops it before anything is written under that name."""
+    from mtl.io import atomic_path
+
+    log.info("predicting with %r, batch %d on %s", ensemble, batch_size, device)
+    prediction = ensemble.predict(support, query, batch_size=batch_size, device=device)
+    with atomic_path(out_csv) as tmp:
+        prediction.table().to_csv(tmp, index=False)
+    agreeing = prediction.table()["seeds_agreeing"]
+    log.info("%s: %d query images, %d where not every seed agrees", out_csv, len(agreeing),
+             int((agreeing < len(ensemble.models)).sum()))
+    return prediction
+
+
+def predict_with_trained_models(model_files: Sequence, support, query, out_csv, *, trained_on: str,
+                                method: str | None = None, shot: int | None = None, summary_csv=None,
+                                expected_backbone: Mapping | None = None,
+                                batch_size: int = DEFAULT_EMBED_BATCH,
+                                device: torch.device | str = "cpu") -> Prediction:
+    """The workflow's prediction: among ``model_files`` (exported models of ``trained_on``), the seeds
+    of ``method`` and ``shot``; either left None is chosen from ``summary_csv`` (:func:`choose_run`)."""
+    from mtl.model_file import peek_model_file
+
+    headers = {Path(f): peek_model_file(f) for f in model_files}
+    sizes = {h["stored_image_size"] for h in headers.values()}
+    if len(sizes) != 1:
+        raise ConfigError(f"the models of {trained_on} were trained on images of several sizes {sorted(sizes)}")
+    support_set = read_support_folder(support, sizes.pop())
+    if method is None or shot is None:
+        from mtl.results import read_csv_table
+
+        summary = read_csv_table(summary_csv, "summary", "run the workflow (snakemake) first")
+        method, shot = choose_run(summary, trained_on, support_set.counts(), method=method, shot=shot)
+        log.info("predicting with %s %d-shot: the best across-seed accuracy of %s for the shot closest to the "
+                 "support set's %s images per class", method, shot, trained_on, support_set.counts())
+    chosen = [f for f, h in headers.items()
+              if h["method"] == method and int(h["shot"]) == int(shot) and h["trained_on"] == trained_on]
+    if not chosen:
+        raise ConfigError(f"no exported model of {trained_on} {method} {shot}-shot among {len(headers)} files")
+    ensemble = load_models(chosen, expected_backbone=expected_backbone)
+    return write_predictions(ensemble, support_set, query, out_csv, batch_size=batch_size, device=device)

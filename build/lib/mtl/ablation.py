@@ -1,0 +1,184 @@
+"""The ablation table: every arm of :mod:`mtl.methods` against ``ft`` and ``mtl``, across seeds.
+
+Built from the across-seed summaries of :mod:`mtl.results` (nothing is re-derived here):
+``build_summary(runs, baseline="ft")`` gives each arm's mean over training seeds, its Student-t
+interval over seeds and the paired difference to ``ft``; ``build_summary(runs, baseline="mtl")``
+the paired difference to ``mtl``. Both pair runs of the same seed on the same saved episodes
+(``load_runs`` refuses runs of one dataset/shot scored on different episode files).
+
+``ablation.csv``: one row per arm, and for each dataset x shot the columns
+``<dataset>_<shot>shot_<field>`` (:data:`GROUP_FIELDS`). ``ablation.md``: the same as three
+tables (accuracy, difference to ft, difference to mtl), arms as rows, dataset x shot as columns.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from mtl.errors import ConfigError
+from mtl.io import atomic_path
+from mtl.methods import NAMES, get_method
+from mtl.results import NOT_MEASURED, ROW_KEY, SEED_INTERVAL, build_summary, load_runs, reference_for
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("ft", "mtl")
+#: Columns per dataset x shot in ablation.csv.
+GROUP_FIELDS = (
+    "n_seeds", "accuracy", "ci95",
+    "diff_vs_ft", "diff_vs_ft_ci95", "seeds_above_ft",
+    "diff_vs_mtl", "diff_vs_mtl_ci95", "seeds_above_mtl",
+    "paper_accuracy", "paper_source",
+)
+
+_FT_ROWS_SOURCE = (
+    "Sun et al., CVPR 2019, Table 1 (ablation), row {row}, miniImageNet 5-way 1-shot, as quoted in the "
+    "authors' repository (github.com/yaoyao-liu/meta-transfer-learning, issue #24; the authors answered "
+    "without correcting the figures). We could not read the table itself or its FC100/5-shot cells. The "
+    "paper's FT rows may update these parameters during meta-training (the authors point to Sec. 5.3 of "
+    "arXiv:1910.03648); our arm fine-tunes at test time only, so the comparison is indicative"
+)
+#: The MTL paper's ablation figures we could verify, per arm: {(dataset, shot): (accuracy %, source)}.
+#: 5-way only. ``mtl`` and ``mtl_ht`` take the published figures of :data:`mtl.results.REFERENCE_ACCURACIES`.
+PAPER_ABLATION: dict[str, dict[tuple[str, int], tuple[float, str]]] = {
+    "ft": {("miniimagenet", 1): (55.9, _FT_ROWS_SOURCE.format(row="FT θ"))},
+    "ft_last": {("miniimagenet", 1): (57.2, _FT_ROWS_SOURCE.format(row="FT [Θ4; θ]"))},
+    "ft_all": {("miniimagenet", 1): (58.3, _FT_ROWS_SOURCE.format(row="FT [Θ; θ]"))},
+}
+
+
+def paper_figure(arm: str, dataset: str, shot: int, way: int) -> tuple[float, str] | None:
+    """(accuracy %, source) the paper reports for this arm and cell, or None."""
+    if int(way) != 5:
+        return None
+    key = (str(dataset).lower(), int(shot))
+    if key in PAPER_ABLATION.get(arm, {}):
+        return PAPER_ABLATION[arm][key]
+    reference = reference_for(arm, dataset, shot, way)
+    return None if reference is None else (reference[0], reference[2])
+
+
+def ablation_long(runs: Sequence) -> pd.DataFrame:
+    """One row per arm x dataset x backbone x shot: the across-seed summary against both baselines."""
+    present = {run.metrics["method"] for run in runs}
+    missing = [b for b in BASELINES if b not in present]
+    if missing:
+        raise ConfigError(f"the ablation table compares every arm with {list(BASELINES)}, but no run of "
+                          f"{missing} was given; evaluate them too (snakemake ablation does)")
+    against_ft, against_mtl = (build_summary(runs, baseline=b) for b in BASELINES)
+    keep = list(ROW_KEY) + ["diff_vs_mtl", "diff_vs_mtl_ci95", "seeds_above_mtl"]
+    table = against_ft.merge(against_mtl[keep], on=list(ROW_KEY), how="left", validate="one_to_one")
+    papers = [paper_figure(r.method, r.dataset, r.shot, r.way) for r in table.itertuples()]
+    table["paper_accuracy"] = [np.nan if p is None else p[0] for p in papers]
+    table["paper_source"] = ["" if p is None else p[1] for p in papers]
+    return table.rename(columns={"method": "arm"})
+
+
+def ablation_wide(long: pd.DataFrame) -> pd.DataFrame:
+    """Arms as rows (registry order), ``<dataset>_<shot>shot_<field>`` columns."""
+    groups = long[["dataset", "shot"]].drop_duplicates().sort_values(["dataset", "shot"])
+    arms = [a for a in NAMES if a in set(long["arm"])] + sorted(set(long["arm"]) - set(NAMES))
+    wide = pd.DataFrame({"arm": arms, "what": [_summary(a) for a in arms]})
+    for dataset, shot in groups.itertuples(index=False):
+        cell = long[(long["dataset"] == dataset) & (long["shot"] == shot)].set_index("arm")
+        for field in GROUP_FIELDS:
+            wide[f"{dataset}_{shot}shot_{field}"] = [cell[field].get(arm, np.nan) for arm in arms]
+    return wide
+
+
+def _summary(arm: str) -> str:
+    return get_method(arm).summary if arm in NAMES else ""
+
+
+def _groups(wide: pd.DataFrame) -> list[str]:
+    return [c[: -len("_accuracy")] for c in wide.columns if c.endswith("shot_accuracy")]
+
+
+def _pm(value, interval, signed: bool = False) -> str:
+    if pd.isna(value):
+        return ""
+    text = f"{value:+.2f}" if signed else f"{value:.2f}"
+    return text if pd.isna(interval) else f"{text} ± {interval:.2f}"
+
+
+def ablation_markdown(long: pd.DataFrame, wide: pd.DataFrame) -> str:
+    """ablation.md: how to read it, then accuracy, vs ft and vs mtl tables, then the paper's sources."""
+    groups = _groups(wide)
+    titles = ["arm"] + [g.replace("_", " ") for g in groups]
+    sources = [s for s in dict.fromkeys(long["paper_source"]) if s]
+    first = long.iloc[0]
+    seeds = sorted({int(s) for cell in long["seeds"] for s in str(cell).split()})
+    lines = [
+        "# Ablation: what is adapted, which meta-batch, which order", "",
+        f"{first['backbone']}, {first['way']}-way, {first['query']} queries per class, {first['episodes']} fixed "
+        f"test episodes per dataset and shot (episode seed {first['episode_seed']}), training seeds "
+        f"{', '.join(map(str, seeds))}. Every arm and seed of a column was scored on the same saved episodes.", "",
+        f"- **accuracy**: mean over training seeds ± the 95% interval over seeds `{SEED_INTERVAL}`; with one "
+        f"seed no interval ({NOT_MEASURED}). *paper*: the published figure, where the paper reports the arm.",
+        "- **vs ft / vs mtl**: paired difference in points, per seed on the same episodes (same encoder and "
+        "seed), then the mean over seeds ± its t-interval over seeds; (k/n): seeds where the arm scored higher.",
+        "",
+    ]
+    lines += _table("Accuracy (%)", titles, wide, groups, _accuracy_cell(sources))
+    for baseline in BASELINES:
+        lines += _table(f"Difference to {baseline} (points)", titles, wide, groups, _diff_cell(baseline))
+    lines += ["## Arms", ""] + [f"- `{a}`: {w}" for a, w in zip(wide["arm"], wide["what"])] + [""]
+    if sources:
+        lines += ["## Paper figures", ""] + [f"[{i}] {s}" for i, s in enumerate(sources, 1)] + [""]
+    else:
+        lines += ["No published figure matches these columns (5-way miniImageNet/FC100 only).", ""]
+    return "\n".join(lines)
+
+
+def _table(title, titles, wide, groups, cell) -> list[str]:
+    lines = [f"## {title}", "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for row in wide.to_dict("records"):
+        lines.append("| " + " | ".join([f"`{row['arm']}`"] + [cell(row, g) for g in groups]) + " |")
+    return lines + [""]
+
+
+def _accuracy_cell(sources):
+    def cell(row, group):
+        text = _pm(row[f"{group}_accuracy"], row[f"{group}_ci95"])
+        paper = row[f"{group}_paper_accuracy"]
+        if not pd.isna(paper):
+            text += f" (paper {paper:.1f} [{sources.index(row[f'{group}_paper_source']) + 1}])"
+        return text
+    return cell
+
+
+def _diff_cell(baseline):
+    def cell(row, group):
+        text = _pm(row[f"{group}_diff_vs_{baseline}"], row[f"{group}_diff_vs_{baseline}_ci95"], signed=True)
+        above = row[f"{group}_seeds_above_{baseline}"]
+        if text and not pd.isna(above):
+            text += f" ({int(above)}/{int(row[f'{group}_n_seeds'])})"
+        return text
+    return cell
+
+
+def write_ablation(metrics_files: Sequence, episode_files: Sequence, *, csv_out, md_out) -> pd.DataFrame:
+    """Load the runs, build the table, write ``ablation.csv`` and ``ablation.md`` atomically."""
+    if len(metrics_files) != len(episode_files):
+        raise ValueError("every metrics.json needs its episodes.csv (the lists differ in length)")
+    long = ablation_long(load_runs(list(zip(metrics_files, episode_files))))
+    wide = ablation_wide(long)
+    with atomic_path(csv_out) as tmp:
+        _rounded(wide).to_csv(tmp, index=False)
+    with atomic_path(md_out) as tmp:
+        tmp.write_text(ablation_markdown(long, wide))
+    log.info("ablation: %d arms x %d dataset/shot columns -> %s, %s", len(wide), len(_groups(wide)), csv_out, md_out)
+    return wide
+
+
+def _rounded(wide: pd.DataFrame) -> pd.DataFrame:
+    out = wide.copy()
+    for column in out.columns:
+        if column.endswith(("_accuracy", "_ci95", "_diff_vs_ft", "_diff_vs_mtl")):
+            out[column] = pd.to_numeric(out[column]).round(2)
+        elif column.endswith(("_n_seeds", "_seeds_above_ft", "_seeds_above_mtl")):
+            out[column] = pd.to_numeric(out[column]).astype("Int64")
+    return out

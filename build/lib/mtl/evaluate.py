@@ -1,0 +1,135 @@
+"""Meta-test: score a method on the saved test episodes, embedding each test image once.
+
+The encoder is fixed at meta-test, so the features of an image are the same in every episode
+that uses it. We embed the images the episodes touch once (scales folded into the conv weights,
+eval-mode BN), then adapt all episodes' base learners together in one batched computation
+(:func:`mtl.train.learner.evaluate_episodes`). The per-episode protocol of the reference embeds
+support and query of every episode again; both give the same per-episode accuracies.
+
+Methods (entries of :mod:`mtl.methods`, which states each one's test-time adaptation and budget):
+- meta-trained (``mtl``, ``mtl_ht`` and the ``mtl_*`` arms): the meta-trained scale/shift encoder
+  and the meta-learned learner initialisation, adapted with the meta-train inner loop
+  (update_step SGD steps at base_lr).
+- ``ft``: the pre-trained encoder with a fresh linear learner (kaiming init, 100 steps, lr 0.01),
+  as the reference's pre-train validation does.
+- ``proto``: the pre-trained encoder, nearest class mean (Euclidean) over support features.
+- ``ft_last`` / ``ft_all``: ``ft`` with the last residual block / the whole network fine-tuned
+  together with the learner on each support set (:mod:`mtl.finetune`; the encoder is not fixed,
+  so these embed per episode chunk instead of once).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtl.data.episodes import load_episodes
+from mtl.data.hdf5 import HDF5Split
+from mtl.data.transforms import EvalTransform
+from mtl.device import select_device
+from mtl.errors import CheckpointError, ConfigError
+from mtl.finetune import finetune_accuracies
+from mtl.methods import PROTOTYPE, get_method
+from mtl.models import load_encoder_file
+from mtl.models.encoder_io import ENCODER_PRODUCER, MODEL_PRODUCER
+from mtl.results import write_episode_results
+from mtl.train.learner import DEFAULT_EMBED_BATCH, embed_episodes, evaluate_episodes
+
+log = logging.getLogger(__name__)
+
+def evaluate(
+    method: str,
+    model_path: str | Path,
+    test_h5: str | Path,
+    episodes_path: str | Path,
+    *,
+    episodes_out: str | Path,
+    metrics_out: str | Path,
+    protocol: dict,
+    ft_steps: int | None = None,
+    ft_lr: float | None = None,
+    batch_size: int = DEFAULT_EMBED_BATCH,
+    device: str = "auto",
+) -> dict:
+    """Score ``method`` on the fixed episodes and write ``episodes_out`` (CSV) and ``metrics_out`` (JSON).
+
+    ``batch_size``: images per forward pass of the embedding (choose it with mtl.batching).
+    ``protocol`` holds what the episode file does not fix: dataset, backbone, and the training
+    ``seed`` of the run (it also seeds the fresh learners' initialisation). ``ft_steps``/``ft_lr``
+    replace the registry's budget of a fresh learner (benchmarks); None keeps it.
+    """
+    test_time = get_method(method).test_time
+    if "seed" not in protocol:
+        raise ConfigError("evaluate: protocol must name the training seed of the run ('seed')")
+    dev = select_device(device)
+    split = HDF5Split(test_h5)
+    episodes = load_episodes(episodes_path, expect_num_images=len(split), expect_num_classes=split.num_classes)
+    encoder, info, init = _load_for_method(method, model_path, dev)
+
+    transform = EvalTransform(info["image_size"], **info["normalize"])
+    way, shot, n_query = episodes.meta["way"], episodes.meta["shot"], episodes.meta["query"]
+    if init is not None:  # the inner loop the initialisation was meta-learned for
+        steps, lr = info["update_step"], info["base_lr"]
+    else:
+        steps, lr = ft_steps or test_time.steps, ft_lr or test_time.lr
+    # The learner's initialisation is part of the training chain: it follows the training seed.
+    generator = torch.Generator().manual_seed(int(protocol["seed"]))
+    if test_time.finetune is not None:
+        accuracies = finetune_accuracies(
+            encoder, split, (episodes.support, episodes.query), transform, way, shot, n_query,
+            scope=test_time.finetune, steps=steps, lr=lr, encoder_lr=test_time.encoder_lr, generator=generator,
+            device=dev, batch_size=batch_size, progress=True,
+        )
+    else:
+        features, support, query = embed_episodes(
+            encoder, split, (episodes.support, episodes.query), transform, batch_size=batch_size, device=dev,
+            progress=True,
+        )
+        if test_time.learner == PROTOTYPE:
+            accuracies = nearest_mean_accuracies(features, support, query, way, shot, n_query)
+        else:
+            accuracies = evaluate_episodes(
+                features, (support, query), way, shot, n_query,
+                init=init, steps=steps, lr=lr, generator=generator,
+            )
+    full_protocol = {
+        **protocol,
+        "method": method,
+        "way": way,
+        "shot": shot,
+        "query": n_query,
+        "episodes": len(accuracies),
+        "episode_seed": episodes.meta["seed"],
+        "episodes_file": str(episodes_path),
+        "episodes_sha256": episodes.sha256,
+    }
+    return write_episode_results(episodes_out, metrics_out, np.asarray(accuracies), full_protocol)
+
+
+def nearest_mean_accuracies(features: torch.Tensor, support: np.ndarray, query: np.ndarray, way: int, shot: int, n_query: int) -> np.ndarray:
+    """Prototype classifier: each query goes to the class whose mean support feature is nearest."""
+    support_feats = features[torch.as_tensor(support)]  # (E, way*shot, D), class-major
+    query_feats = features[torch.as_tensor(query)]  # (E, way*query, D)
+    prototypes = support_feats.reshape(len(support), way, shot, -1).mean(dim=2)
+    predicted = torch.cdist(query_feats, prototypes).argmin(dim=2)
+    targets = torch.arange(way, device=predicted.device).repeat_interleave(n_query)
+    return (predicted == targets).float().mean(dim=1).cpu().numpy()
+
+
+def _load_for_method(method: str, model_path, dev: torch.device):
+    """The encoder to embed with (scales folded in), the file's entries, and the learner
+    initialisation (None: a fresh learner per episode)."""
+    meta_trained = get_method(method).meta_trained
+    encoder, info = load_encoder_file(model_path, producer=MODEL_PRODUCER if meta_trained else ENCODER_PRODUCER)
+    init = None
+    if meta_trained:
+        if "learner" not in info:
+            raise CheckpointError(
+                f"{model_path} is not a meta-trained model (no learner initialisation); "
+                "the meta_train rule writes results/<dataset>/<backbone>/seed<N>/<method>/<shot>shot/model.pt."
+            )
+        init = (info["learner"]["weight"].float(), info["learner"]["bias"].float())
+        info = {**info, **info["inner"]}
+    return encoder.to(dev).eval(), info, init

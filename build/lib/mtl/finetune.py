@@ -1,0 +1,176 @@
+"""Test-time fine-tuning of a network part with the base learner (ablation arms ``ft_last``, ``ft_all``).
+
+On each test episode, a fresh linear learner (the ``ft`` initialisation, drawn from the same
+generator in the same episode order) and a copy of the encoder part named by ``scope`` (``last``:
+the last residual block; ``all``: the whole network) take ``steps`` plain SGD steps together on
+the support set's mean cross-entropy (learner at ``lr``, encoder part at ``encoder_lr``); then the
+query images are classified by the adapted network. BN stays in eval mode (the pre-trained running
+statistics; its affine parameters adapt with the rest of the part): five support images are no
+batch to estimate statistics from.
+
+Batched and bounded: the frozen trunk (every block before the adapted part) embeds each image of a
+chunk of episodes once; the chunk's episodes are then adapted together, each with its own copy of
+the part, through ``torch.func`` (``vmap`` over episodes of ``grad`` of the support loss). Memory
+grows with the chunk x support size x the part's activations, not with the number of episodes:
+the chunk is sized from one image's activations to stay within :data:`MEMORY_BUDGET_BYTES`, and
+its size does not change results. With ``encoder_lr`` 0 this is ``ft`` exactly (a test checks it).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from mtl.methods import ALL, LAST
+from mtl.models.backbone import Backbone, encoder_part
+from mtl.train.learner import DEFAULT_EMBED_BATCH, embed, embed_episodes, episode_accuracy, fresh_init
+
+log = logging.getLogger(__name__)
+
+#: Activation memory one chunk of episodes may hold for its backward pass (estimated, see
+#: :func:`episodes_per_chunk`).
+MEMORY_BUDGET_BYTES = 4 * 2**30
+#: Activations kept for the backward pass plus their gradients, relative to the forward outputs.
+_BACKWARD_FACTOR = 3
+#: On a CPU, batching episodes saves nothing: 4-16 episodes per chunk were the fastest and still
+#: 1.3-1.5x slower than a plain per-episode autograd loop (bench/RESULTS.md, bench/finetune.py);
+#: larger chunks only lose cache locality. The batching is for GPUs (many small kernels per step).
+CPU_MAX_CHUNK = 16
+
+
+class _Trunk(nn.Module):
+    """The frozen part before the adapted one: images -> its input (identity for ``all``)."""
+
+    def __init__(self, backbone: Backbone, scope: str):
+        super().__init__()
+        self.backbone, self.scope = backbone, scope
+
+    def forward(self, x):
+        return x if self.scope == ALL else self.backbone.forward_trunk(x)
+
+
+class _Head(nn.Module):
+    """The adapted part: the trunk's output -> features (the whole backbone for ``all``)."""
+
+    def __init__(self, backbone: Backbone, scope: str):
+        super().__init__()
+        self.backbone, self.scope = backbone, scope
+
+    def forward(self, x):
+        return self.backbone(x) if self.scope == ALL else self.backbone.forward_head(x)
+
+
+def adapted_parameter_names(backbone: Backbone, scope: str) -> list[str]:
+    """Names (in ``backbone.named_parameters()``) of the parameters fine-tuning updates."""
+    part = {id(p) for p in encoder_part(backbone, scope).parameters()}
+    return [name for name, param in backbone.named_parameters() if id(param) in part]
+
+
+def adapt_on_support(backbone: Backbone, scope: str, support_x: torch.Tensor, support_y: torch.Tensor,
+                     weight: torch.Tensor, bias: torch.Tensor, *, steps: int, lr: float,
+                     encoder_lr: float) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Adapt E episodes at once: per-episode copies of the part's parameters and the learners.
+
+    ``support_x`` (E, S, ...) is the trunk's output for each episode's support images (the images
+    for ``all``), ``support_y`` (S,) their labels, ``weight``/``bias`` (E, way, D)/(E, way) the
+    initial learners. Returns ({name: (E, ...) adapted parameter}, weight, bias), names as in
+    :func:`adapted_parameter_names`. ``backbone`` itself is left unchanged.
+    """
+    head = _Head(backbone, scope).eval()  # functional_call keys carry the "backbone." prefix
+    names = adapted_parameter_names(backbone, scope)
+    own = dict(backbone.named_parameters())
+    episodes = support_x.shape[0]
+    params = {name: own[name].detach().unsqueeze(0).expand(episodes, *own[name].shape) for name in names}
+
+    def support_loss(part_params, w, b, x):
+        feats = functional_call(head, {f"backbone.{k}": v for k, v in part_params.items()}, (x,))
+        return F.cross_entropy(feats @ w.T + b, support_y)
+
+    gradients = vmap(grad(support_loss, argnums=(0, 1, 2)))
+    requires_grad = {name: p.requires_grad for name, p in own.items()}
+    backbone.requires_grad_(False)  # only the per-episode copies are differentiated
+    try:
+        with torch.no_grad():  # grad() differentiates inside; nothing outside needs a graph
+            for _ in range(steps):
+                g_params, g_w, g_b = gradients(params, weight, bias, support_x)
+                params = {k: v - encoder_lr * g_params[k] for k, v in params.items()}
+                weight, bias = weight - lr * g_w, bias - lr * g_b
+    finally:
+        for name, param in own.items():
+            param.requires_grad_(requires_grad[name])
+    return params, weight, bias
+
+
+def query_features(backbone: Backbone, scope: str, params: dict, query_x: torch.Tensor) -> torch.Tensor:
+    """(E, Q, D) features of each episode's queries through its own adapted part."""
+    head = _Head(backbone, scope).eval()
+
+    def forward(part_params, x):
+        return functional_call(head, {f"backbone.{k}": v for k, v in part_params.items()}, (x,))
+
+    with torch.no_grad():
+        return vmap(forward)(params, query_x)
+
+
+def episodes_per_chunk(backbone: Backbone, scope: str, part_input: torch.Tensor, support_size: int,
+                       budget: int = MEMORY_BUDGET_BYTES) -> int:
+    """Episodes whose support sets fit ``budget`` when adapted together: the bytes every layer of
+    the adapted part outputs for one image (``part_input``, shape (1, ...)), times the backward
+    factor and the support size; at least 1."""
+    outputs = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel() * out.element_size()))
+             for m in encoder_part(backbone, scope).modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            _Head(backbone, scope).eval()(part_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_episode = _BACKWARD_FACTOR * support_size * (sum(outputs) + part_input.numel() * part_input.element_size())
+    return max(1, int(budget // per_episode))
+
+
+def finetune_accuracies(backbone: Backbone, images, episodes: tuple[np.ndarray, np.ndarray], transform,
+                        way: int, shot: int, query: int, *, scope: str, steps: int, lr: float,
+                        encoder_lr: float, generator: torch.Generator | None = None,
+                        device: torch.device | str = "cpu", chunk: int | None = None,
+                        batch_size: int = DEFAULT_EMBED_BATCH, progress: bool = False) -> np.ndarray:
+    """Per-episode query accuracies (E,) float64 of test-time fine-tuning (see the module docstring).
+
+    ``episodes`` = (support (E, way*shot), query (E, way*query)) image indices into ``images``,
+    class-major; the learners' initialisation follows ``generator`` episode by episode, as ``ft``.
+    ``chunk``: episodes adapted together; None sizes it by :func:`episodes_per_chunk`.
+    """
+    from tqdm import tqdm
+
+    if scope not in (ALL, LAST):
+        raise ValueError(f"scope must be '{ALL}' or '{LAST}', got {scope!r}")
+    support, query_idx = (np.asarray(a) for a in episodes)
+    backbone = backbone.to(device).eval()
+    trunk = _Trunk(backbone, scope)
+    support_y = torch.arange(way, device=device).repeat_interleave(shot)
+    query_y = torch.arange(way, device=device).repeat_interleave(query)
+    if chunk is None:
+        probe = embed(trunk, images, transform, device=device, indices=support[:1, :1].ravel())
+        chunk = episodes_per_chunk(backbone, scope, probe, support.shape[1])
+        if torch.device(device).type == "cpu":
+            chunk = min(chunk, CPU_MAX_CHUNK)
+        log.info("fine-tuning %s: %d episodes per chunk (memory budget %.1f GiB)", scope, chunk,
+                 MEMORY_BUDGET_BYTES / 2**30)
+    accuracies = []
+    for start in tqdm(range(0, len(support), chunk), desc=f"fine-tune ({scope})", leave=False,
+                      disable=None if progress else True):
+        inputs, s_idx, q_idx = embed_episodes(trunk, images, (support[start:start + chunk],
+                                                               query_idx[start:start + chunk]),
+                                              transform, batch_size=batch_size, device=device)
+        weight, bias = fresh_init(len(s_idx), way, backbone.out_dim, generator=generator, device=device)
+        params, weight, bias = adapt_on_support(backbone, scope, inputs[torch.as_tensor(s_idx, device=device)],
+                                                support_y, weight, bias, steps=steps, lr=lr,
+                                                encoder_lr=encoder_lr)
+        feats = query_features(backbone, scope, params, inputs[torch.as_tensor(q_idx, device=device)])
+        accuracies.append(episode_accuracy(feats, query_y, weight, bias).cpu())
+    return torch.cat(accuracies).double().numpy()

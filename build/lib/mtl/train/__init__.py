@@ -1,0 +1,1 @@
+"""Training: the shared linear base learner, checkpoints, pre-training and meta-training."""

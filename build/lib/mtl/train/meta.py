@@ -1,0 +1,562 @@
+"""Meta-train: learn scale/shift (+ BN affine) and the base learner's initialisation (MTL).
+
+Follows the PyTorch reference protocol (REFERENCE.md section 2) by default:
+  - the pre-trained encoder is loaded into the SS backbone; conv weights/biases are frozen;
+  - one task per outer step; BN in train mode; the QUERY batch is embedded first, then the
+    SUPPORT batch (the reference's order, which fixes the running-statistic updates);
+  - inner loop: ``update_step`` plain SGD steps (``base_lr``) on the support cross-entropy of a
+    linear learner starting from its meta-learned init (kaiming_normal weight, zero bias);
+  - first-order meta-gradient: the inner-loop gradients are constants, so the query loss reaches
+    scale/shift/BN only through the query embeddings and reaches the learner init as through an
+    identity (``W_T = W_0 + const``);
+  - Adam on scale/shift/BN affine (``meta_lr``) and on the learner init (``learner_lr``): one Adam
+    with two parameter groups, as the reference (Adam is per-parameter, so it equals two Adams);
+    StepLR(``step_size``, ``gamma``) per epoch; meta-validation each epoch, best model kept.
+
+Where we differ on purpose (same maths, less work or fixed defects):
+  - first-order: the support embedding is computed under ``no_grad`` (the reference builds its
+    autograd graph and never uses it) and the inner loop runs on detached tensors;
+  - validation embeds each validation image once in eval mode (scales folded into the convs) and
+    adapts all episodes together (``evaluate_episodes``), without autograd and without augmentation
+    (the reference validates on augmented images with autograd on);
+  - meta-train augmentation is the reference's training transform (it builds its meta-train set with
+    ``train_aug=True``), drawn from a generator seeded per epoch so a resumed run sees the same data;
+  - the scheduler steps after each epoch (PyTorch's documented order: ``step_size`` full epochs at
+    the initial rate); the reference steps it at the start of each epoch, so its first decay comes
+    one epoch earlier.
+
+Options: ``first_order: false`` (second-order: support embeddings and inner loop keep the graph),
+``meta_batch > 1`` (average the query losses of several tasks per outer step), the hard-task
+meta-batch (:mod:`mtl.train.hard_tasks`), and ``scope="last"`` (scales/shifts and BN affine of the
+last residual block only). The ablation arms of :mod:`mtl.methods` are these options, named.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from mtl.data.episodes import EpisodeSampler
+from mtl.data.hdf5 import HDF5Split
+from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
+from mtl.device import autocast, grad_scaler, select_device
+from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
+from mtl.faults import fault_point
+from mtl.io import atomic_path, atomic_torch_save, file_sha256
+from mtl.models import fold_scales, freeze_for_meta, load_encoder_file
+from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, failure_class
+from mtl.train.stop import raise_if_stop_requested, stop_on_signals, stop_requested
+from mtl.results import mean_ci95
+from mtl.train.learner import DEFAULT_EMBED_BATCH, adapt_linear, embed_episodes, evaluate_episodes
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ("epoch", "meta_loss", "train_acc", "val_acc", "val_ci95", "lr", "hard_tasks", "seconds")
+# Config keys that may change between a run and its resume (a longer run continues the shorter one).
+RESUMABLE_KEYS = ("epochs",)
+_AUGMENT_STREAM = 0x4D54  # seeds the per-epoch augmentation generator
+
+
+@dataclass
+class MetaConfig:
+    """Meta-train settings: the config's ``meta`` keys, with the PyTorch reference's defaults."""
+
+    epochs: int = 100  # reference max_epoch
+    episodes_per_epoch: int = 100  # outer steps per epoch (reference num_batch)
+    meta_lr: float = 1.0e-4  # Adam on scale/shift AND BN gamma/beta (reference meta_lr1)
+    learner_lr: float = 1.0e-3  # Adam on the learner init (reference meta_lr2)
+    step_size: int = 10  # StepLR period in epochs
+    gamma: float = 0.5  # StepLR factor
+    base_lr: float = 0.01  # inner-loop SGD learning rate
+    update_step: int = 100  # inner-loop SGD steps (reference: train = val = test = 100)
+    first_order: bool = True  # reference: inner-loop gradients are constants
+    meta_batch: int = 1  # tasks whose query losses are averaged per outer step (reference 1); hard
+    # tasks count as tasks here: see HardTaskConfig for how the two groupings interact
+    hard_tasks: HardTaskConfig = field(default_factory=HardTaskConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hard_tasks, dict):
+            self.hard_tasks = HardTaskConfig.from_dict(self.hard_tasks)
+        for name in ("epochs", "episodes_per_epoch", "step_size", "meta_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"meta.{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.update_step) < 0:
+            raise ConfigError(f"meta.update_step must be >= 0, got {self.update_step!r}")
+        for name in ("meta_lr", "learner_lr", "base_lr", "gamma"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"meta.{name} must be a positive number, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> MetaConfig:
+        """Build from the config's ``meta`` dict; an unknown key is an error naming the valid ones."""
+        values = check_known_keys(values, cls, "meta")
+        if "hard_tasks" in values and not isinstance(values["hard_tasks"], HardTaskConfig):
+            values["hard_tasks"] = HardTaskConfig.from_dict(values["hard_tasks"])
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- base learner
+def init_learner(way: int, dim: int, device: torch.device | str = "cpu", *,
+                 generator: torch.Generator | None = None) -> tuple[nn.Parameter, nn.Parameter]:
+    """The reference learner init: kaiming_normal weight (way, dim), zero bias; both meta-learned.
+
+    Drawn on the CPU from ``generator`` (the global RNG when None), then moved to ``device``.
+    """
+    weight = torch.empty(way, dim)
+    nn.init.kaiming_normal_(weight, generator=generator)
+    return nn.Parameter(weight.to(device)), nn.Parameter(torch.zeros(way, device=device))
+
+
+def adapt_learner(support_feats, support_targets, weight, bias, *, steps: int, lr: float, first_order: bool):
+    """Adapted learner (W_T (way, D), b_T (way,)) from the meta-learned init (weight, bias).
+
+    Uses the shared batched base learner (:func:`mtl.train.learner.adapt_linear`, analytic
+    gradients). First-order: ``W_T = W_0 + const`` (inner-loop gradients are constants, computed
+    without a tape): the query loss reaches W_0 through an identity and the support features not
+    at all, as with the reference. Second-order: the loop runs on the tape, differentiable in the
+    support features and the init.
+    """
+    fast_w, fast_b = adapt_linear(support_feats[None], support_targets, weight.shape[0], init_weight=weight,
+                                  init_bias=bias, steps=steps, lr=lr, create_graph=True,
+                                  first_order=first_order)
+    return fast_w[0], fast_b[0]
+
+
+# --------------------------------------------------------------------------- one task
+def episode_targets(way: int, per_class: int, device) -> torch.Tensor:
+    """Local labels of a class-major batch: 0,0,..,1,1,.. (``per_class`` each)."""
+    return torch.arange(way, device=device).repeat_interleave(per_class)
+
+
+def task_query_loss(model: nn.Module, weight, bias, support_x, query_x, *, way: int, shot: int, query: int,
+                    steps: int, lr: float, first_order: bool, amp=contextlib.nullcontext):
+    """Query cross-entropy of the adapted learner for one task, and the query logits.
+
+    Embeds the query batch first, then the support batch (reference order; BN in whatever mode
+    ``model`` is in). First-order: the support embedding is computed under ``no_grad``.
+    ``amp`` is a context factory (mixed precision on CUDA); the inner loop always runs in float32.
+    """
+    device = query_x.device
+    with amp():
+        query_feats = model(query_x)
+    if first_order:
+        with torch.no_grad(), amp():
+            support_feats = model(support_x)
+    else:
+        with amp():
+            support_feats = model(support_x)
+    support_y = episode_targets(way, shot, device)
+    fast_w, fast_b = adapt_learner(support_feats, support_y, weight, bias, steps=steps, lr=lr,
+                                   first_order=first_order)
+    logits = F.linear(query_feats.float(), fast_w, fast_b)
+    loss = F.cross_entropy(logits, episode_targets(way, query, device))
+    return loss, logits
+
+
+# --------------------------------------------------------------------------- the task stream
+class TaskStream:
+    """Tasks of one epoch in order: ordinary episodes, with hard tasks interleaved when HT is on.
+
+    Ordinary task j of epoch e is ``sampler.episode(e * tasks_per_epoch + j)``, so the stream is a
+    pure function of (seed, epoch) and a resumed epoch sees the tasks it would have seen.
+    """
+
+    def __init__(self, sampler, epoch: int, tasks_per_epoch: int, hard_round: HardTaskRound | None):
+        self.sampler = sampler
+        self.first_index = epoch * tasks_per_epoch
+        self.normal_count = 0
+        self.hard_round = hard_round
+        self.hard_count = 0
+        self._kind = None
+
+    def next(self):
+        """(kind, Episode) of the next task; call :meth:`done` with its query predictions after."""
+        kind = self.hard_round.next_kind() if self.hard_round is not None else "normal"
+        if kind == "hard":
+            episode = self.hard_round.pop_hard()
+            self.hard_count += 1
+        else:
+            episode = self.sampler.episode(self.first_index + self.normal_count)
+            self.normal_count += 1
+        self._kind = kind
+        return kind, episode
+
+    def done(self, episode, predictions: np.ndarray, targets: np.ndarray) -> None:
+        """Record an ordinary task's failure class (HT only)."""
+        if self.hard_round is not None and self._kind == "normal":
+            self.hard_round.record(failure_class(predictions, targets, episode.classes))
+
+    def state(self) -> dict:
+        """Where the stream stands between two tasks, as plain values (for a mid-epoch checkpoint)."""
+        return {"normal_count": self.normal_count, "hard_count": self.hard_count,
+                "hard_round": self.hard_round.state() if self.hard_round is not None else None}
+
+    def load_state(self, state: dict) -> None:
+        self.normal_count, self.hard_count = int(state["normal_count"]), int(state["hard_count"])
+        if self.hard_round is not None:
+            self.hard_round.load_state(state["hard_round"])
+
+
+# --------------------------------------------------------------------------- helpers
+def normalize_stats(normalize) -> tuple[list[float], list[float]]:
+    """(mean, std) from the encoder's ``normalize`` entry; the reference statistics when absent."""
+    if not normalize:
+        return list(DEFAULT_MEAN), list(DEFAULT_STD)
+    if isinstance(normalize, dict):
+        return list(normalize["mean"]), list(normalize["std"])
+    mean, std = normalize
+    return list(mean), list(std)
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def clone_state(model: nn.Module, weight, bias) -> dict:
+    """CPU copy of everything meta-train changes plus the frozen weights (the full SS state)."""
+    return {
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "learner": {"weight": weight.detach().cpu().clone(), "bias": bias.detach().cpu().clone()},
+    }
+
+
+# --------------------------------------------------------------------------- the trainer
+class MetaTrainer:
+    """Holds the model, learner init, optimiser and data of one meta-train run.
+
+    ``meta_train`` drives it epoch by epoch; tests and benchmarks use its pieces directly.
+    """
+
+    def __init__(self, model, *, way, shot, query, config: MetaConfig, device, image_size, mean, std,
+                 seed: int | None = None, scope: str = "all"):
+        self.model = model.to(device)
+        self.params = freeze_for_meta(self.model, scope)
+        self.way, self.shot, self.query = way, shot, query
+        self.config = config
+        self.device = torch.device(device)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.weight, self.bias = init_learner(way, model.out_dim, self.device, generator=generator)
+        # One Adam with two groups is the reference's optimiser (Adam is per-parameter, so this is
+        # the same as two Adams); one StepLR scales both learning rates.
+        self.optimizer = torch.optim.Adam(
+            [{"params": self.params, "lr": config.meta_lr},
+             {"params": [self.weight, self.bias], "lr": config.learner_lr}])
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.step_size,
+                                                         gamma=config.gamma)
+        self.scaler = grad_scaler(self.device)
+        self._autocast = lambda: autocast(self.device)
+        self.image_size = image_size
+        self.mean, self.std = mean, std
+
+    # ---- one task / one outer step
+    def task_forward_backward(self, support_x, query_x, loss_scale: float = 1.0):
+        """Forward one task, backpropagate ``loss * loss_scale``; return (loss, query predictions)."""
+        loss, logits = task_query_loss(
+            self.model, self.weight, self.bias, support_x, query_x, way=self.way, shot=self.shot,
+            query=self.query, steps=self.config.update_step, lr=self.config.base_lr,
+            first_order=self.config.first_order, amp=self._autocast)
+        self.scaler.scale(loss * loss_scale).backward()
+        return float(loss.detach()), logits.detach().argmax(dim=1).cpu().numpy()
+
+    def optimizer_step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ---- state
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "learner": {"weight": self.weight.detach().clone(), "bias": self.bias.detach().clone()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            self.weight.copy_(state["learner"]["weight"])
+            self.bias.copy_(state["learner"]["bias"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _load_images(split, episode, transform, device, generator=None):
+    """Support and query images of an episode as normalised float tensors on ``device``.
+
+    One read and one transform call for both sets; augmentation draws from ``generator``.
+    """
+    indices = np.concatenate([episode.support, episode.query])
+    images = split.get_images(indices)
+    if isinstance(transform, TrainTransform):
+        batch = transform(images, device, generator=generator)
+    else:
+        batch = transform(images, device)
+    n_support = len(episode.support)
+    return batch[:n_support], batch[n_support:]
+
+
+def train_epoch(trainer: MetaTrainer, split, sampler, transform, *, epoch: int, seed: int,
+                hard_config: HardTaskConfig | None, indices_by_class=None, resume: dict | None = None,
+                on_stop: Callable[[dict], None] | None = None) -> dict:
+    """One epoch of ``episodes_per_epoch`` outer steps; returns mean loss/accuracy and hard-task count.
+
+    ``resume``: the place a stopped epoch saved (see ``on_stop``), to continue after its last step.
+    ``on_stop(place)``: called after the step during which SIGTERM/SIGINT arrived, with the place
+    reached (step, task stream, augmentation generator, running statistics); it saves a checkpoint
+    and ends the run.
+    """
+    config = trainer.config
+    tasks_per_epoch = config.episodes_per_epoch * config.meta_batch
+    hard_round = None
+    if hard_config is not None and hard_config.enabled:
+        hard_round = HardTaskRound(hard_config, indices_by_class, way=trainer.way, shot=trainer.shot,
+                                   query=trainer.query, seed=seed, epoch=epoch)
+    stream = TaskStream(sampler, epoch, tasks_per_epoch, hard_round)
+    generator = torch.Generator().manual_seed(int(np.random.default_rng([seed, _AUGMENT_STREAM, epoch])
+                                                  .integers(2**62)))
+    query_targets = np.repeat(np.arange(trainer.way), trainer.query)
+    trainer.model.train()
+    losses, accuracies, first_step = [], [], 0
+    if resume is not None:
+        first_step, losses, accuracies = resume["step"], list(resume["losses"]), list(resume["accuracies"])
+        stream.load_state(resume["stream"])
+        generator.set_state(resume["generator"])
+    steps = tqdm(range(first_step, config.episodes_per_epoch), desc=f"meta epoch {epoch + 1}", leave=False,
+                 disable=None, unit="step", initial=first_step, total=config.episodes_per_epoch)
+    for step in steps:
+        for _ in range(config.meta_batch):
+            _, episode = stream.next()
+            support_x, query_x = _load_images(split, episode, transform, trainer.device, generator)
+            loss, predictions = trainer.task_forward_backward(support_x, query_x, 1.0 / config.meta_batch)
+            check_finite_loss(loss, trainer.config, epoch, step)
+            stream.done(episode, predictions, query_targets)
+            losses.append(loss)
+            accuracies.append(float((predictions == query_targets).mean()))
+        trainer.optimizer_step()
+        steps.set_postfix(loss=f"{np.mean(losses):.3f}", acc=f"{np.mean(accuracies):.3f}")
+        fault_point("meta.step")
+        if on_stop is not None and stop_requested():
+            on_stop({"step": step + 1, "stream": stream.state(), "generator": generator.get_state(),
+                     "losses": losses, "accuracies": accuracies})
+    return {"meta_loss": float(np.mean(losses)), "train_acc": float(np.mean(accuracies)),
+            "hard_tasks": stream.hard_count}
+
+
+def check_finite_loss(loss: float, config: MetaConfig, epoch: int, step: int) -> None:
+    """A NaN/inf query loss poisons every weight it reaches: stop before it is applied or saved."""
+    if not math.isfinite(loss):
+        raise MTLError(
+            f"meta-training diverged at epoch {epoch + 1}, step {step + 1} (query loss {loss}); lower "
+            f"meta.meta_lr (now {config.meta_lr}), meta.learner_lr (now {config.learner_lr}) or meta.base_lr "
+            f"(now {config.base_lr}) and rerun. Nothing from this epoch was saved.")
+
+
+def validate(trainer: MetaTrainer, val_split, episodes, transform,
+             batch_size: int = DEFAULT_EMBED_BATCH) -> np.ndarray:
+    """Per-episode validation accuracies from the meta-learned init, (E,) float.
+
+    Eval-mode BN, scales folded into the convs, every image used by the episodes embedded once
+    without autograd; all episodes adapt in one batched computation (``evaluate_episodes``).
+    """
+    plain = fold_scales(trainer.model).eval()
+    arrays = (np.stack([e.support for e in episodes]), np.stack([e.query for e in episodes]))
+    features, support, query = embed_episodes(plain, val_split, arrays, transform, batch_size=batch_size,
+                                              device=trainer.device)
+    init = (trainer.weight.detach(), trainer.bias.detach())
+    return evaluate_episodes(features, (support, query), trainer.way, trainer.shot, trainer.query, init=init,
+                             steps=trainer.config.update_step, lr=trainer.config.base_lr)
+
+
+# --------------------------------------------------------------------------- entry point
+def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkpoint_dir,
+               config: MetaConfig, way: int, shot: int, query: int, val_episodes: int, seed: int,
+               hard_tasks: bool, device: str = "auto", scope: str = "all", method: str | None = None,
+               inference_batch_size: int = DEFAULT_EMBED_BATCH) -> Path:
+    """Meta-train the pre-trained encoder at ``encoder_path``; write ``model_out`` and ``history_out``.
+
+    ``hard_tasks`` switches the HT meta-batch on (method ``mtl_ht``) and overrides
+    ``config.hard_tasks.enabled``. ``scope`` is where scales/shifts are learned (``all`` or ``last``,
+    see :func:`mtl.models.freeze_for_meta`); ``method`` is the name recorded in the model file
+    (default ``mtl``/``mtl_ht``). Resumes from ``checkpoint_dir/last.pt`` when present (a longer
+    ``epochs`` continues a finished shorter run); any other config, protocol, backbone or encoder
+    change is refused with a CheckpointError, since silently mixing two runs would corrupt results.
+    Outputs are written once, at the end: the best-validation model and the full history.
+    ``inference_batch_size``: images per forward pass of the validation embedding (see mtl.batching).
+    """
+    config = with_hard_tasks(config, hard_tasks)
+    if int(val_episodes) < 1:
+        raise ConfigError(f"protocol.val_episodes must be >= 1 (meta-validation picks the best epoch), "
+                          f"got {val_episodes!r}")
+    device = select_device(device)
+    # missing file: its error names the pretrain rule
+    model, encoder_meta = load_encoder_file(encoder_path, ss=True)
+    image_size = int(encoder_meta.get("image_size") or model.native_size)
+    mean, std = normalize_stats(encoder_meta.get("normalize"))
+    protocol = {"way": way, "shot": shot, "query": query, "seed": seed, "scope": scope,
+                "method": method or ("mtl_ht" if config.hard_tasks.enabled else "mtl")}
+    identity = run_identity(model, config, protocol, val_episodes, image_size, Path(encoder_path))
+
+    trainer = MetaTrainer(model, way=way, shot=shot, query=query, config=config, device=device,
+                          image_size=image_size, mean=mean, std=std, seed=seed, scope=scope)
+    train_split, val_split = open_split(train_h5), open_split(val_h5)
+    data = {
+        "split": train_split,
+        "sampler": EpisodeSampler(train_split.labels, way, shot, query, seed),
+        "transform": TrainTransform(image_size, mean, std),
+        "indices_by_class": train_split.indices_by_class() if config.hard_tasks.enabled else None,
+    }
+    val = {"split": val_split, "transform": EvalTransform(image_size, mean, std), "batch_size": inference_batch_size,
+           "episodes": EpisodeSampler(val_split.labels, way, shot, query, seed).sample(val_episodes)}
+
+    contents = {"train": train_split.content_sha256, "val": val_split.content_sha256}
+    if any(contents.values()):  # splits built before the fingerprint existed: the encoder's hash only
+        identity["splits_sha256"] = contents  # an encoder that ignores the data (random_init) covers nothing
+    checkpoint_path = Path(checkpoint_dir) / "last.pt"
+    run = resume_or_start(trainer, checkpoint_path, identity)
+
+    def save(next_epoch: int, partial: dict | None = None) -> None:
+        save_checkpoint(checkpoint_path, trainer=trainer.state(), rng=capture_rng(), next_epoch=next_epoch,
+                        best=run["best"], history=run["history"], config=config.to_dict(), identity=identity,
+                        partial=partial)
+
+    if run["next_epoch"] >= config.epochs:
+        log.info("checkpoint %s already holds %d epochs (epochs: %d); writing the outputs from it",
+                 checkpoint_path, run["next_epoch"], config.epochs)
+    epochs = tqdm(range(run["next_epoch"], config.epochs), desc=f"meta-train {protocol['method']} {shot}-shot",
+                  initial=run["next_epoch"], total=config.epochs, disable=None, unit="epoch")
+    with stop_on_signals():
+        for epoch in epochs:
+            def stop_here(place: dict, epoch: int = epoch) -> None:
+                save(epoch, partial={"epoch": epoch, **place})
+                raise_if_stop_requested("meta-training", f"at epoch {epoch + 1}, step {place['step']}",
+                                        checkpoint_path)
+
+            row = run_epoch(trainer, epoch, run, data, val, seed, on_stop=stop_here)
+            epochs.set_postfix(val=f"{row['val_acc']:.4f}", best=f"{run['best']['val_acc']:.4f}")
+            save(epoch + 1)
+            raise_if_stop_requested("meta-training", f"after epoch {epoch + 1}", checkpoint_path)
+
+    best = run["best"]
+    if best["state"] is None:  # only when no epoch validated to a number
+        raise MTLError(f"meta-training finished without a model to keep: no epoch gave a finite validation "
+                       f"accuracy (history: {history_out}). Delete {checkpoint_dir} and rerun with lower "
+                       "meta learning rates.")
+    atomic_torch_save({"backbone": model.config, **best["state"], "image_size": image_size,
+                       "normalize": {"mean": mean, "std": std}, "protocol": protocol,
+                       # meta-test adapts with the inner loop the init was meta-learned for
+                       "inner": {"update_step": config.update_step, "base_lr": config.base_lr},
+                       "epoch": best["epoch"], "val_acc": best["val_acc"]}, model_out)
+    write_history(Path(history_out), run["history"])
+    log.info("meta-train done: best val_acc %.4f at epoch %d -> %s", best["val_acc"], best["epoch"], model_out)
+    return Path(model_out)
+
+
+def with_hard_tasks(config: MetaConfig | dict, enabled: bool) -> MetaConfig:
+    """``config`` (a MetaConfig or the ``meta`` dict) with HT switched by the method, not the file."""
+    if not isinstance(config, MetaConfig):
+        config = MetaConfig.from_dict(config)
+    values = config.to_dict()
+    values["hard_tasks"]["enabled"] = bool(enabled)
+    return MetaConfig.from_dict(values)
+
+
+def run_identity(model, config: MetaConfig, protocol: dict, val_episodes: int, image_size: int,
+                 encoder_path: Path) -> dict:
+    """What a checkpoint must match to be resumed: everything but ``epochs``, and the same encoder."""
+    return {
+        "backbone": model.config,
+        "config": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_KEYS},
+        "protocol": {**protocol, "val_episodes": val_episodes},
+        "image_size": image_size,
+        "encoder_sha256": file_sha256(encoder_path),
+    }
+
+
+def resume_or_start(trainer: MetaTrainer, checkpoint_path: Path, identity: dict) -> dict:
+    """Run state {next_epoch, history, best}: from the checkpoint (loaded into ``trainer``) or fresh."""
+    saved = load_checkpoint(checkpoint_path, producer="the `meta_train` rule")
+    if saved is None:
+        return {"next_epoch": 0, "history": [], "best": {"val_acc": -1.0, "epoch": 0, "state": None},
+                "partial": None}
+    _check_identity(saved, identity, checkpoint_path)
+    trainer.load_state(saved["trainer"])
+    restore_rng(saved["rng"])
+    partial = saved.get("partial")
+    step = f", step {partial['step']}" if partial else ""
+    log.info("resuming from epoch %d%s (checkpoint %s)", saved["next_epoch"] + 1, step, checkpoint_path)
+    return {"next_epoch": saved["next_epoch"], "history": list(saved["history"]), "best": saved["best"],
+            "partial": partial}
+
+
+def run_epoch(trainer: MetaTrainer, epoch: int, run: dict, data: dict, val: dict, seed: int,
+              on_stop: Callable[[dict], None] | None = None) -> dict:
+    """Train one epoch, validate, step the schedule, keep the best; append and return the history row.
+
+    A stopped epoch saved in ``run["partial"]`` continues where it stopped (see ``train_epoch``).
+    """
+    started = time.perf_counter()
+    lr = trainer.lr
+    partial = run.pop("partial", None)
+    stats = train_epoch(trainer, data["split"], data["sampler"], data["transform"], epoch=epoch, seed=seed,
+                        hard_config=trainer.config.hard_tasks, indices_by_class=data["indices_by_class"],
+                        resume=partial if partial and partial["epoch"] == epoch else None, on_stop=on_stop)
+    val_acc, val_ci = mean_ci95(validate(trainer, val["split"], val["episodes"], val["transform"], val["batch_size"]))
+    trainer.scheduler.step()
+    if val_acc > run["best"]["val_acc"]:
+        run["best"] = {"val_acc": val_acc, "epoch": epoch + 1,
+                       "state": clone_state(trainer.model, trainer.weight, trainer.bias)}
+    row = {"epoch": epoch + 1, "meta_loss": stats["meta_loss"], "train_acc": stats["train_acc"],
+           "val_acc": val_acc, "val_ci95": val_ci, "lr": lr, "hard_tasks": stats["hard_tasks"],
+           "seconds": round(time.perf_counter() - started, 3)}
+    run["history"].append(row)
+    log.info("epoch %d/%d: meta_loss %.4f train_acc %.4f val_acc %.4f +- %.4f (best %.4f @ %d)", epoch + 1,
+             trainer.config.epochs, stats["meta_loss"], stats["train_acc"], val_acc, val_ci,
+             run["best"]["val_acc"], run["best"]["epoch"])
+    return row
+
+
+def open_split(path, limit_bytes: int = 4 << 30) -> HDF5Split:
+    """Open a split, in RAM when its images are small (mini/FC100), lazily otherwise (tiered)."""
+    split = HDF5Split(path)
+    if len(split) * int(np.prod(split.image_shape)) <= limit_bytes:
+        split.close()
+        return HDF5Split(path, in_memory=True)
+    return split
+
+
+def _check_identity(saved: dict, identity: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint written for another config, protocol, backbone or encoder."""
+    seen = saved.get("identity", {})
+    for key, expected in identity.items():
+        if seen.get(key) != expected:
+            raise CheckpointError(
+                f"checkpoint {path} was written by a different meta-train run: '{key}' is "
+                f"{seen.get(key)!r} there but {expected!r} now. Delete the folder {path.parent} to start "
+                "over, or restore the settings it was written with to resume it."
+            )

@@ -1,0 +1,453 @@
+"""Pre-training: an ordinary classifier over all meta-train images (step 1 of MTL).
+
+Reference recipe (REFERENCE.md section 2): backbone + Linear(D, 1000)-ReLU-Linear(1000, C) head,
+SGD (lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4 on everything), batch 128, LR x0.2 every
+30 epochs, Resize -> RandomResizedCrop -> CenterCrop -> HFlip augmentation. Model selection: every
+``val_every`` epochs, a fresh linear learner (100 SGD steps, lr 0.01) on frozen eval-mode features
+of fixed, seeded validation episodes; the best encoder is kept.
+
+Resume: ``checkpoint_dir/last.pt`` is replaced atomically after every epoch (model, optimizer,
+RNG, next epoch, best score and weights, history). A rerun with the same settings continues
+where it stopped; ``epochs`` may grow between runs. On SIGTERM/SIGINT (a scheduler's time limit or
+preemption, Ctrl-C) the run saves its exact place inside the epoch after the current step and
+stops (:mod:`mtl.train.stop`); the rerun continues from that step. Shuffling and augmentation of epoch e are
+seeded by (seed, e), and the learning rate is a pure function of the epoch, so a resumed run
+trains exactly as an uninterrupted one would (up to GPU non-determinism).
+
+Several processes (``config.gpus``, started by `mtl.distributed.launch`): the same training with
+more hands. Every process walks the same batches of the same per-epoch permutation and takes its
+contiguous part of each (`mtl.distributed.shard`); it draws the augmentation of the whole batch
+and keeps its part's draws; BatchNorm statistics are those of the whole batch (synchronised BN);
+the loss is scaled so that DDP's averaged gradient is the whole batch's mean gradient. So N
+processes train as one does, up to float rounding, with the same learning-rate schedule. Rank 0
+validates, writes the checkpoint, the history and the encoder while the others wait; the
+checkpoint does not depend on N, so a run may resume with another process count.
+
+Example::
+
+    pretrain("data/fc100/train.h5", "data/fc100/val.h5", encoder_out="encoder.pt",
+             history_out="history.csv", checkpoint_dir="checkpoints/fc100",
+             backbone={"name": "resnet12", "width": 1.0, "image_size": None},
+             config=PretrainConfig.from_dict(config["pretrain"]))
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mtl import distributed
+from mtl.batching import inference_batch_size
+from mtl.data.episodes import EpisodeSampler, EpisodeSet
+from mtl.data.hdf5 import HDF5Split
+from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
+from mtl.device import autocast, grad_scaler, select_device
+from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
+from mtl.faults import fault_point
+from mtl.io import atomic_path
+from mtl.models import PretrainClassifier, build_backbone, save_encoder
+from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from mtl.train.stop import (ignore_stop_signals, note_stop_elsewhere, raise_if_stop_requested, stop_on_signals,
+                            stop_requested)
+from mtl.results import mean_ci95
+from mtl.train.learner import DEFAULT_EMBED_BATCH, evaluate_encoder
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_acc", "val_ci95", "lr", "seconds")
+VAL_STEPS, VAL_LR = 100, 0.01  # reference pre-train validation learner
+# Settings that may change between a run and its resume without invalidating the checkpoint.
+RESUMABLE_CHANGES = ("epochs", "num_workers", "gpus")
+
+
+def _default_normalize() -> dict:
+    return {"mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
+
+
+@dataclass
+class PretrainConfig:
+    """The config.yaml ``pretrain`` block; defaults are the reference's."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    step_size: int = 30  # epochs between LR drops
+    gamma: float = 0.2  # LR factor at each drop
+    val_shot: int = 1  # shot of the validation episodes
+    val_every: int = 1  # validate every N epochs (and always after the last one)
+    augment: bool = True
+    num_workers: int = 2  # DataLoader processes reading the HDF5 split (per training process)
+    normalize: dict = field(default_factory=_default_normalize)
+    # Training processes (one GPU each) that mtl.distributed.launch starts; `pretrain` itself
+    # trains in whatever process group it runs in, with the same result for any count.
+    gpus: int = 1
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> PretrainConfig:
+        """Build from a config dict; unknown keys and bad values are a ConfigError, not a default run."""
+        config = cls(**check_known_keys(values, cls, "pretrain"))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        minimum = {"epochs": 0, "num_workers": 0}
+        for name in ("epochs", "batch_size", "step_size", "val_shot", "val_every", "num_workers", "gpus"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum.get(name, 1):
+                raise ConfigError(f"pretrain.{name} must be an integer >= {minimum.get(name, 1)}, got {value!r}")
+            setattr(self, name, int(value))
+        for name in ("lr", "momentum", "weight_decay", "gamma"):
+            value = getattr(self, name)
+            try:
+                number = float(value)  # YAML reads 5e-4 (no dot) as a string
+            except (TypeError, ValueError):
+                number = float("nan")
+            if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+                raise ConfigError(f"pretrain.{name} must be a non-negative number, got {value!r}")
+            setattr(self, name, number)
+        for name in ("nesterov", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"pretrain.{name} must be true or false, got {getattr(self, name)!r}")
+        norm = self.normalize
+        if (not isinstance(norm, dict) or set(norm) != {"mean", "std"}
+                or any(len(norm[k]) != 3 for k in norm) or min(norm["std"]) <= 0):
+            raise ConfigError("pretrain.normalize must be {mean: [3 numbers], std: [3 positive numbers]}, "
+                              f"got {norm!r}")
+        self.normalize = {k: [float(v) for v in norm[k]] for k in ("mean", "std")}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def lr_at(epoch: int, config: PretrainConfig) -> float:
+    """Learning rate of (1-based) ``epoch``: StepLR(step_size, gamma) as a pure function."""
+    return config.lr * config.gamma ** ((epoch - 1) // config.step_size)
+
+
+# ----------------------------------------------------------------------------- data
+class _Batches(torch.utils.data.Dataset):
+    """Item i = images and labels at ``rows[i]`` (this process's part of batch i)."""
+
+    def __init__(self, split: HDF5Split, rows: list[np.ndarray]):
+        self.split, self.rows = split, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        rows = self.rows[i]
+        return torch.from_numpy(self.split.get_images(rows)), torch.from_numpy(self.split.labels[rows])
+
+
+def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The shuffled batches of ``epoch``, fixed by (seed, epoch); a 1-image tail is dropped (BatchNorm)."""
+    order = np.random.default_rng([seed, epoch, 0]).permutation(num_images)
+    batches = [order[i:i + batch_size] for i in range(0, num_images, batch_size)]
+    return [b for b in batches if len(b) > 1]
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Augmentation randomness of ``epoch``, fixed by (seed, epoch)."""
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, 1]).integers(2**62)))
+
+
+# ----------------------------------------------------------------------------- entry point
+def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, backbone: dict,
+             config: PretrainConfig | dict, way: int = 5, shot: int | None = None, query: int = 15,
+             val_episodes: int = 600, seed: int = 1, device: str = "auto",
+             inference_batch: int | str = DEFAULT_EMBED_BATCH, inference_cache: str | None = None) -> Path:
+    """Pre-train an encoder on ``train_h5``, select it on ``val_h5`` episodes, write ``encoder_out``.
+
+    ``backbone``: {name, width, image_size (None = native)}. ``shot``: validation shot, default
+    ``config.val_shot``. Writes ``history_out`` (CSV, one row per epoch) and keeps resume state in
+    ``checkpoint_dir/last.pt``. ``inference_batch``: images per forward pass of the validation
+    embedding, an integer or "auto" (probed on this process's device and cached in
+    ``inference_cache``, see mtl.batching; resolved here because each training process claims its
+    own device). Returns ``encoder_out``.
+    """
+    config = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
+    config.validate()
+    device = select_device(device)
+    batch_size = inference_batch_size(inference_batch, backbone, device, cache_dir=inference_cache)
+    run = _Run(train_h5, val_h5, backbone, config, way, config.val_shot if shot is None else shot,
+               query, val_episodes, seed, device, Path(checkpoint_dir), batch_size)
+    run.resume_or_start()
+    run.write_history(history_out)
+    epochs = tqdm(range(run.next_epoch, config.epochs + 1), desc="pretrain", unit="epoch",
+                  initial=run.next_epoch - 1, total=config.epochs, disable=None if run.is_main else True)
+    with stop_on_signals():
+        for epoch in epochs:
+            row = run.train_epoch(epoch)
+            epochs.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}")
+            run.write_history(history_out)
+            run.stop_if_requested(f"after epoch {epoch}")
+    return run.save_best_encoder(encoder_out)
+
+
+def random_encoder(encoder_out, *, backbone: dict, config: PretrainConfig | dict, seed: int) -> Path:
+    """Write the encoder pre-training of ``seed`` starts from, untrained: the start of the
+    "no pre-training" ablation arm (``mtl_no_pretrain``).
+
+    Same seeded initialisation as :func:`pretrain` (``torch.manual_seed(seed)`` then the backbone),
+    same file format, image size and normalisation as a pre-trained encoder; ``epoch`` 0.
+    """
+    config = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
+    spec = _backbone_spec(backbone)
+    torch.manual_seed(int(seed))
+    encoder = build_backbone(spec["name"], width=spec["width"])
+    image_size = int(spec["image_size"] or encoder.native_size)
+    log.info("random_init: untrained %s (width %s, seed %d) -> %s", spec["name"], spec["width"], seed, encoder_out)
+    return save_encoder(encoder, encoder_out, image_size=image_size, normalize=config.normalize, epoch=0,
+                        val_acc=float("nan"))
+
+
+class _Run:
+    """One pre-training run's state; methods are the steps `pretrain` reads top to bottom."""
+
+    def __init__(self, train_h5, val_h5, backbone, config, way, shot, query, val_episodes, seed, device,
+                 checkpoint_dir, inference_batch_size):
+        self.config, self.device, self.seed = config, device, int(seed)
+        self.is_main = distributed.is_main()  # validates and writes; the other ranks only train
+        self.inference_batch_size = int(inference_batch_size)
+        self.way, self.shot, self.query = int(way), int(shot), int(query)
+        self.train, self.val = HDF5Split(train_h5), HDF5Split(val_h5)
+        self.backbone_spec = _backbone_spec(backbone)
+        torch.manual_seed(self.seed)  # model init
+        encoder = build_backbone(self.backbone_spec["name"], width=self.backbone_spec["width"])
+        self.image_size = int(self.backbone_spec["image_size"] or encoder.native_size)
+        self.model = PretrainClassifier(encoder, self.train.num_classes).to(device)
+        self.trainer = distributed.wrap_for_training(self.model, device)  # the model, or DDP(synced-BN model)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                         nesterov=config.nesterov, weight_decay=config.weight_decay)
+        self.scaler = grad_scaler(device)
+        norm = config.normalize
+        train_kind = TrainTransform if config.augment else EvalTransform
+        self.train_transform = train_kind(self.image_size, norm["mean"], norm["std"])
+        self.eval_transform = EvalTransform(self.image_size, norm["mean"], norm["std"])
+        sampler = EpisodeSampler(self.val.labels, self.way, self.shot, self.query, self.seed,
+                                 class_names=self.val.class_names)
+        self.val_set = EpisodeSet.from_episodes(sampler.sample(int(val_episodes)), sampler.meta())
+        self.checkpoint_path = checkpoint_dir / "last.pt"
+        self.identity = {
+            "config": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES},
+            "backbone": self.backbone_spec,
+            "train": _split_identity(self.train), "val": _split_identity(self.val),
+            "protocol": {"way": self.way, "shot": self.shot, "query": self.query,
+                         "val_episodes": int(val_episodes), "seed": self.seed},
+        }
+        self.next_epoch, self.history = 1, []
+        self.best_acc, self.best_epoch, self.best_state = -1.0, 0, None
+        self.partial = None  # where a stopped epoch resumes: see _fit_one_epoch
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick kernels
+
+    # -- resume
+    def resume_or_start(self) -> None:
+        state = load_checkpoint(self.checkpoint_path, producer="the `pretrain` rule")
+        if state is None:
+            log.info("pretrain: starting from scratch (no %s)", self.checkpoint_path)
+            return
+        self._check_identity(state.get("identity", {}))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # empty when the run used bf16 or the CPU (no loss scaling)
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        self.next_epoch, self.history = int(state["next_epoch"]), list(state["history"])
+        self.best_acc, self.best_epoch = float(state["best_acc"]), int(state["best_epoch"])
+        self.best_state = state["best_state"]
+        self.partial = state.get("partial")
+        step = f", step {self.partial['step']}" if self.partial else ""
+        log.info("pretrain: resuming from epoch %d%s (%s)", self.next_epoch, step, self.checkpoint_path)
+        if distributed.is_distributed():
+            log.info("pretrain: training in %d processes; the checkpoint is the same for any count",
+                     distributed.world_size())
+
+    def _check_identity(self, saved: dict) -> None:
+        differ = _differences(saved, self.identity)
+        if differ:
+            raise CheckpointError(
+                f"checkpoint {self.checkpoint_path} belongs to another pre-training run: "
+                f"{'; '.join(differ[:5])}. Delete the folder {self.checkpoint_path.parent} to start this run "
+                "from scratch, or restore the settings it was made with.")
+
+    def _save_checkpoint(self, next_epoch: int, partial: dict | None = None) -> None:
+        save_checkpoint(self.checkpoint_path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": capture_rng(), "next_epoch": next_epoch,
+            "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_state": self.best_state,
+            "identity": self.identity, "config": self.config.to_dict(), "history": self.history,
+            "partial": partial,
+        })
+
+    def stop_if_requested(self, where: str) -> None:
+        """After a checkpoint of this very point: end the run if SIGTERM/SIGINT arrived (to any process)."""
+        if self._stop_agreed():
+            note_stop_elsewhere()
+        raise_if_stop_requested("pre-training", where, self.checkpoint_path)
+
+    def _stop_agreed(self) -> bool:
+        """True on every process once any of them got a stop signal: they must stop at the same step."""
+        return distributed.any_rank(stop_requested(), self.device)
+
+    def _save_partial(self, epoch: int, step: int, generator: torch.Generator, totals: torch.Tensor,
+                      seen: int) -> None:
+        """Checkpoint a stopped epoch after ``step`` batches; its sums so far are over every process."""
+        sums = distributed.all_reduce_sum(torch.cat([totals.detach(), totals.new_tensor([seen])])).cpu()
+        if self.is_main:
+            self._save_checkpoint(epoch, partial={"step": step, "generator": generator.get_state(),
+                                                  "totals": sums[:2], "seen": int(sums[2])})
+        distributed.barrier()
+
+    # -- one epoch
+    def train_epoch(self, epoch: int) -> dict:
+        start = time.perf_counter()
+        lr = lr_at(epoch, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, acc = self._fit_one_epoch(epoch)
+        validate = self.is_main and (epoch % self.config.val_every == 0 or epoch == self.config.epochs)
+        val_acc, val_ci = self._validate() if validate else (float("nan"), float("nan"))
+        if val_acc > self.best_acc:  # NaN (not validated) never wins
+            self.best_acc, self.best_epoch = val_acc, epoch
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.encoder.state_dict().items()}
+        row = {"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_acc": val_acc, "val_ci95": val_ci,
+               "lr": lr, "seconds": time.perf_counter() - start}
+        self.history.append(row)
+        if self.is_main:
+            self._save_checkpoint(epoch + 1)
+            log.info("pretrain epoch %d/%d: loss %.4f acc %.4f val %.4f +- %.4f lr %.4g (%.1fs)", epoch,
+                     self.config.epochs, loss, acc, val_acc, val_ci, lr, row["seconds"])
+        distributed.barrier()  # the other ranks wait for validation and the checkpoint
+        return row
+
+    def _fit_one_epoch(self, epoch: int) -> tuple[float, float]:
+        self.model.train()
+        # Each batch in file order (reads fastest); this process trains on its part of it.
+        batches = [np.sort(b) for b in epoch_batches(len(self.train), self.config.batch_size, self.seed, epoch)]
+        parts = [distributed.shard(len(b)) for b in batches]
+        generator = epoch_generator(self.seed, epoch)
+        world = distributed.world_size()
+        # this process's summed cross-entropy and correct predictions (on the device: no sync per step)
+        totals, seen, step = torch.zeros(2, device=self.device), 0, 0
+        if self.partial is not None:  # a stopped epoch: continue after its last step
+            step = self.partial["step"]
+            generator.set_state(self.partial["generator"])
+            if self.is_main:  # the sums over every process so far, counted once
+                totals += self.partial["totals"].to(self.device)
+                seen = self.partial["seen"]
+            self.partial = None
+        loader = torch.utils.data.DataLoader(_Batches(self.train, [b[p] for b, p in zip(batches[step:], parts[step:])]),
+                                             batch_size=None, shuffle=False, num_workers=self.config.num_workers,
+                                             worker_init_fn=ignore_stop_signals,
+                                             pin_memory=self.device.type == "cuda")
+        steps = tqdm(zip(loader, batches[step:], parts[step:]), initial=step, total=len(batches),
+                     desc=f"epoch {epoch}", unit="batch", leave=False, disable=None if self.is_main else True)
+        for (images, labels), batch, part in steps:
+            # Augmentation is drawn for the whole batch, in one process's order; keep this part's draws.
+            draws = (self.train_transform.draw(len(batch), *self.train.image_shape[:2], generator)[part]
+                     if self.config.augment else None)
+            x = (self.train_transform(images, device=self.device, draws=draws) if self.config.augment
+                 else self.train_transform(images, device=self.device))
+            y = labels.to(self.device, non_blocking=True)
+            with autocast(self.device):
+                logits = self.trainer(x)
+            summed = F.cross_entropy(logits.float(), y, reduction="sum")
+            # DDP averages gradients over the processes: this scale makes the average the whole
+            # batch's mean-loss gradient, whatever the parts' sizes (one process: the mean loss).
+            loss = summed * world / len(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            totals += torch.stack([summed.detach(), (logits.argmax(1) == y).sum().float()])
+            seen += len(y)
+            step += 1
+            fault_point("pretrain.step")
+            if self._stop_agreed():
+                self._save_partial(epoch, step, generator, totals, seen)
+                self.stop_if_requested(f"at epoch {epoch}, step {step} of {len(batches)}")
+        epoch_sums = torch.cat([totals, totals.new_tensor([seen])])
+        total_loss, correct, seen = distributed.all_reduce_sum(epoch_sums).tolist()  # over all processes
+        mean_loss = total_loss / max(seen, 1)
+        if not math.isfinite(mean_loss):
+            raise MTLError(f"pre-training diverged at epoch {epoch} (training loss {mean_loss}); lower "
+                           f"pretrain.lr (now {self.config.lr}) and rerun; {self.checkpoint_path} still holds "
+                           "the previous epoch.")
+        return mean_loss, correct / max(seen, 1)
+
+    def _validate(self) -> tuple[float, float]:
+        """Fresh linear learner per fixed val episode on frozen eval-mode features (seeded init)."""
+        accs = evaluate_encoder(self.model.encoder, self.val, self.val_set, self.eval_transform, self.way,
+                                self.shot, self.query, steps=VAL_STEPS, lr=VAL_LR,
+                                batch_size=self.inference_batch_size, device=self.device,
+                                generator=torch.Generator().manual_seed(self.seed))
+        return mean_ci95(accs)
+
+    # -- outputs
+    def write_history(self, path) -> None:
+        if not self.is_main:
+            return
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
+            writer.writeheader()
+            for row in self.history:
+                writer.writerow({k: _csv_value(row[k]) for k in HISTORY_COLUMNS})
+
+    def save_best_encoder(self, path) -> Path:
+        if not self.is_main:
+            return Path(path)
+        encoder = build_backbone(self.backbone_spec["name"], width=self.backbone_spec["width"])
+        if self.best_state is not None:
+            encoder.load_state_dict(self.best_state)
+        else:  # no validation ran (epochs 0): keep what we have
+            encoder.load_state_dict({k: v.cpu() for k, v in self.model.encoder.state_dict().items()})
+        best_acc = self.best_acc if self.best_state is not None else float("nan")
+        log.info("pretrain: best val accuracy %.4f at epoch %d -> %s", best_acc, self.best_epoch, path)
+        return save_encoder(encoder, path, image_size=self.image_size, normalize=self.config.normalize,
+                            epoch=self.best_epoch, val_acc=best_acc)
+
+
+def _backbone_spec(backbone: dict) -> dict:
+    unknown = set(backbone) - {"name", "width", "image_size"}
+    if unknown or "name" not in backbone:
+        raise ConfigError(f"backbone must be {{name, width, image_size}}, got keys {sorted(backbone)}")
+    size = backbone.get("image_size")
+    return {"name": str(backbone["name"]), "width": float(backbone.get("width", 1.0)),
+            "image_size": None if size is None else int(size)}
+
+
+def _split_identity(split: HDF5Split) -> dict:
+    """What a checkpoint must have been trained on: the file's name, counts and content."""
+    identity = {"file": split.path.name, "num_images": len(split), "num_classes": split.num_classes}
+    if split.content_sha256 is not None:  # files built before the fingerprint existed: counts only
+        identity["content_sha256"] = split.content_sha256
+    return identity
+
+
+def _differences(saved, current, prefix: str = "") -> list[str]:
+    """Human-readable 'key: checkpoint X vs now Y' for every leaf that differs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            out += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == current else [f"{prefix.rstrip('.')}: checkpoint {saved!r} vs now {current!r}"]
+
+
+def _csv_value(value):
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return value

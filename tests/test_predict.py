@@ -280,3 +280,12 @@ def test_the_default_choice_is_the_best_method_at_the_closest_shot():
     assert choose_run(summary, "d", [5], method="ft") == ("ft", 5)
     with pytest.raises(Exception, match="no rows of dataset 'x'"):
         choose_run(summary, "x", [1])
+
+
+def test_mtl_load_model_is_there_and_import_mtl_stays_free_of_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, mtl; assert 'torch' not in sys.modules, 'import mtl pulled in torch'; "
+            "from mtl.predict import load_model; assert mtl.load_model is load_model")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

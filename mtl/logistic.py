@@ -139,10 +139,11 @@ def logistic_accuracies(features: torch.Tensor, support: np.ndarray, query: np.n
     :func:`mtl.train.learner.embed_episodes` returns them. A query counts as correct when its
     most probable class is its own.
 
-    Cost (``bench/logistic.py``): 600 episodes of 5-way 5-shot 15-query on 512-d features take
-    about 2.7 s on one core of a shared 2-core AMD EPYC VM (load ~1.3), 4.5 ms a fit, plus ~1 s
-    for the first call (importing scikit-learn); about what ``ft``'s batched 100 SGD steps cost on
-    the same features, and small next to embedding the episodes' images on a CPU.
+    Cost (``bench/logistic.py``, bench/RESULTS.md): 600 episodes of 5-way 5-shot 15-query on
+    512-d features take about 2.7-2.8 s on one core of a shared 2-core AMD EPYC VM, 4.5-4.7 ms a
+    fit (mostly scikit-learn's per-call overhead: lbfgs stops after 6-7 iterations), plus 1-2 s
+    for the first call (importing scikit-learn). ``ft``'s batched 100 SGD steps took 1.7-2.8 s on
+    the same features; both are small next to embedding the episodes' images on a CPU.
     """
     from tqdm import tqdm
 

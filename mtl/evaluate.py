@@ -12,6 +12,10 @@ Methods (entries of :mod:`mtl.methods`, which states each one's test-time adapta
   (update_step SGD steps at base_lr).
 - ``ft``: the pre-trained encoder with a fresh linear learner (kaiming init, 100 steps, lr 0.01),
   as the reference's pre-train validation does.
+- ``lr``: the pre-trained encoder, a multinomial logistic regression fitted to convergence on the
+  L2-normalised support features of each episode (Tian et al., ECCV 2020; :mod:`mtl.logistic`,
+  one scikit-learn fit per episode). Its settings are written into metrics.json
+  (``learner_settings``).
 - ``proto``: the pre-trained encoder, nearest class mean (Euclidean) over support features.
 - ``ft_last`` / ``ft_all``: ``ft`` with the last residual block / the whole network fine-tuned
   together with the learner on each support set (:mod:`mtl.finetune`; the encoder is not fixed,
@@ -31,7 +35,8 @@ from mtl.data.transforms import EvalTransform
 from mtl.device import select_device
 from mtl.errors import CheckpointError, ConfigError
 from mtl.finetune import finetune_accuracies
-from mtl.methods import PROTOTYPE, get_method
+from mtl.logistic import LOGISTIC_SETTINGS, logistic_accuracies
+from mtl.methods import LOGISTIC, PROTOTYPE, get_method
 from mtl.models import load_encoder_file
 from mtl.models.encoder_io import ENCODER_PRODUCER, MODEL_PRODUCER
 from mtl.results import write_episode_results
@@ -58,7 +63,8 @@ def evaluate(
     ``batch_size``: images per forward pass of the embedding (choose it with mtl.batching).
     ``protocol`` holds what the episode file does not fix: dataset, backbone, and the training
     ``seed`` of the run (it also seeds the fresh learners' initialisation). ``ft_steps``/``ft_lr``
-    replace the registry's budget of a fresh learner (benchmarks); None keeps it.
+    replace the registry's budget of a fresh learner (benchmarks); None keeps it. They do not
+    apply to ``proto`` and ``lr`` (no steps: ``lr`` fits to convergence).
     """
     test_time = get_method(method).test_time
     if "seed" not in protocol:
@@ -89,6 +95,8 @@ def evaluate(
         )
         if test_time.learner == PROTOTYPE:
             accuracies = nearest_mean_accuracies(features, support, query, way, shot, n_query)
+        elif test_time.learner == LOGISTIC:
+            accuracies = logistic_accuracies(features, support, query, way, shot, n_query, progress=True)
         else:
             accuracies = evaluate_episodes(
                 features, (support, query), way, shot, n_query,
@@ -105,6 +113,8 @@ def evaluate(
         "episodes_file": str(episodes_path),
         "episodes_sha256": episodes.sha256,
     }
+    if test_time.learner == LOGISTIC:  # an extra key: metrics.json keeps it after the standard ones
+        full_protocol["learner_settings"] = dict(LOGISTIC_SETTINGS)
     return write_episode_results(episodes_out, metrics_out, np.asarray(accuracies), full_protocol)
 
 

@@ -24,7 +24,8 @@ from mtl.errors import ConfigError
 PRETRAINED, RANDOM_INIT = "pretrained", "random_init"
 #: Parts of the encoder: every block, or the last residual block (resnet12: layer4; resnet25: layer3).
 ALL, LAST = "all", "last"
-#: Base learners at test time: a fresh linear learner, the meta-learned one, nearest class mean.
+#: Base learners at test time: a fresh linear learner (SGD with a fixed budget), the meta-learned one,
+#: nearest class mean, logistic regression fitted to convergence on L2-normalised features (mtl.logistic).
 FRESH, META_LEARNED, PROTOTYPE, LOGISTIC = "fresh", "meta", "prototype", "logistic"
 
 
@@ -45,9 +46,10 @@ class TestTime:
     """What adapts on each test episode's support set, and with which budget.
 
     ``steps``/``lr`` of None: the inner loop the model was meta-trained with (``meta.update_step``
-    SGD steps at ``meta.base_lr``, stored in the model file). ``finetune`` names the encoder part
-    updated together with the learner (plain SGD at ``encoder_lr``, BN in eval mode); None keeps
-    the encoder fixed.
+    SGD steps at ``meta.base_lr``, stored in the model file). ``PROTOTYPE`` and ``LOGISTIC``
+    learners take no steps (the logistic fit runs to convergence, :data:`mtl.logistic.LOGISTIC_SETTINGS`).
+    ``finetune`` names the encoder part updated together with the learner (plain SGD at
+    ``encoder_lr``, BN in eval mode); None keeps the encoder fixed.
     """
 
     learner: str = FRESH
@@ -77,6 +79,8 @@ _META = TestTime(learner=META_LEARNED)
 
 _ENTRIES = (
     Method("ft", "pre-trained encoder, fresh linear learner on frozen features", _FRESH),
+    Method("lr", "pre-trained encoder, logistic regression to convergence on L2-normalised frozen features "
+           "(Tian et al. 2020)", TestTime(learner=LOGISTIC)),
     Method("proto", "pre-trained encoder, nearest class mean (Euclidean)", TestTime(learner=PROTOTYPE)),
     Method("ft_last", "pre-trained encoder; the last residual block and a fresh linear learner fine-tuned "
            "on each test support set", TestTime(FRESH, LAST, FT_STEPS, FT_LR, FT_LR)),

@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from mtl.errors import ConfigError
-from mtl.methods import NAMES, RANDOM_INIT, REGISTRY, get_method, meta_settings, meta_trained, start_encoder
+from mtl.methods import (LOGISTIC, NAMES, PRETRAINED, RANDOM_INIT, REGISTRY, get_method, meta_settings, meta_trained,
+                         start_encoder)
 from mtl.models import build_backbone, load_encoder, load_encoder_file, meta_parameters, save_encoder
 from mtl.train.meta import MetaConfig, MetaTrainer
 from mtl.train.pretrain import random_encoder
@@ -33,6 +34,16 @@ def test_registry_says_which_methods_meta_train_and_from_which_encoder():
     assert [n for n in NAMES if get_method(n).test_time.finetune] == ["ft_last", "ft_all"]
     with pytest.raises(ConfigError, match="Valid values are"):
         get_method("mtl_typo")
+
+
+def test_lr_follows_ft_and_fits_a_logistic_regression_on_the_pretrained_encoder():
+    assert NAMES[:3] == ("ft", "lr", "proto")
+    lr = get_method("lr")
+    assert lr.start == PRETRAINED and not lr.meta_trained
+    assert lr.test_time.learner == LOGISTIC and lr.test_time.finetune is None and lr.test_time.steps is None
+    assert [n for n in NAMES if get_method(n).test_time.learner == LOGISTIC] == ["lr"]
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert config["methods"] == ["ft", "lr", "proto", "mtl", "mtl_ht"]
 
 
 def test_each_arm_meta_trains_with_config_yaml_plus_only_its_own_settings():

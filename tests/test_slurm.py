@@ -58,7 +58,7 @@ def test_whole_workflow_runs_through_slurm_and_gpu_rules_get_a_slurm_gpu(slurm_c
     for rule in ("build_hdf5", "pretrain", "meta_train", "episodes", "evaluate", "summarize"):
         assert rule in result.remote_jobs.values(), result.explain()
     summary = pd.read_csv(result.workdir / "results" / "summary.csv")
-    assert len(summary) == 8 and summary["accuracy"].notna().all()
+    assert len(summary) == 10 and summary["accuracy"].notna().all()  # 5 methods x 2 shots
     # Slurm (--gpus=1) chose the GPU: every GPU job's log names the CUDA_VISIBLE_DEVICES it was given.
     # The fake GPUs have no CUDA behind them, so `device: auto` then runs on the CPU.
     for rule in ("pretrain", "meta_train", "evaluate"):

@@ -12,7 +12,7 @@ import yaml
 from mtl.methods import NAMES, meta_trained
 from tests.workflow import REPO, deep_merge, job_counts, run_snakemake, scenario_config
 
-#: The tiny scenario cut to one shot: two seeds x ten arms still runs about 35 jobs.
+#: The tiny scenario cut to one shot: two seeds x eleven arms still runs about 40 jobs.
 TINY_ABLATION = {"protocol": {"seeds": [1, 2], "shots": [1], "test_episodes": 10}}
 
 
@@ -29,7 +29,7 @@ def test_dry_run_of_the_full_protocol_lists_every_arm_for_both_datasets_and_shot
     seeds, datasets, shots = config["protocol"]["seeds"], ["miniimagenet", "fc100"], [1, 5]
     expected = {(d, str(s), arm, str(k)) for d in datasets for s in seeds for arm in NAMES for k in shots}
     assert planned_metrics(result.stdout) == expected
-    assert counts["evaluate"] == len(expected) == 2 * 3 * 10 * 2
+    assert counts["evaluate"] == len(expected) == 2 * 3 * 11 * 2  # datasets x seeds x arms x shots
     assert counts["meta_train"] == 2 * 3 * len(meta_trained(NAMES)) * 2
     assert counts["pretrain"] == counts["random_init"] == 2 * 3  # one of each per dataset and seed
     assert counts["episodes"] == 4 and counts["ablation"] == 1

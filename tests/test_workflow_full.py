@@ -1,4 +1,4 @@
-"""The whole workflow through the Snakemake CLI: every rule, both shots, all four methods, training
+"""The whole workflow through the Snakemake CLI: every rule, both shots, all five methods, training
 seeds as replicates, the across-seed summary, its verdicts and the report; and that numbers depend
 only on the seed, not on which other seeds run or on --cores."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import yaml
 from mtl.batching import CACHE_FILE, CANDIDATES
 from tests.workflow import INFERENCE_CACHE, REPO, job_counts, run_snakemake, scenario_config
 
-METHODS = ["ft", "proto", "mtl", "mtl_ht"]
+METHODS = ["ft", "lr", "proto", "mtl", "mtl_ht"]  # config.yaml's default `methods`
 #: What a run's numbers are; identical reruns must reproduce these columns exactly.
 NUMBERS = ["accuracy", "ci95", "diff_vs_ft", "diff_vs_ft_ci95"]
 
@@ -31,7 +31,8 @@ def two_seeds(tmp_path_factory):
 
 def test_each_seed_replicates_the_training_chain(two_seeds):
     workdir, counts = two_seeds
-    assert counts["pretrain"] == 2 and counts["meta_train"] == 8 and counts["evaluate"] == 16, counts
+    # seeds x shots: 2 x 2 x (mtl, mtl_ht) meta-trained; 2 x 2 x 5 methods evaluated
+    assert counts["pretrain"] == 2 and counts["meta_train"] == 8 and counts["evaluate"] == 20, counts
     assert counts["episodes"] == 2, "the test episodes are shared by every seed"
     for seed in (1, 2):
         assert (workdir / f"results/digits/resnet12/seed{seed}/pretrain/encoder.pt").stat().st_size > 0
@@ -41,7 +42,7 @@ def test_each_seed_replicates_the_training_chain(two_seeds):
 def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
     workdir, _ = two_seeds
     summary = pd.read_csv(workdir / "results/summary.csv")
-    assert len(summary) == 8
+    assert len(summary) == 10  # 5 methods x 2 shots
     assert sorted(summary["method"].unique()) == sorted(METHODS) and sorted(summary["shot"].unique()) == [1, 5]
     assert (summary[["way", "query", "episodes", "episode_seed", "n_seeds"]] == [3, 5, 20, 1, 2]).all().all()
     assert (summary["seeds"] == "1 2").all()
@@ -53,14 +54,14 @@ def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
     assert summary.loc[summary.method == "ft", "diff_vs_ft"].isna().all()
 
     per_seed = pd.read_csv(workdir / "results/summary_per_seed.csv")
-    assert len(per_seed) == 16 and sorted(per_seed["seed"].unique()) == [1, 2]
+    assert len(per_seed) == 20 and sorted(per_seed["seed"].unique()) == [1, 2]
     mean_of_seeds = per_seed.groupby(["method", "shot"])["accuracy"].mean()
     for row in summary.itertuples():
         assert row.accuracy == pytest.approx(mean_of_seeds[(row.method, row.shot)], abs=0.011)
 
     text = (workdir / "results/summary.md").read_text()
     verdicts = [line for line in text.splitlines() if line.startswith("- ") and " vs ft, digits " in line]
-    assert len(verdicts) == 6 and all("points over 2 seeds" in line for line in verdicts)
+    assert len(verdicts) == 8 and all("points over 2 seeds" in line for line in verdicts)
     for plot in ("accuracy", "training"):
         assert (workdir / f"results/plots/{plot}.png").stat().st_size > 0
 
@@ -69,6 +70,10 @@ def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
         ids = [pd.read_csv(workdir / f"results/digits/resnet12/seed{seed}/{m}/{shot}shot/episodes.csv")["episode"].tolist()
                for m in METHODS for seed in (1, 2)]
         assert all(episode_ids == ids[0] for episode_ids in ids)
+
+    # lr's metrics.json states the logistic regression it fitted
+    lr_metrics = json.loads((workdir / "results/digits/resnet12/seed1/lr/5shot/metrics.json").read_text())
+    assert lr_metrics["method"] == "lr" and lr_metrics["learner_settings"]["C"] == 1.0
 
 
 def test_inference_batch_size_was_measured_and_cached_for_the_next_jobs(two_seeds):
@@ -116,7 +121,7 @@ def test_dry_run_of_the_default_config_lists_a_training_chain_per_seed(tmp_path)
     datasets = [name for name, entry in config["data"].items() if entry["enabled"]]
     assert counts["pretrain"] == 3 * len(datasets) == 6
     assert counts["meta_train"] == 3 * len(datasets) * 2 * 2  # seeds x datasets x (mtl, mtl_ht) x shots
-    assert counts["evaluate"] == 3 * len(datasets) * 4 * 2
+    assert counts["evaluate"] == 3 * len(datasets) * 5 * 2  # seeds x datasets x (ft, lr, proto, mtl, mtl_ht) x shots
     assert counts["episodes"] == len(datasets) * 2
 
     # seeds from the command line, as a user overrides them (nested values arrive as strings)

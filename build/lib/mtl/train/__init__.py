@@ -1,1 +1,0 @@
-"""Training: the shared linear base learner, checkpoints, pre-training and meta-training."""

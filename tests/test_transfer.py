@@ -97,3 +97,15 @@ def test_dry_run_of_a_misconfigured_transfer_fails_naming_the_key(tmp_path, tran
     result = run_snakemake(tmp_path, transfer_scenario(tmp_path, transfer), "-n", check=False)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("stored, model", [(32, 84), (84, 32), (8, 16)])
+def test_a_target_stored_at_another_size_is_resized_to_the_models_size(stored, model):
+    """Evaluation feeds every image through the model's EvalTransform (its stored image_size), so a
+    target's HDF5 may hold any size, e.g. FC100's 32 px scored by an 84 px miniImageNet model."""
+    import numpy as np
+
+    from mtl.data.transforms import EvalTransform
+
+    images = np.random.default_rng(0).integers(0, 256, (2, stored, stored, 3), dtype=np.uint8)
+    assert EvalTransform(model)(images).shape == (2, 3, model, model)

@@ -9,6 +9,11 @@ the paired difference to ``mtl``. Both pair runs of the same seed on the same sa
 ``ablation.csv``: one row per arm, and for each dataset x shot the columns
 ``<dataset>_<shot>shot_<field>`` (:data:`GROUP_FIELDS`). ``ablation.md``: the same as three
 tables (accuracy, difference to ft, difference to mtl), arms as rows, dataset x shot as columns.
+
+``snakemake ablation`` scores in-domain runs only. Transfer runs given here (trained on one dataset,
+tested on another) are kept apart, never mixed with the target's in-domain runs: they get their own
+columns ``<trained_on>_to_<dataset>_<shot>shot_<field>``, paired with ft and mtl trained on the same
+dataset, after the in-domain columns, and no paper figure.
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ import pandas as pd
 from mtl.errors import ConfigError
 from mtl.io import atomic_path
 from mtl.methods import NAMES, get_method
-from mtl.results import NOT_MEASURED, ROW_KEY, SEED_INTERVAL, build_summary, load_runs, reference_for
+from mtl.results import (
+    NOT_MEASURED, ROW_KEY, SEED_INTERVAL, TRAINED_ON, build_summary, is_transfer, load_runs, reference_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +78,27 @@ def ablation_long(runs: Sequence) -> pd.DataFrame:
     against_ft, against_mtl = (build_summary(runs, baseline=b) for b in BASELINES)
     keep = list(ROW_KEY) + ["diff_vs_mtl", "diff_vs_mtl_ci95", "seeds_above_mtl"]
     table = against_ft.merge(against_mtl[keep], on=list(ROW_KEY), how="left", validate="one_to_one")
-    papers = [paper_figure(r.method, r.dataset, r.shot, r.way) for r in table.itertuples()]
+    papers = [None if is_transfer(r) else paper_figure(r["method"], r["dataset"], r["shot"], r["way"])
+              for r in table.to_dict("records")]
     table["paper_accuracy"] = [np.nan if p is None else p[0] for p in papers]
     table["paper_source"] = ["" if p is None else p[1] for p in papers]
     return table.rename(columns={"method": "arm"})
 
 
 def ablation_wide(long: pd.DataFrame) -> pd.DataFrame:
-    """Arms as rows (registry order), ``<dataset>_<shot>shot_<field>`` columns."""
-    groups = long[["dataset", "shot"]].drop_duplicates().sort_values(["dataset", "shot"])
+    """Arms as rows (registry order), ``<dataset>_<shot>shot_<field>`` columns (transfer runs:
+    ``<trained_on>_to_<dataset>_<shot>shot_<field>``, after the in-domain ones)."""
+    groups = (long[[TRAINED_ON, "dataset", "shot"]].drop_duplicates()
+              .assign(_transfer=lambda g: g[TRAINED_ON] != g["dataset"])
+              .sort_values(["_transfer", TRAINED_ON, "dataset", "shot"]))
     arms = [a for a in NAMES if a in set(long["arm"])] + sorted(set(long["arm"]) - set(NAMES))
     wide = pd.DataFrame({"arm": arms, "what": [_summary(a) for a in arms]})
-    for dataset, shot in groups.itertuples(index=False):
-        cell = long[(long["dataset"] == dataset) & (long["shot"] == shot)].set_index("arm")
+    for trained_on, dataset, shot, transfer in groups.itertuples(index=False):
+        cell = long[(long[TRAINED_ON] == trained_on) & (long["dataset"] == dataset)
+                    & (long["shot"] == shot)].set_index("arm")
+        prefix = f"{trained_on}_to_{dataset}" if transfer else dataset
         for field in GROUP_FIELDS:
-            wide[f"{dataset}_{shot}shot_{field}"] = [cell[field].get(arm, np.nan) for arm in arms]
+            wide[f"{prefix}_{shot}shot_{field}"] = [cell[field].get(arm, np.nan) for arm in arms]
     return wide
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 
 from mtl.errors import DataError, MTLError
 from mtl.io import atomic_path
-from mtl.results import SEED_INTERVAL, read_csv_table
+from mtl.results import SEED_INTERVAL, TRAINED_ON, read_csv_table
 
 LOSS_COLUMNS = ("train_loss", "meta_loss", "loss")
 _SEED_PART = re.compile(r"seed(\d+)$")
@@ -46,19 +46,23 @@ def _save_png(figure, path_png) -> Path:
 
 # ----------------------------------------------------------------------------- test accuracy
 def plot_accuracies(summary: pd.DataFrame, per_seed: pd.DataFrame, path_png) -> Path:
-    """Per dataset x shot: each seed's accuracy as a point, the across-seed mean ± t-interval, published marks."""
+    """Per (trained on, tested on) dataset x shot: each seed's accuracy as a point, the across-seed
+    mean ± t-interval, published marks. A transfer pair (models of one dataset scored on another)
+    gets its own row of panels, after the in-domain ones."""
     if summary.empty:
         raise MTLError(f"plot_accuracies({path_png}): the summary table is empty; nothing to plot")
-    datasets = list(dict.fromkeys(summary["dataset"]))
+    pairs = list(dict.fromkeys(zip(summary[TRAINED_ON], summary["dataset"])))
     shots = sorted(dict.fromkeys(summary["shot"]))
-    figure, axes = _figure(len(datasets), len(shots), 4.4, 3.6)
-    for i, dataset in enumerate(datasets):
+    figure, axes = _figure(len(pairs), len(shots), 4.4, 3.6)
+    for i, (trained_on, dataset) in enumerate(pairs):
         for j, shot in enumerate(shots):
-            rows = summary[(summary["dataset"] == dataset) & (summary["shot"] == shot)]
+            rows = summary[(summary[TRAINED_ON] == trained_on) & (summary["dataset"] == dataset)
+                           & (summary["shot"] == shot)]
             if rows.empty:
                 axes[i][j].set_visible(False)
                 continue
-            seeds = per_seed[(per_seed["dataset"] == dataset) & (per_seed["shot"] == shot)]
+            seeds = per_seed[(per_seed[TRAINED_ON] == trained_on) & (per_seed["dataset"] == dataset)
+                             & (per_seed["shot"] == shot)]
             _accuracy_panel(axes[i][j], rows, seeds, summary["backbone"].nunique() > 1)
     _shared_legend(figure, axes)
     figure.suptitle(f"Test accuracy: one point per training seed, mean ± {SEED_INTERVAL}", fontsize="medium")
@@ -79,7 +83,9 @@ def _accuracy_panel(ax, rows: pd.DataFrame, seeds: pd.DataFrame, several_backbon
         ax.errorbar(x[published] + 0.3, rows["reference_accuracy"][published], yerr=rows["reference_ci95"][published],
                     fmt="D", color="tab:red", capsize=3, label="published (other protocol)")
     first = rows.iloc[0]
-    ax.set_title(f"{first['dataset']}: {first['way']}-way {first['shot']}-shot, {int(first['n_seeds'])} seed(s)\n"
+    where = (first["dataset"] if first[TRAINED_ON] == first["dataset"]
+             else f"trained on {first[TRAINED_ON]}, tested on {first['dataset']}")
+    ax.set_title(f"{where}: {first['way']}-way {first['shot']}-shot, {int(first['n_seeds'])} seed(s)\n"
                  f"{first['query']} queries/class, {first['episodes']} episodes", fontsize="medium")
     labels = [f"{r.method}\n{r.backbone}" if several_backbones else r.method for r in rows.itertuples()]
     ax.set_xticks(x, labels)

@@ -17,6 +17,12 @@ Aggregation, in the order DESIGN.md fixes it:
    baseline (the baseline run of the *same* seed, i.e. the same pre-trained encoder); the difference
    reported is the mean of ``d_s`` with a t-interval over seeds, plus how many seeds favour each side.
 
+**Transfer.** A run records ``trained_on``, the dataset whose training produced its model, next to
+``dataset``, the test data it was scored on (equal for in-domain runs; a metrics file written before
+the key existed reads as in-domain). Rows and pairings are keyed by both: a transfer run of method m
+(trained on S, tested on T) is paired with the ``ft`` run of the same S and seed on the same saved
+episodes of T. Published figures are only shown for in-domain rows.
+
 Files (one run):
   ``episodes.csv``  columns ``episode`` (index into the shared episode file), ``accuracy`` (fraction 0..1)
   ``metrics.json``  protocol + ``accuracy``/``ci95``/``std`` in % (see :data:`METRICS_KEYS`)
@@ -51,10 +57,14 @@ BASELINE = "ft"
 
 #: Keys ``metrics.json`` must hold, in the order they are written. ``seed`` is the training seed of
 #: the run; ``episode_seed`` the seed that drew the saved test episodes (shared by every run).
+#: ``trained_on`` (written first, see :data:`TRAINED_ON`) is not required: files written before it
+#: existed are in-domain runs.
 METRICS_KEYS = (
     "dataset", "backbone", "method", "seed", "way", "shot", "query", "episodes", "episode_seed",
     "episodes_file", "episodes_sha256", "accuracy", "ci95", "interval", "std",
 )
+#: The dataset whose training produced the run's model; ``dataset`` is the test data it was scored on.
+TRAINED_ON = "trained_on"
 #: What the caller of :func:`write_episode_results` must supply (the rest is computed).
 PROTOCOL_KEYS = (
     "dataset", "backbone", "method", "seed", "way", "shot", "query", "episode_seed", "episodes_file",
@@ -63,7 +73,7 @@ PROTOCOL_KEYS = (
 #: Fields that must agree between two runs of one dataset/shot before they share a table or a pairing.
 COMPARED_FIELDS = ("way", "query", "episodes", "episode_seed", "episodes_sha256")
 #: One summary row; a run adds its training seed.
-ROW_KEY = ("dataset", "backbone", "method", "shot")
+ROW_KEY = (TRAINED_ON, "dataset", "backbone", "method", "shot")
 RUN_KEY = ROW_KEY + ("seed",)
 
 _TF_PROTOCOL_NOTE = "its TF meta-test used queries per class = shot, so its interval is not comparable with ours"
@@ -166,7 +176,8 @@ def write_episode_results(path_csv, path_json, accuracies, protocol: Mapping, *,
 
     ``accuracies`` are per-episode fractions in episode-file order (``episode_ids`` defaults to
     0..n-1). ``protocol`` must hold :data:`PROTOCOL_KEYS`; ``episodes`` (the count) is taken from the
-    data and, if also given, must match it. Extra protocol keys are kept in the JSON after the standard ones.
+    data and, if also given, must match it. ``trained_on`` defaults to ``dataset`` (an in-domain run).
+    Extra protocol keys are kept in the JSON after the standard ones.
     """
     array = _as_fractions(accuracies, f"write_episode_results ({path_csv})")
     missing = [key for key in PROTOCOL_KEYS if key not in protocol]
@@ -189,7 +200,8 @@ def write_episode_results(path_csv, path_json, accuracies, protocol: Mapping, *,
         episodes=stats["n"], accuracy=stats["accuracy"], ci95=stats["ci95"],
         interval=INTERVAL_FORMULA, std=stats["std"],
     )
-    metrics = {key: _plain(metrics[key]) for key in METRICS_KEYS}
+    metrics = {TRAINED_ON: _plain(protocol.get(TRAINED_ON, protocol["dataset"])),
+               **{key: _plain(metrics[key]) for key in METRICS_KEYS}}
     metrics.update({key: _plain(value) for key, value in protocol.items() if key not in metrics})
 
     with atomic_path(path_csv) as tmp:
@@ -210,7 +222,11 @@ def _plain(value):
 
 
 def read_metrics(path) -> dict:
-    """Load a ``metrics.json``, checking it holds every key of :data:`METRICS_KEYS`."""
+    """Load a ``metrics.json``, checking it holds every key of :data:`METRICS_KEYS`.
+
+    A file without ``trained_on`` (written before transfer evaluation existed) is an in-domain run:
+    it reads as ``trained_on = dataset``, so older results need no re-evaluation.
+    """
     path = Path(path)
     try:
         metrics = json.loads(path.read_text())
@@ -221,6 +237,7 @@ def read_metrics(path) -> dict:
     missing = [key for key in METRICS_KEYS if key not in metrics] if isinstance(metrics, dict) else list(METRICS_KEYS)
     if missing:
         raise DataError(f"metrics file {path} lacks {missing}; it was written by another version, rerun evaluate")
+    metrics.setdefault(TRAINED_ON, metrics["dataset"])
     return metrics
 
 
@@ -296,6 +313,10 @@ class _Run:
     def seed(self) -> int:
         return int(self.metrics["seed"])
 
+    @property
+    def is_transfer(self) -> bool:
+        return is_transfer(self.metrics)
+
     def _check_files_agree(self) -> None:
         """metrics.json and episodes.csv must come from the same evaluation (not a stale mix)."""
         count, mean = len(self.episodes), float(self.episodes.mean() * 100.0)
@@ -305,6 +326,11 @@ class _Run:
                 f"but {self.episodes_path} holds {count} episodes at {mean:.2f}%; they come from different "
                 "evaluations: rerun the evaluate step for this run"
             )
+
+
+def is_transfer(row: Mapping) -> bool:
+    """Whether a run or row was trained on another dataset than the one it was tested on."""
+    return row[TRAINED_ON] != row["dataset"]
 
 
 def _check_same_protocol(first: _Run, second: _Run) -> None:
@@ -350,9 +376,13 @@ def _method_rank(method: str) -> tuple[int, str]:
 
 
 def _sorted(table: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
-    table = table.assign(_rank=[_method_rank(m)[0] for m in table["method"]])
-    table = table.sort_values(["dataset", "backbone", "shot", "_rank", "method", *extra], kind="stable")
-    return table.drop(columns="_rank").reset_index(drop=True)
+    """In-domain rows first, in their usual order (dataset, backbone, shot, method), then the
+    transfer rows by trained_on and target."""
+    table = table.assign(_rank=[_method_rank(m)[0] for m in table["method"]],
+                         _transfer=table[TRAINED_ON] != table["dataset"])
+    table = table.sort_values(["_transfer", TRAINED_ON, "dataset", "backbone", "shot", "_rank", "method", *extra],
+                              kind="stable")
+    return table.drop(columns=["_rank", "_transfer"]).reset_index(drop=True)
 
 
 def reference_for(method: str, dataset: str, shot: int, way: int) -> tuple[float, float, str] | None:
@@ -365,9 +395,14 @@ def reference_for(method: str, dataset: str, shot: int, way: int) -> tuple[float
 
 
 # ----------------------------------------------------------------------------- per-seed table
+_PER_SEED_PROTOCOL = (
+    TRAINED_ON, "dataset", "backbone", "method", "seed", "way", "shot", "query", "episodes", "episode_seed",
+)
+
+
 def per_seed_columns(baseline: str = BASELINE) -> list[str]:
     return [
-        "dataset", "backbone", "method", "seed", "way", "shot", "query", "episodes", "episode_seed",
+        *_PER_SEED_PROTOCOL,
         "accuracy", "ci95", "interval", f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95",
     ]
 
@@ -375,16 +410,17 @@ def per_seed_columns(baseline: str = BASELINE) -> list[str]:
 def per_seed_table(runs: Sequence[_Run], *, baseline: str = BASELINE) -> pd.DataFrame:
     """One row per run (training seed included), intervals over test episodes only.
 
-    ``diff_vs_<baseline>`` pairs the run with the baseline run of the same seed on the same episodes.
+    ``diff_vs_<baseline>`` pairs the run with the baseline run of the same seed on the same episodes
+    (and, for a transfer run, trained on the same dataset).
     """
     by_key = {run.key: run for run in runs}
     rows = []
     for run in runs:
         m = run.metrics
-        row = {field: m[field] for field in per_seed_columns(baseline)[:9]}
+        row = {field: m[field] for field in _PER_SEED_PROTOCOL}
         row.update(accuracy=float(m["accuracy"]), ci95=float(m["ci95"]), interval=m["interval"])
         diff = ci = math.nan
-        base = by_key.get((m["dataset"], m["backbone"], baseline, m["shot"], m["seed"]))
+        base = by_key.get((m[TRAINED_ON], m["dataset"], m["backbone"], baseline, m["shot"], m["seed"]))
         if base is not None and base is not run:
             diff, ci = paired_difference(run.episodes.to_numpy(), base.episodes.loc[run.episodes.index].to_numpy())
         row[f"diff_vs_{baseline}"], row[f"diff_vs_{baseline}_ci95"] = diff, ci
@@ -396,7 +432,7 @@ def per_seed_table(runs: Sequence[_Run], *, baseline: str = BASELINE) -> pd.Data
 def summary_columns(baseline: str = BASELINE) -> list[str]:
     """Column order of ``summary.csv`` (``*_vs_<baseline>`` names follow the baseline)."""
     return [
-        "dataset", "backbone", "method", "way", "shot", "query", "episodes", "episode_seed",
+        TRAINED_ON, "dataset", "backbone", "method", "way", "shot", "query", "episodes", "episode_seed",
         "n_seeds", "seeds", "accuracy", "seed_std", "ci95", "interval", "episode_ci95",
         f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95", f"diff_vs_{baseline}_episode_ci95",
         f"seeds_above_{baseline}", f"seeds_below_{baseline}", "verdict",
@@ -405,7 +441,7 @@ def summary_columns(baseline: str = BASELINE) -> list[str]:
 
 
 def build_summary(runs: Sequence[_Run], *, baseline: str = BASELINE) -> pd.DataFrame:
-    """One row per dataset x backbone x method x shot, aggregated over its training seeds.
+    """One row per trained_on x dataset x backbone x method x shot, aggregated over its training seeds.
 
     ``accuracy`` is the mean over seeds and ``ci95`` its t-interval over seeds (NaN with one seed,
     ``interval`` then says the training variance is not measured). ``episode_ci95`` is the
@@ -439,7 +475,8 @@ def _summary_row(key: tuple, runs_by_seed: Mapping[int, _Run], groups: Mapping, 
         episode_ci95=ci95(_seed_matrix(runs_by_seed, seeds).mean(axis=0)),
     )
     row.update(_paired_over_seeds(key, runs_by_seed, groups, baseline))
-    reference = reference_for(row["method"], row["dataset"], row["shot"], row["way"])
+    # published figures are in-domain figures: none for a model trained on another dataset
+    reference = None if is_transfer(row) else reference_for(row["method"], row["dataset"], row["shot"], row["way"])
     row["reference_accuracy"], row["reference_ci95"], row["reference_source"] = (
         reference if reference is not None else (math.nan, math.nan, "")
     )
@@ -448,10 +485,11 @@ def _summary_row(key: tuple, runs_by_seed: Mapping[int, _Run], groups: Mapping, 
 
 def _paired_over_seeds(key: tuple, runs_by_seed: Mapping[int, _Run], groups: Mapping, baseline: str) -> dict:
     """The ``*_vs_<baseline>`` cells: per-seed paired differences, then a t-interval over seeds."""
-    dataset, backbone, method, shot = key
+    trained_on, dataset, backbone, method, shot = key
     names = [f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95", f"diff_vs_{baseline}_episode_ci95",
              f"seeds_above_{baseline}", f"seeds_below_{baseline}", "verdict"]
-    base_by_seed = groups.get((dataset, backbone, baseline, shot), {})
+    # the baseline trained on the same dataset (same encoders), scored on the same episodes
+    base_by_seed = groups.get((trained_on, dataset, backbone, baseline, shot), {})
     seeds = sorted(set(runs_by_seed) & set(base_by_seed))
     if method == baseline or not seeds:
         return dict(zip(names, [math.nan, math.nan, math.nan, math.nan, math.nan, ""]))
@@ -480,7 +518,9 @@ def verdict_sentences(summary: pd.DataFrame, baseline: str = BASELINE) -> list[s
 
 def _sentence(row: Mapping, baseline: str) -> str:
     method, diff = row["method"], row[f"diff_vs_{baseline}"]
-    subject = f"{method} vs {baseline}, {row['dataset']} {row['way']}-way {row['shot']}-shot"
+    where = (f"trained on {row[TRAINED_ON]}, tested on {row['dataset']}" if is_transfer(row)
+             else f"{row['dataset']}")
+    subject = f"{method} vs {baseline}, {where} {row['way']}-way {row['shot']}-shot"
     n = int(row["n_seeds"])
     if row["verdict"] == "training variance not measured":
         return (f"{subject}: {diff:+.2f} points on 1 seed (± {row[f'diff_vs_{baseline}_episode_ci95']:.2f} from "
@@ -543,8 +583,11 @@ def _pm(value, interval, signed: bool = False, decimals: int = 2) -> str:
 def _table_cells(summary: pd.DataFrame, baseline: str) -> tuple[list[str], list[list[str]], list[str]]:
     """Titles, rows and reference sources of the readable summary table (Markdown and RST share it)."""
     sources = [s for s in dict.fromkeys(summary["reference_source"]) if isinstance(s, str) and s]
-    titles = ["dataset", "backbone", "shot", "method", "seeds", "accuracy (%)", "episode interval",
-              f"vs {baseline} (pp)", f"seeds above {baseline}", "published (%)"]
+    # a "trained on" column only when some row was trained elsewhere: in-domain tables read as before
+    transfer = _has_transfer(summary)
+    titles = ["trained on"] * transfer + ["dataset", "backbone", "shot", "method", "seeds", "accuracy (%)",
+                                          "episode interval", f"vs {baseline} (pp)", f"seeds above {baseline}",
+                                          "published (%)"]
     rows = []
     for row in summary.itertuples(index=False):
         row = row._asdict()
@@ -552,7 +595,7 @@ def _table_cells(summary: pd.DataFrame, baseline: str) -> tuple[list[str], list[
         if published:
             published += f" [{sources.index(row['reference_source']) + 1}]"
         above = row[f"seeds_above_{baseline}"]
-        rows.append([
+        rows.append([row[TRAINED_ON]] * transfer + [
             row["dataset"], row["backbone"], row["shot"], row["method"], row["n_seeds"],
             _pm(row["accuracy"], row["ci95"]), f"± {row['episode_ci95']:.2f}",
             _pm(row[f"diff_vs_{baseline}"], row[f"diff_vs_{baseline}_ci95"], signed=True),
@@ -568,7 +611,18 @@ def _protocol_line(summary: pd.DataFrame) -> str:
             f"(episode seed {first['episode_seed']}), training seeds {', '.join(map(str, seeds))}.")
 
 
-def _explanation(baseline: str) -> list[str]:
+def _has_transfer(summary: pd.DataFrame) -> bool:
+    return bool((summary[TRAINED_ON] != summary["dataset"]).any())
+
+
+def _explanation(baseline: str, transfer: bool = False) -> list[str]:
+    transfer_note = [
+        "**trained on** is the dataset whose training (pre-training, meta-training) produced the models; "
+        "**dataset** is the test data. Where they differ the row is a transfer row: the models trained on "
+        "the first dataset scored on the saved test episodes of the second (the same episodes for every "
+        f"source), its **vs {baseline}** paired with `{baseline}` trained on the same dataset, seed by seed. "
+        "No published figure applies to them.",
+    ] if transfer else []
     return [
         "**accuracy** is the mean over training seeds of each run's mean test accuracy, ± the 95% "
         f"interval over seeds `{SEED_INTERVAL}` (Student t, n_seeds-1 degrees of freedom): the "
@@ -581,14 +635,14 @@ def _explanation(baseline: str) -> list[str]:
         "seeds ± its t-interval; **seeds above** counts the seeds where the method scored higher.",
         "**Published** figures are from the papers under their own protocol (5-way only, see the notes); "
         "their intervals are not comparable with ours.",
-    ]
+    ] + transfer_note
 
 
 def summary_markdown(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
     """The summary as Markdown: how to read it, the table, the verdicts, then reference sources."""
     titles, rows, sources = _table_cells(summary, baseline)
     lines = ["# Few-shot test results", "", _protocol_line(summary), ""]
-    lines += [f"- {text}" for text in _explanation(baseline)] + [""]
+    lines += [f"- {text}" for text in _explanation(baseline, _has_transfer(summary))] + [""]
     lines += ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     sentences = verdict_sentences(summary, baseline)
@@ -611,7 +665,7 @@ def summary_rst(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
 
     lines = ["Few-shot test results", "=====================", "", _protocol_line(summary), ""]
     lines += [rule, line(titles), rule] + [line(r) for r in rows] + [rule, ""]
-    lines += [f"- {text}".replace("`", "``") for text in _explanation(baseline)] + [""]
+    lines += [f"- {text}".replace("`", "``") for text in _explanation(baseline, _has_transfer(summary))] + [""]
     sentences = verdict_sentences(summary, baseline)
     if sentences:
         lines += ["Verdicts", "--------", ""] + [f"- {s}" for s in sentences] + [""]

@@ -2,9 +2,16 @@
 # anything that needs a unit test lives in mtl/. What each method trains and starts from is read
 # from the method registry (mtl/methods.py).
 from mtl import methods as method_registry
+from mtl import transfer as transfer_config
 
 SPLITS = ["train", "val", "test"]
 DATASETS = [name for name, entry in config["data"].items() if entry["enabled"]]
+# Transfer evaluation (mtl/transfer.py): test-only folders are only scored; `transfer` maps a
+# trained dataset to the datasets its models are also scored on. Checked here, before any job.
+TRANSFER = transfer_config.check_transfer(config)
+TEST_ONLY = transfer_config.test_only_datasets(config)
+# Datasets that are pre-trained, meta-trained and scored in-domain.
+TRAINED = transfer_config.trained_datasets(config)
 BACKBONE = config["backbone"]["name"]
 METHODS = config["methods"]
 # `snakemake ablation` scores every registry entry, whatever `methods` lists.
@@ -37,6 +44,8 @@ PRETRAIN_SLURM = (
 
 wildcard_constraints:
     dataset="|".join(DATASETS) or "NO_DATASET_ENABLED",
+    # the dataset whose training produced a transfer run's model
+    trained_on="|".join(TRAINED) or "NO_TRAINED_DATASET",
     split="|".join(SPLITS),
     backbone=BACKBONE,
     method="|".join(method_registry.NAMES),
@@ -46,13 +55,36 @@ wildcard_constraints:
 
 
 def dataset_entry(wildcards):
-    return config["data"][wildcards.dataset]
+    entry = config["data"][wildcards.dataset]
+    # test_only: false is left out, so the download jobs of datasets configured before the key
+    # existed keep their recorded params (and do not rerun).
+    return {key: value for key, value in entry.items() if key != "test_only" or value}
+
+
+def test_only_image_size(entry):
+    """A test-only folder is stored at its entry's image_size, else at the size the models see
+    (backbone.image_size, else the backbone's native size)."""
+    size = entry["image_size"] or config["backbone"]["image_size"]
+    if size is None:
+        from mtl.models.backbone import backbone_class  # imports torch: only when needed
+
+        size = backbone_class(BACKBONE).native_size
+    return int(size)
 
 
 def dataset_build_options(wildcards):
     """Builder options; a folder of images must hold shot + query images of every class for the
-    largest episode (test shots and the pre-training validation shot)."""
+    largest episode (test shots and the pre-training validation shot; a test-only folder, scored
+    only, the test shots alone, and at least `way` classes)."""
     entry = config["data"][wildcards.dataset]
+    if entry["test_only"]:
+        return {
+            "strict_counts": entry["strict_counts"],
+            "image_size": test_only_image_size(entry),
+            "min_images_per_class": max(SHOTS) + config["protocol"]["query"],
+            "test_only": True,
+            "min_classes": WAY,
+        }
     largest_shot = max(SHOTS + [config["pretrain"]["val_shot"]])
     return {
         "strict_counts": entry["strict_counts"],
@@ -75,17 +107,28 @@ def get_meta_config(wildcards):
     return method_registry.meta_settings(wildcards.method, config["meta"])
 
 
+def training_wildcards(wildcards):
+    """The wildcards of the training chain behind a run: a transfer run's (evaluate_transfer) model
+    was trained on `trained_on`, an in-domain run's on `dataset`."""
+    values = dict(wildcards.items())
+    values["dataset"] = values.pop("trained_on", values["dataset"])
+    return values
+
+
 def get_start_encoder(wildcards):
     """The encoder of this seed the method starts from: pre-trained, or untrained (random_init)."""
-    if method_registry.start_encoder(wildcards.method) == method_registry.RANDOM_INIT:
-        return rules.random_init.output.encoder.format(**wildcards)
-    return rules.pretrain.output.encoder.format(**wildcards)
+    values = training_wildcards(wildcards)
+    if method_registry.start_encoder(values["method"]) == method_registry.RANDOM_INIT:
+        return rules.random_init.output.encoder.format(**values)
+    return rules.pretrain.output.encoder.format(**values)
 
 
 def get_evaluated_model(wildcards):
-    """Meta-trained methods are scored with their model, the others with their start encoder."""
-    if method_registry.get_method(wildcards.method).meta_trained:
-        return rules.meta_train.output.model.format(**wildcards)
+    """Meta-trained methods are scored with their model, the others with their start encoder
+    (for a transfer run: the model of its trained_on dataset, the very file in-domain runs use)."""
+    values = training_wildcards(wildcards)
+    if method_registry.get_method(values["method"]).meta_trained:
+        return rules.meta_train.output.model.format(**values)
     return get_start_encoder(wildcards)
 
 
@@ -100,8 +143,13 @@ def get_episodes_file(wildcards):
 
 
 def get_run_protocol(wildcards):
-    """What a metrics.json records next to its accuracy, besides what the episode file fixes."""
+    """What a metrics.json records next to its accuracy, besides what the episode file fixes.
+
+    A transfer run adds `trained_on`; an in-domain run leaves it out (the metrics file then records
+    trained_on = dataset), so the params of in-domain jobs are what they were and nothing reruns."""
+    trained_on = {"trained_on": wildcards.trained_on} if "trained_on" in wildcards.keys() else {}
     return {
+        **trained_on,
         "dataset": wildcards.dataset,
         "backbone": BACKBONE,
         "backbone_width": config["backbone"]["width"],
@@ -113,7 +161,7 @@ def get_run_protocol(wildcards):
 def _run_files(pattern, methods):
     return expand(
         pattern,
-        dataset=DATASETS,
+        dataset=TRAINED,
         backbone=BACKBONE,
         seed=SEEDS,
         method=methods,
@@ -129,13 +177,38 @@ def get_episode_result_files(methods=METHODS):
     return _run_files(rules.evaluate.output.episodes, methods)
 
 
+def _transfer_files(pattern, methods):
+    """Every method, seed and shot of each trained dataset scored on each of its `transfer` targets."""
+    return [
+        path
+        for trained_on, target in transfer_config.transfer_pairs(TRANSFER)
+        for path in expand(
+            pattern,
+            trained_on=trained_on,
+            dataset=target,
+            backbone=BACKBONE,
+            seed=SEEDS,
+            method=methods,
+            shot=SHOTS,
+        )
+    ]
+
+
+def get_transfer_metrics_files(methods=METHODS):
+    return _transfer_files(rules.evaluate_transfer.output.metrics, methods)
+
+
+def get_transfer_episode_result_files(methods=METHODS):
+    return _transfer_files(rules.evaluate_transfer.output.episodes, methods)
+
+
 def get_history_files():
     pretrain = expand(
-        rules.pretrain.output.history, dataset=DATASETS, backbone=BACKBONE, seed=SEEDS
+        rules.pretrain.output.history, dataset=TRAINED, backbone=BACKBONE, seed=SEEDS
     )
     meta = expand(
         rules.meta_train.output.history,
-        dataset=DATASETS,
+        dataset=TRAINED,
         backbone=BACKBONE,
         seed=SEEDS,
         method=META_METHODS,
@@ -145,12 +218,15 @@ def get_history_files():
 
 
 def get_hdf5_targets():
-    return expand("data/{dataset}/{split}.h5", dataset=DATASETS, split=SPLITS)
+    # a test-only dataset has its test split alone
+    return expand("data/{dataset}/{split}.h5", dataset=TRAINED, split=SPLITS) + expand(
+        "data/{dataset}/test.h5", dataset=TEST_ONLY
+    )
 
 
 def get_encoder_targets():
     return expand(
-        rules.pretrain.output.encoder, dataset=DATASETS, backbone=BACKBONE, seed=SEEDS
+        rules.pretrain.output.encoder, dataset=TRAINED, backbone=BACKBONE, seed=SEEDS
     )
 
 

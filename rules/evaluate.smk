@@ -46,3 +46,17 @@ rule evaluate:
         inference_cache=INFERENCE_CACHE,
     script:
         "../workflow_scripts/evaluate.py"
+
+
+# Transfer: a trained dataset's model (the file its in-domain runs use) scored on another dataset's
+# saved test episodes, the same file every source and the target's own runs use, so rows pair.
+# Inputs and params follow the wildcards: the model from `trained_on`, the test data and episodes
+# from `dataset` (the target); metrics.json records both.
+use rule evaluate as evaluate_transfer with:
+    output:
+        episodes="results/{trained_on}/{backbone}/seed{seed}/{method}/{shot}shot/on_{dataset}/episodes.csv",
+        metrics="results/{trained_on}/{backbone}/seed{seed}/{method}/{shot}shot/on_{dataset}/metrics.json",
+    log:
+        "logs/evaluate/{trained_on}/{backbone}/seed{seed}/{method}/{shot}shot/on_{dataset}.log",
+    benchmark:
+        "benchmarks/evaluate/{trained_on}/{backbone}/seed{seed}/{method}/{shot}shot/on_{dataset}.tsv"

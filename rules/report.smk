@@ -4,8 +4,9 @@
 
 rule summarize:
     input:
-        metrics=get_metrics_files(),
-        episodes=get_episode_result_files(),
+        # in-domain runs, then the transfer runs (trained on one dataset, tested on another)
+        metrics=get_metrics_files() + get_transfer_metrics_files(),
+        episodes=get_episode_result_files() + get_transfer_episode_result_files(),
         histories=get_history_files(),
     output:
         csv="results/summary.csv",

@@ -23,12 +23,15 @@ EPISODES = {
 }
 
 
-def write_runs(folder, episodes=EPISODES, *, dataset="miniimagenet", way=5, sha=lambda arm, seed: SHA):
+def write_runs(folder, episodes=EPISODES, *, dataset="miniimagenet", way=5, sha=lambda arm, seed: SHA, trained_on=None):
     pairs = []
     for (arm, seed), accuracies in episodes.items():
         protocol = {"dataset": dataset, "backbone": "resnet12", "method": arm, "seed": seed, "way": way, "shot": 1,
                     "query": 15, "episode_seed": 1, "episodes_file": "episodes.npz", "episodes_sha256": sha(arm, seed)}
-        csv, json_ = folder / f"{arm}_{seed}.csv", folder / f"{arm}_{seed}.json"
+        if trained_on is not None:
+            protocol["trained_on"] = trained_on
+        name = f"{arm}_{seed}" if trained_on is None else f"{trained_on}_on_{dataset}_{arm}_{seed}"
+        csv, json_ = folder / f"{name}.csv", folder / f"{name}.json"
         write_episode_results(csv, json_, accuracies, protocol)
         pairs.append((json_, csv))
     return [p[0] for p in pairs], [p[1] for p in pairs]
@@ -99,3 +102,25 @@ def test_refuses_a_table_without_its_baselines(tmp_path):
     without_mtl = {key: value for key, value in EPISODES.items() if key[0] != "mtl"}
     with pytest.raises(ConfigError, match="mtl"):
         build(tmp_path, episodes=without_mtl)
+
+
+def test_transfer_runs_get_their_own_columns_paired_within_their_source(tmp_path):
+    """fc100's own runs and miniimagenet's models scored on fc100 share fc100's episodes, never a column."""
+    in_domain = write_runs(tmp_path, dataset="fc100")
+    # trained on miniimagenet, tested on fc100: every arm 10 points lower than fc100's own, except
+    # ft, 20 points lower: pairing with fc100's own ft would give other differences
+    shifted = {key: [a - (0.2 if key[0] == "ft" else 0.1) for a in acc] for key, acc in EPISODES.items()}
+    transfer = write_runs(tmp_path, shifted, dataset="fc100", trained_on="miniimagenet")
+    wide = write_ablation(in_domain[0] + transfer[0], in_domain[1] + transfer[1], csv_out=tmp_path / "a.csv",
+                          md_out=tmp_path / "a.md").set_index("arm")
+    own, moved = "fc100_1shot_", "miniimagenet_to_fc100_1shot_"
+    groups = [c[: -len("accuracy")] for c in wide.columns if c.endswith("shot_accuracy")]
+    assert groups == [own, moved]  # in-domain first
+    assert wide.loc["mtl_last", own + "accuracy"] == pytest.approx(65.0)
+    assert wide.loc["mtl_last", moved + "accuracy"] == pytest.approx(55.0)
+    assert wide.loc["mtl_last", own + "diff_vs_ft"] == pytest.approx(10.0)
+    assert wide.loc["mtl_last", moved + "diff_vs_ft"] == pytest.approx(20.0)  # vs ft trained on miniimagenet
+    assert wide.loc["mtl_last", moved + "diff_vs_mtl"] == pytest.approx(0.0, abs=1e-9)
+    # fc100 1-shot has a published mtl figure; the models trained on miniimagenet do not
+    assert wide.loc["mtl", own + "paper_accuracy"] == 43.6 and math.isnan(wide.loc["mtl", moved + "paper_accuracy"])
+    assert "miniimagenet to fc100 1shot" in (tmp_path / "a.md").read_text()

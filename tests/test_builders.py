@@ -247,6 +247,76 @@ def test_imagefolder_needs_image_size(tmp_path):
         build_dataset("imagefolder", fixture.path, tmp_path / "out")
 
 
+# --------------------------------------------------------------------------- test-only folders
+def make_class_folders(root, counts: dict[str, int], size=(10, 14), seed=0):
+    """``root/<class>/img_<i>.png`` with ``counts[class]`` random images each (0: an empty folder)."""
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i, image in enumerate(rf.random_images(rng, count, size[1], size[0])):
+            Image.fromarray(image).save(root / name / f"img_{i}.png")
+    return root
+
+
+def test_imagefolder_test_only_builds_the_test_split_alone(tmp_path):
+    root = make_class_folders(tmp_path / "parts", {"bolt": 5, "nut": 6, "gear": 5, "washer": 7})
+    (root / "notes.txt").write_text("not an image")
+    out = build_dataset("imagefolder", root, tmp_path / "out", image_size=12, test_only=True,
+                        min_images_per_class=5, min_classes=3)
+    assert list(out) == ["test"] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["test.h5"]
+    images, labels, attrs = assert_contract(out["test"], ["bolt", "gear", "nut", "washer"], 23)
+    assert images.shape[1:] == (12, 12, 3) and np.bincount(labels).tolist() == [5, 5, 6, 7]
+    assert attrs["split"] == "test"
+    first = sorted((root / "bolt").iterdir())[0]
+    expected = np.asarray(Image.open(first).convert("RGB").resize((12, 12), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(images[0], expected)
+
+
+def test_imagefolder_test_only_lists_every_problem_in_one_error(tmp_path):
+    root = make_class_folders(tmp_path / "parts", {"bolt": 0, "nut": 2, "gear": 6})
+    (root / "gear" / "img_9.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError) as error:
+        build_dataset("imagefolder", root, tmp_path / "out", image_size=8, test_only=True,
+                      min_images_per_class=6, min_classes=3)
+    message = str(error.value)
+    assert "has 4 problem(s)" in message
+    assert f"{root / 'bolt'}: empty class folder" in message
+    assert f"{root / 'nut'}: 2 image(s), fewer than the 6 an episode needs" in message
+    assert f"{root}: 1 class folder(s) with at least 6 images, fewer than the 3 a 3-way episode needs" in message
+    assert f"{root / 'gear' / 'img_9.jpg'}: cannot decode" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_imagefolder_test_only_needs_way_classes(tmp_path):
+    root = make_class_folders(tmp_path / "parts", {"bolt": 6, "nut": 6})
+    with pytest.raises(DataError, match=r"2 class folder\(s\) with at least 6 images, fewer than the 5 a 5-way"):
+        build_dataset("imagefolder", root, tmp_path / "out", image_size=8, test_only=True,
+                      min_images_per_class=6, min_classes=5)
+    assert build_dataset("imagefolder", root, tmp_path / "out", image_size=8, test_only=True,
+                         min_images_per_class=6, min_classes=2)["test"].exists()
+
+
+def test_imagefolder_test_only_refuses_a_train_val_test_tree(tmp_path):
+    fixture = rf.make_image_folder(tmp_path / "raw")
+    with pytest.raises(DataError, match=f"holds test, train, val/ folders.*path at {fixture.path / 'test'}"):
+        build_dataset("imagefolder", fixture.path, tmp_path / "out", image_size=8, test_only=True)
+
+
+def test_prepare_fetches_and_builds_a_test_only_folder(tmp_path):
+    from mtl.data.prepare import build_splits, fetch_raw
+
+    root = make_class_folders(tmp_path / "parts", {"bolt": 4, "nut": 4, "gear": 4})
+    entry = {"source": "imagefolder", "path": str(root), "test_only": True}
+    manifest = fetch_raw("parts", entry, tmp_path / "raw", tmp_path / "raw" / "manifest.json", progress=False)
+    out = build_splits(manifest, tmp_path / "data", image_size=16, min_images_per_class=4, test_only=True,
+                       min_classes=3)
+    assert list(out) == ["test"] and HDF5Split(out["test"]).class_names == ["bolt", "gear", "nut"]
+    assert not (tmp_path / "data" / "train.h5").exists()
+    # without test_only the same folder is a train/val/test tree that lacks its splits
+    with pytest.raises(DataError, match=r"lacks the split folder\(s\) \['train', 'val', 'test'\]"):
+        fetch_raw("parts", {**entry, "test_only": False}, tmp_path / "raw", tmp_path / "m.json", progress=False)
+
+
 # --------------------------------------------------------------------------- digits demo
 def test_digits_export_and_build(tmp_path):
     from sklearn.datasets import load_digits

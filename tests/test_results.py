@@ -22,6 +22,8 @@ from mtl.results import (
     paired_difference,
     per_seed_table,
     summarize_accuracies,
+    summary_markdown,
+    summary_rst,
     t_interval,
     verdict_sentences,
     write_episode_results,
@@ -32,8 +34,10 @@ METHODS = ["ft", "proto", "mtl", "mtl_ht"]
 N_EPISODES = 40
 
 
-def _protocol(method, shot, *, dataset="miniimagenet", way=5, seed=1, episode_seed=1, sha=None):
+def _protocol(method, shot, *, dataset="miniimagenet", way=5, seed=1, episode_seed=1, sha=None, trained_on=None):
+    transfer = {"trained_on": trained_on} if trained_on is not None else {}
     return {
+        **transfer,
         "dataset": dataset, "backbone": "resnet12", "method": method, "seed": seed, "way": way, "shot": shot,
         "query": 15, "episode_seed": episode_seed,
         "episodes_file": f"results/{dataset}/episodes/{way}way{shot}shot.npz",
@@ -44,7 +48,10 @@ def _protocol(method, shot, *, dataset="miniimagenet", way=5, seed=1, episode_se
 def _write_run(root, method, shot, accuracies, **protocol_overrides):
     """A fake evaluated run, written by the real writer at the pipeline's paths."""
     protocol = _protocol(method, shot, **protocol_overrides)
-    run_dir = root / protocol["dataset"] / "resnet12" / f"seed{protocol['seed']}" / method / f"{shot}shot"
+    trained_on = protocol.get("trained_on", protocol["dataset"])
+    run_dir = root / trained_on / "resnet12" / f"seed{protocol['seed']}" / method / f"{shot}shot"
+    if trained_on != protocol["dataset"]:  # where evaluate_transfer writes it
+        run_dir = run_dir / f"on_{protocol['dataset']}"
     csv, js = run_dir / "episodes.csv", run_dir / "metrics.json"
     write_episode_results(csv, js, accuracies, protocol)
     return js, csv
@@ -377,3 +384,156 @@ def test_plots_without_matplotlib_say_what_to_install(tree, tmp_path, monkeypatc
 def test_history_run_names_dataset_method_shot_and_seed():
     assert history_run("results/fc100/resnet12/seed3/pretrain/history.csv") == ("fc100 pretrain", 3)
     assert history_run("results/fc100/resnet12/seed12/mtl_ht/5shot/history.csv") == ("fc100 mtl_ht 5shot", 12)
+
+
+# ----------------------------------------------------------------------------- transfer
+#: Per-seed accuracies (fractions, constant over 4 episodes) of ft and mtl, keyed by
+#: (trained on, tested on). Every ft differs across seeds and across sources, so pairing a transfer
+#: run with the wrong ft run (another source, the target's own ft, another seed) changes the numbers.
+TRANSFER_FT = {
+    ("miniimagenet", "miniimagenet"): {1: 0.60, 2: 0.62, 3: 0.64},
+    ("fc100", "fc100"): {1: 0.44, 2: 0.46, 3: 0.48},
+    ("miniimagenet", "fc100"): {1: 0.30, 2: 0.36, 3: 0.42},
+    ("miniimagenet", "my_parts"): {1: 0.40, 2: 0.50, 3: 0.60},
+    ("fc100", "my_parts"): {1: 0.28, 2: 0.52, 3: 0.70},
+}
+#: mtl minus the ft of the same source and seed, in points: the numbers the tests expect.
+TRANSFER_GAIN = {
+    ("miniimagenet", "miniimagenet"): {1: 5.0, 2: 5.0, 3: 5.0},
+    ("fc100", "fc100"): {1: 1.0, 2: 2.0, 3: 3.0},
+    ("miniimagenet", "fc100"): {1: -2.0, 2: 4.0, 3: 1.0},
+    ("miniimagenet", "my_parts"): {1: 8.0, 2: 4.0, 3: 10.0},
+    ("fc100", "my_parts"): {1: 5.0, 2: -5.0, 3: 6.0},
+}
+T_975_2DOF = 4.302652729911275
+
+
+def _transfer_runs(root, pairs=tuple(TRANSFER_FT)):
+    runs = []
+    for trained_on, dataset in pairs:
+        for seed, ft in TRANSFER_FT[trained_on, dataset].items():
+            mtl = ft + TRANSFER_GAIN[trained_on, dataset][seed] / 100
+            for method, value in (("ft", ft), ("mtl", mtl)):
+                transfer = {"trained_on": trained_on} if trained_on != dataset else {}
+                runs.append(_write_run(root, method, 1, [value] * 4, dataset=dataset, seed=seed, **transfer))
+    return runs
+
+
+def _row(table, trained_on, dataset, method="mtl"):
+    rows = table[(table["trained_on"] == trained_on) & (table["dataset"] == dataset) & (table["method"] == method)]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+def test_a_transfer_run_pairs_with_ft_of_the_same_source_and_seed(tmp_path):
+    table = _summary(_transfer_runs(tmp_path))
+    assert len(table) == 2 * len(TRANSFER_FT)
+    for (trained_on, dataset), gains in TRANSFER_GAIN.items():
+        row = _row(table, trained_on, dataset)
+        mean, half, _ = t_interval(list(gains.values()))
+        assert row["diff_vs_ft"] == pytest.approx(mean), (trained_on, dataset)
+        assert row["diff_vs_ft_ci95"] == pytest.approx(half)
+        assert row["seeds_above_ft"] == sum(g > 0 for g in gains.values())
+        accuracies = [100 * TRANSFER_FT[trained_on, dataset][s] + gains[s] for s in (1, 2, 3)]
+        assert row["accuracy"] == pytest.approx(np.mean(accuracies))
+        assert row["ci95"] == pytest.approx(t_interval(accuracies)[1])
+    # by hand: trained on fc100, tested on my_parts: +5, -5, +6 -> mean 2, sd sqrt(37), t * sd / sqrt(3)
+    row = _row(table, "fc100", "my_parts")
+    assert row["diff_vs_ft"] == pytest.approx(2.0)
+    assert row["diff_vs_ft_ci95"] == pytest.approx(T_975_2DOF * math.sqrt(37) / math.sqrt(3))
+    assert (row["seeds_above_ft"], row["seeds_below_ft"], row["n_seeds"]) == (2, 1, 3)
+
+    per_seed = per_seed_table(load_runs(_transfer_runs(tmp_path / "again")))
+    for (trained_on, dataset), gains in TRANSFER_GAIN.items():
+        mine = per_seed[(per_seed["trained_on"] == trained_on) & (per_seed["dataset"] == dataset)
+                        & (per_seed["method"] == "mtl")].set_index("seed")
+        assert mine["diff_vs_ft"].to_dict() == pytest.approx(gains), (trained_on, dataset)
+
+
+def test_transfer_rows_leave_the_in_domain_rows_as_they_were(tmp_path):
+    in_domain = [("miniimagenet", "miniimagenet"), ("fc100", "fc100")]
+    alone = _summary(_transfer_runs(tmp_path / "alone", in_domain))
+    with_transfer = _summary(_transfer_runs(tmp_path / "all"))
+    assert (alone["trained_on"] == alone["dataset"]).all()
+    # in-domain rows first, in their usual order, with the same numbers; then the transfer rows
+    pd.testing.assert_frame_equal(with_transfer.iloc[:len(alone)], alone)
+    assert (with_transfer.iloc[len(alone):]["trained_on"] != with_transfer.iloc[len(alone):]["dataset"]).all()
+    assert list(with_transfer.columns[:2]) == ["trained_on", "dataset"]
+    assert list(per_seed_table(load_runs(_transfer_runs(tmp_path / "seeds"))).columns[:2]) == ["trained_on", "dataset"]
+
+
+def test_a_metrics_file_without_trained_on_reads_as_in_domain(tmp_path):
+    runs = _hand_runs(tmp_path)
+    before = _summary(runs)
+    for js, _ in runs:
+        metrics = json.loads(js.read_text())
+        assert list(metrics)[:2] == ["trained_on", "dataset"] and metrics["trained_on"] == "miniimagenet"
+        del metrics["trained_on"]  # as written before transfer evaluation existed
+        js.write_text(json.dumps(metrics, indent=2) + "\n")
+    loaded = load_runs(runs)
+    assert all(run.metrics["trained_on"] == "miniimagenet" and not run.is_transfer for run in loaded)
+    pd.testing.assert_frame_equal(_summary(runs), before)
+    assert (before["trained_on"] == "miniimagenet").all()
+    # an old in-domain ft still pairs with a new in-domain mtl of the same dataset and seed
+    proto = _summary(runs + [_write_run(tmp_path, "proto", 1, HAND_MTL[1], seed=1)])
+    assert _row(proto, "miniimagenet", "miniimagenet", "proto")["diff_vs_ft"] == pytest.approx(5.0)
+
+
+def test_transfer_verdicts_name_both_datasets_and_in_domain_ones_stay_as_they_were(tmp_path):
+    sentences = verdict_sentences(_summary(_transfer_runs(tmp_path)))
+    assert len(sentences) == len(TRANSFER_FT)
+    half = T_975_2DOF * math.sqrt(37) / math.sqrt(3)
+    assert (f"mtl vs ft, trained on fc100, tested on my_parts 5-way 1-shot: +2.00 ± {half:.2f} points over 3 seeds "
+            "(2 of 3 favour mtl): no detectable difference.") in sentences
+    # +5 on every seed: sd 0, so the interval is 0 and the verdict 'better'
+    assert ("mtl vs ft, miniimagenet 5-way 1-shot: +5.00 ± 0.00 points over 3 seeds (3 of 3 favour mtl): "
+            "mtl is better.") in sentences
+    assert sum(", trained on miniimagenet, tested on fc100 5-way" in s for s in sentences) == 1
+    assert sum(s.startswith("mtl vs ft, fc100 5-way") for s in sentences) == 1
+
+
+def test_transfer_tables_show_where_each_row_was_trained_and_no_published_figure(tmp_path):
+    table = _summary(_transfer_runs(tmp_path))
+    # miniimagenet and fc100 have published 5-way 1-shot mtl figures; models trained elsewhere do not
+    assert _row(table, "miniimagenet", "miniimagenet")["reference_accuracy"] == 60.2
+    assert _row(table, "fc100", "fc100")["reference_accuracy"] == 43.6
+    assert math.isnan(_row(table, "miniimagenet", "fc100")["reference_accuracy"])
+    assert _row(table, "miniimagenet", "fc100")["reference_source"] == ""
+    text = summary_markdown(table)
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| trained on | dataset | backbone | shot | method")
+    assert "| miniimagenet | fc100 | resnet12 | 1 | mtl | 3 |" in text
+    assert "| fc100 | my_parts | resnet12 | 1 | ft | 3 |" in text
+    assert "**trained on**" in text and "**trained on**" in summary_rst(table)
+    # an in-domain table is drawn as before, without the column
+    in_domain = _summary(_transfer_runs(tmp_path / "alone", [("fc100", "fc100")]))
+    assert "trained on" not in summary_markdown(in_domain) and "trained on" not in summary_rst(in_domain)
+    assert [line for line in summary_markdown(in_domain).splitlines() if line.startswith("|")][0].startswith(
+        "| dataset | backbone | shot | method | seeds")
+
+
+def test_transfer_tables_render_and_plot_one_panel_row_per_pair(tmp_path, monkeypatch):
+    from docutils.core import publish_parts
+
+    import mtl.plots
+
+    runs = load_runs(_transfer_runs(tmp_path))
+    summary, per_seed = build_summary(runs), per_seed_table(runs)
+    html = publish_parts(summary_rst(summary), writer="html",
+                         settings_overrides={"halt_level": 2, "report_level": 2})["html_body"]
+    assert "<table" in html and "tested on my_parts" in html
+    pytest.importorskip("matplotlib")
+    panels = []
+    original = mtl.plots._accuracy_panel
+
+    def record(ax, rows, seeds, several):
+        panels.append((set(rows["trained_on"]), set(rows["dataset"]), set(seeds["trained_on"]), len(seeds)))
+        original(ax, rows, seeds, several)
+
+    monkeypatch.setattr(mtl.plots, "_accuracy_panel", record)
+    path = plot_accuracies(summary, per_seed, tmp_path / "accuracy.png")
+    assert path.stat().st_size > 5000
+    # one panel per (trained on, tested on) pair: never the target's own runs mixed with a source's
+    assert len(panels) == len(TRANSFER_FT)
+    assert all(len(trained) == 1 and len(tested) == 1 and seeds == trained and n == 6
+               for trained, tested, seeds, n in panels)

@@ -1,16 +1,21 @@
 """The whole workflow through the Snakemake CLI: every rule, both shots, all five methods, training
-seeds as replicates, the across-seed summary, its verdicts and the report; and that numbers depend
-only on the seed, not on which other seeds run or on --cores."""
+seeds as replicates, the across-seed summary, its verdicts and the report; that numbers depend
+only on the seed, not on which other seeds run or on --cores; and transfer evaluation (models
+trained on digits scored on a test-only folder) beside unchanged in-domain rows."""
 from __future__ import annotations
 
+import copy
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from mtl.batching import CACHE_FILE, CANDIDATES
-from tests.workflow import INFERENCE_CACHE, REPO, job_counts, run_snakemake, scenario_config
+from mtl.data.hdf5 import HDF5Split
+from mtl.results import SEED_INTERVAL
+from tests.workflow import INFERENCE_CACHE, REPO, SCENARIOS, job_counts, run_snakemake, scenario_config
 
 METHODS = ["ft", "lr", "proto", "mtl", "mtl_ht"]  # config.yaml's default `methods`
 #: What a run's numbers are; identical reruns must reproduce these columns exactly.
@@ -127,3 +132,100 @@ def test_dry_run_of_the_default_config_lists_a_training_chain_per_seed(tmp_path)
     # seeds from the command line, as a user overrides them (nested values arrive as strings)
     override = job_counts(run_snakemake(tmp_path, config, "-n", "--config", "protocol={seeds: [4, 5]}").stdout)
     assert override["pretrain"] == 2 * len(datasets)
+
+
+# ----------------------------------------------------------------------------- transfer
+#: The test-only folder: 12 of scikit-learn's 8x8 digits of each of these classes, as 8-bit PNGs.
+TRANSFER_DIGITS = {"two": 2, "five": 5, "eight": 8, "nine": 9}
+
+
+def write_digit_folder(root):
+    """``root/<class>/<index>.png``: a user's own folder of images, one sub-folder per class."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for name, digit in TRANSFER_DIGITS.items():
+        (root / name).mkdir(parents=True)
+        for index in np.flatnonzero(digits.target == digit)[:12]:
+            grey = np.rint(digits.images[index] * 255 / 16).astype(np.uint8)
+            Image.fromarray(grey).save(root / name / f"{index:04d}.png")
+
+
+def with_transfer(config):
+    """The tiny config plus tests/workflow/transfer/config.yaml (its datasets added to tiny's)."""
+    layer = yaml.safe_load((SCENARIOS / "transfer" / "config.yaml").read_text())
+    config = copy.deepcopy(config)
+    config["data"].update(layer["data"])
+    config["transfer"] = layer["transfer"]
+    return config
+
+
+@pytest.fixture(scope="module")
+def transfer_run(tmp_path_factory):
+    """two_seeds' configuration plus a test-only folder scored with the models trained on digits."""
+    workdir = tmp_path_factory.mktemp("transfer")
+    write_digit_folder(workdir / "my_digits")
+    result = run_snakemake(workdir, with_transfer(tiny([1, 2])), "all", timeout=1800)
+    return workdir, job_counts(result.stdout + result.stderr)
+
+
+def test_transfer_rows_score_the_digits_models_on_a_test_only_folder(transfer_run):
+    workdir, counts = transfer_run
+    assert counts["build_test_hdf5"] == 1 and counts["build_hdf5"] == 1
+    assert counts["pretrain"] == 2 and counts["evaluate"] == counts["evaluate_transfer"] == 20, counts
+    assert counts["episodes"] == 4  # digits and my_digits, each shot
+    assert sorted(p.name for p in (workdir / "data/my_digits").iterdir()) == ["test.h5"]
+    assert HDF5Split(workdir / "data/my_digits/test.h5").image_shape == (16, 16, 3)  # backbone.image_size
+    assert not (workdir / "results/my_digits/resnet12").exists()  # never trained
+
+    summary = pd.read_csv(workdir / "results/summary.csv")
+    assert list(summary.columns[:2]) == ["trained_on", "dataset"]
+    transfer = summary[summary["trained_on"] != summary["dataset"]]
+    assert len(transfer) == 10 and (transfer["trained_on"] == "digits").all() and (transfer["dataset"] == "my_digits").all()
+    assert sorted(transfer["method"].unique()) == sorted(METHODS) and sorted(transfer["shot"].unique()) == [1, 5]
+    assert (transfer["n_seeds"] == 2).all() and (transfer["seeds"] == "1 2").all()
+    assert (transfer["interval"] == SEED_INTERVAL).all() and transfer["ci95"].notna().all()
+    others = transfer[transfer["method"] != "ft"]
+    assert others["diff_vs_ft"].notna().all() and others["diff_vs_ft_ci95"].notna().all()
+    assert (others["seeds_above_ft"] + others["seeds_below_ft"] <= 2).all()
+    assert transfer["reference_accuracy"].isna().all()
+
+    per_seed = pd.read_csv(workdir / "results/summary_per_seed.csv")
+    moved = per_seed[per_seed["dataset"] == "my_digits"].set_index(["method", "shot", "seed"]).sort_index()
+    for row in others.itertuples():  # the across-seed difference is the mean of the per-seed ones
+        assert row.diff_vs_ft == pytest.approx(moved.loc[(row.method, row.shot), "diff_vs_ft"].mean(), abs=0.011)
+
+    text = (workdir / "results/summary.md").read_text()
+    assert text.splitlines()[[i for i, line in enumerate(text.splitlines()) if line.startswith("|")][0]].startswith(
+        "| trained on | dataset |")
+    assert sum(line.startswith("- mtl vs ft, trained on digits, tested on my_digits 3-way 5-shot: ")
+               for line in text.splitlines()) == 1
+    assert sum(line.startswith("- mtl vs ft, digits 3-way 5-shot: ") for line in text.splitlines()) == 1
+
+
+def test_transfer_scored_every_method_and_seed_on_the_same_target_episodes(transfer_run):
+    workdir, _ = transfer_run
+    for shot in (1, 5):
+        runs = [workdir / f"results/digits/resnet12/seed{seed}/{m}/{shot}shot/on_my_digits" for m in METHODS
+                for seed in (1, 2)]
+        ids = [pd.read_csv(run / "episodes.csv")["episode"].tolist() for run in runs]
+        assert len(ids[0]) == 20 and all(episode_ids == ids[0] for episode_ids in ids)
+        metrics = [json.loads((run / "metrics.json").read_text()) for run in runs]
+        assert {(m["trained_on"], m["dataset"]) for m in metrics} == {("digits", "my_digits")}
+        assert {m["episodes_file"] for m in metrics} == {f"results/my_digits/episodes/3way{shot}shot.npz"}
+        assert len({m["episodes_sha256"] for m in metrics}) == 1
+        # the in-domain runs record trained_on too
+        own = json.loads((workdir / f"results/digits/resnet12/seed1/mtl/{shot}shot/metrics.json").read_text())
+        assert (own["trained_on"], own["dataset"]) == ("digits", "digits")
+
+
+def test_transfer_leaves_the_in_domain_numbers_as_they_were(transfer_run, two_seeds):
+    """The digits rows of the transfer run equal those of the same configuration without transfer."""
+    for name, keys in (("summary_per_seed.csv", ["method", "shot", "seed"]), ("summary.csv", ["method", "shot"])):
+        with_transfer_rows = pd.read_csv(transfer_run[0] / "results" / name)
+        in_domain = with_transfer_rows[with_transfer_rows["dataset"] == "digits"].reset_index(drop=True)
+        without = pd.read_csv(two_seeds[0] / "results" / name)
+        assert len(in_domain) == len(without) > 0 and (without["trained_on"] == "digits").all()
+        pd.testing.assert_frame_equal(in_domain, without)
+        assert in_domain[keys + NUMBERS].equals(without[keys + NUMBERS])

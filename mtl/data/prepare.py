@@ -56,7 +56,7 @@ def fetch_raw(name: str, conf: dict, raw_dir: str | Path, manifest: str | Path, 
         )
         record = {"raw_dir": str(raw_dir.resolve()), "files": {p.name: read_sha256_record(p) for p in paths}}
     elif kind == "imagefolder":
-        root = _image_folder_root(name, conf)
+        root = _image_folder_root(name, conf, test_only=bool(conf.get("test_only")))
         record = {"raw_dir": str(root), "files": {}}
     elif kind == "digits":
         from mtl.data.builders.digits import export_digits
@@ -76,12 +76,15 @@ def fetch_raw(name: str, conf: dict, raw_dir: str | Path, manifest: str | Path, 
 
 
 def build_splits(manifest: str | Path, out_dir: str | Path, *, strict_counts: bool = True,
-                 image_size: int | None = None, min_images_per_class: int = 1) -> dict[str, Path]:
-    """Build ``out_dir/{train,val,test}.h5`` from the raw files a manifest names.
+                 image_size: int | None = None, min_images_per_class: int = 1, test_only: bool = False,
+                 min_classes: int = 1) -> dict[str, Path]:
+    """Build ``out_dir/{train,val,test}.h5`` from the raw files a manifest names; with
+    ``test_only`` (a folder of class folders, source imagefolder), ``out_dir/test.h5`` alone.
 
     ``min_images_per_class`` (shot + query of the largest episode) is checked for folders of
     images (a user's own, the demo's); the published datasets' counts are checked against their
-    published figures instead (600 or more per class).
+    published figures instead (600 or more per class). ``min_classes`` (``way``) is checked for a
+    test-only folder.
     """
     from mtl.data.builders import build_dataset
 
@@ -91,6 +94,11 @@ def build_splits(manifest: str | Path, out_dir: str | Path, *, strict_counts: bo
     options = {"image_size": image_size} if image_size else {}
     if builder in sources.LOCAL_KINDS:
         options["min_images_per_class"] = min_images_per_class
+    if test_only:
+        if builder != "imagefolder":
+            raise ConfigError(f"data.{record['dataset']}.test_only needs source imagefolder (a folder of class "
+                              f"folders), not {kind}.")
+        options.update(test_only=True, min_classes=min_classes)
     return build_dataset(builder, Path(record["raw_dir"]), Path(out_dir), strict_counts=strict_counts, **options)
 
 
@@ -110,12 +118,16 @@ def read_manifest(manifest: str | Path) -> dict:
     return record
 
 
-def _image_folder_root(name: str, conf: dict) -> Path:
+def _image_folder_root(name: str, conf: dict, *, test_only: bool = False) -> Path:
     if not conf.get("path"):
-        raise ConfigError(
-            f"data.{name}.path is required for source imagefolder: the folder holding train/, val/ and test/."
-        )
+        holding = "one folder per class" if test_only else "train/, val/ and test/"
+        raise ConfigError(f"data.{name}.path is required for source imagefolder: the folder holding {holding}.")
     root = Path(conf["path"]).expanduser().resolve()
+    if test_only:  # root/<class>/<image files>; the builder checks the classes
+        if not root.is_dir():
+            raise DataError(f"Image folder {root} (data.{name}.path) does not exist; expected "
+                            "root/<class>/<image files> for a test_only dataset.")
+        return root
     missing = [split for split in sources.SPLITS if not (root / split).is_dir()]
     if missing:
         raise DataError(

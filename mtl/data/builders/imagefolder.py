@@ -1,4 +1,6 @@
-"""Your own images: ``root/{train,val,test}/<class>/<image files>`` -> square RGB HDF5 splits.
+"""Your own images: ``root/{train,val,test}/<class>/<image files>`` -> square RGB HDF5 splits, or,
+for a test-only dataset (``test_only=True``, a transfer target), ``root/<class>/<image files>`` ->
+``test.h5`` alone.
 
 Class names are the folder names (sorted); files within a class are taken in sorted path order
 (sub-folders included, symbolic links to folders not followed), decoded once, converted to RGB
@@ -10,7 +12,8 @@ skipped; other non-image files are skipped with a warning that lists them.
 A folder is checked whole before anything is kept: every file that cannot be decoded (corrupt,
 truncated, a broken or looping symbolic link), every empty class and every class with fewer than
 ``min_images_per_class`` images (an episode needs shot + query of each class) is listed in one
-error, so a user fixes them all in one go. There are no published counts, so ``strict_counts``
+error, with a split holding fewer than ``min_classes`` usable classes (a test-only folder needs
+``way``), so a user fixes them all in one go. There are no published counts, so ``strict_counts``
 has no effect here.
 """
 from __future__ import annotations
@@ -45,12 +48,16 @@ def build(
     image_size: int | None = None,
     dataset: str = "imagefolder",
     min_images_per_class: int = 1,
+    min_classes: int = 1,
+    test_only: bool = False,
 ) -> dict[str, Path]:
-    """Write ``out_dir/{train,val,test}.h5`` from the image tree at ``raw_dir``.
+    """Write ``out_dir/{train,val,test}.h5`` from the image tree at ``raw_dir``; with ``test_only``,
+    ``out_dir/test.h5`` alone from the class folders directly under ``raw_dir``.
 
     ``image_size`` (required) is the side of the stored square images; ``dataset`` is the name
-    written into the files' attributes; a class with fewer than ``min_images_per_class`` images
-    is an error. Raises one DataError listing every problem of the tree.
+    written into the files' attributes; a class with fewer than ``min_images_per_class`` images,
+    or a split with fewer than ``min_classes`` classes, is an error. Raises one DataError listing
+    every problem of the tree.
     """
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise ConfigError(
@@ -58,8 +65,14 @@ def build(
             f"images), got {image_size!r}. Set data.<dataset>.image_size in config.yaml, e.g. 84."
         )
     root = Path(raw_dir)
-    tree = {split: list_split(root, split) for split in SPLITS}  # fail on a bad tree before decoding
-    problems = class_problems(tree, root, max(1, int(min_images_per_class)))
+    folders = split_folders(root, test_only)
+    # fail on a bad tree before decoding
+    tree = {split: list_split(root, split, folder=folder) for split, folder in folders.items()}
+    if test_only:
+        _refuse_split_tree(root, tree["test"])
+    problems = class_problems(tree, folders, max(1, int(min_images_per_class)))
+    if min_classes > 1:
+        problems += class_count_problems(tree, folders, max(1, int(min_images_per_class)), int(min_classes))
     if problems:  # nothing will be written: still decode everything, to list every bad file now
         all_files = [f for classes in tree.values() for files in classes.values() for f in files]
         raise folder_error(root, problems + undecodable(all_files))
@@ -83,14 +96,31 @@ def build(
     return outputs
 
 
-def list_split(root: Path, split: str) -> dict[str, list[Path]]:
-    """Class name -> sorted image files of ``root/split`` (empty for an empty class folder)."""
-    folder = root / split
-    if not folder.is_dir():
+def split_folders(root: Path, test_only: bool = False) -> dict[str, Path]:
+    """Split -> the folder holding its class folders: ``root/<split>``, or ``root`` itself for the
+    one split (test) of a test-only folder."""
+    root = Path(root)
+    return {"test": root} if test_only else {split: root / split for split in SPLITS}
+
+
+def _refuse_split_tree(root: Path, classes: dict[str, list[Path]]) -> None:
+    """A test-only folder whose 'classes' are train/val/test is a whole split tree given by mistake."""
+    if "test" in classes and set(classes) <= set(SPLITS):
         raise DataError(
-            f"Image folder split '{split}' not found: {folder} is missing. Expected "
-            f"{root}/{{train,val,test}}/<class>/<image files>."
+            f"Test-only image folder {root} holds {', '.join(sorted(classes))}/ folders: that is a train/val/test "
+            f"tree, not root/<class>/<image files>. Point the dataset's path at {root / 'test'} to score its test "
+            "classes only, or set test_only: false to train on it."
         )
+
+
+def list_split(root: Path, split: str, *, folder: Path | None = None) -> dict[str, list[Path]]:
+    """Class name -> sorted image files of ``root/split`` (or of ``folder``, the class folders of a
+    test-only dataset); empty for an empty class folder."""
+    expected = (f"{folder}/<class>/<image files>" if folder is not None
+                else f"{root}/{{train,val,test}}/<class>/<image files>")
+    folder = root / split if folder is None else Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"Image folder split '{split}' not found: {folder} is missing. Expected {expected}.")
     classes, skipped = {}, []
     for entry in sorted(folder.iterdir()):
         if _hidden(entry):
@@ -112,12 +142,13 @@ def list_split(root: Path, split: str) -> dict[str, list[Path]]:
     return classes
 
 
-def class_problems(tree: dict[str, dict[str, list[Path]]], root: Path, min_images: int) -> list[str]:
-    """One line per class folder that is empty or too small for an episode."""
+def class_problems(tree: dict[str, dict[str, list[Path]]], folders: dict[str, Path], min_images: int) -> list[str]:
+    """One line per class folder that is empty or too small for an episode (``folders``: split -> the
+    folder holding its class folders, :func:`split_folders`)."""
     problems = []
     for split, classes in tree.items():
         for name, files in sorted(classes.items()):
-            folder = root / split / name
+            folder = Path(folders[split]) / name
             if not files:
                 problems.append(f"{folder}: empty class folder (no {', '.join(IMAGE_SUFFIXES)} files); "
                                 "add images or remove the folder")
@@ -125,6 +156,20 @@ def class_problems(tree: dict[str, dict[str, list[Path]]], root: Path, min_image
                 problems.append(f"{folder}: {len(files)} image(s), fewer than the {min_images} an episode "
                                 "needs (shot + query, from protocol.shots and protocol.query); add images, "
                                 "remove the folder, or lower shot/query")
+    return problems
+
+
+def class_count_problems(tree: dict[str, dict[str, list[Path]]], folders: dict[str, Path], min_images: int,
+                         min_classes: int) -> list[str]:
+    """One line per split with fewer than ``min_classes`` classes of at least ``min_images`` images
+    (a ``way``-way episode draws ``way`` distinct classes)."""
+    problems = []
+    for split, classes in tree.items():
+        usable = sum(len(files) >= min_images for files in classes.values())
+        if usable < min_classes:
+            problems.append(f"{folders[split]}: {usable} class folder(s) with at least {min_images} images, fewer "
+                            f"than the {min_classes} a {min_classes}-way episode needs (protocol.way); add class "
+                            "folders or lower protocol.way")
     return problems
 
 

@@ -253,7 +253,7 @@ def get_model_settings(wildcards):
     return settings
 
 
-def get_exported_models(datasets=DATASETS, methods=METHODS, shots=SHOTS):
+def get_exported_models(datasets=TRAINED, methods=METHODS, shots=SHOTS):
     return expand(
         rules.export_model.output.model,
         dataset=datasets,
@@ -267,11 +267,11 @@ def get_exported_models(datasets=DATASETS, methods=METHODS, shots=SHOTS):
 def get_predict_dataset(wildcards=None):
     """The trained dataset whose models predict: `predict.trained_on`, else the only one enabled."""
     name = PREDICT["trained_on"]
-    if name is None and len(DATASETS) == 1:
-        return DATASETS[0]
-    if name not in DATASETS:
+    if name is None and len(TRAINED) == 1:
+        return TRAINED[0]
+    if name not in TRAINED:
         raise ValueError(
-            f"predict.trained_on is {name!r}; set it to one of the trained datasets {DATASETS} "
+            f"predict.trained_on is {name!r}; set it to one of the trained datasets {TRAINED} "
             "(config.yaml `predict:`)"
         )
     return name

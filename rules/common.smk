@@ -66,7 +66,9 @@ def test_only_image_size(entry):
     (backbone.image_size, else the backbone's native size)."""
     size = entry["image_size"] or config["backbone"]["image_size"]
     if size is None:
-        from mtl.models.backbone import backbone_class  # imports torch: only when needed
+        from mtl.models.backbone import (
+            backbone_class,
+        )  # imports torch: only when needed
 
         size = backbone_class(BACKBONE).native_size
     return int(size)
@@ -125,7 +127,8 @@ def get_start_encoder(wildcards):
 
 def get_evaluated_model(wildcards):
     """Meta-trained methods are scored with their model, the others with their start encoder
-    (for a transfer run: the model of its trained_on dataset, the very file in-domain runs use)."""
+    (for a transfer run: the model of its trained_on dataset, the very file in-domain runs use).
+    """
     values = training_wildcards(wildcards)
     if method_registry.get_method(values["method"]).meta_trained:
         return rules.meta_train.output.model.format(**values)
@@ -146,8 +149,11 @@ def get_run_protocol(wildcards):
     """What a metrics.json records next to its accuracy, besides what the episode file fixes.
 
     A transfer run adds `trained_on`; an in-domain run leaves it out (the metrics file then records
-    trained_on = dataset), so the params of in-domain jobs are what they were and nothing reruns."""
-    trained_on = {"trained_on": wildcards.trained_on} if "trained_on" in wildcards.keys() else {}
+    trained_on = dataset), so the params of in-domain jobs are what they were and nothing reruns.
+    """
+    trained_on = (
+        {"trained_on": wildcards.trained_on} if "trained_on" in wildcards.keys() else {}
+    )
     return {
         **trained_on,
         "dataset": wildcards.dataset,

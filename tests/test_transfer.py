@@ -83,7 +83,7 @@ def test_dry_run_plans_transfer_evaluations_and_no_training_of_the_test_only_fol
     counts = job_counts(result.stdout)
     assert counts["build_hdf5"] == 1 and counts["build_test_hdf5"] == 1 and counts["download"] == 2
     assert counts["pretrain"] == 2 and counts["meta_train"] == 2 * 2 * 2  # digits only: seeds x (mtl, mtl_ht) x shots
-    assert counts["evaluate"] == counts["evaluate_transfer"] == 2 * 4 * 2  # seeds x methods x shots
+    assert counts["evaluate"] == counts["evaluate_transfer"] == 2 * 5 * 2  # seeds x methods x shots
     assert counts["episodes"] == 2 * 2  # digits and my_parts, each shot
     assert "results/digits/resnet12/seed2/mtl_ht/5shot/on_my_parts/metrics.json" in result.stdout
     assert "results/my_parts/resnet12" not in result.stdout

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl.data.builders.imagefolder import IMAGE_SUFFIXES, _class_files, _hidden, load_image
+from mtl.data.builders.imagefolder import IMAGE_SUFFIXES, _class_files, _hidden, decode_images
 from mtl.errors import DataError
 
 #: Images decoded per chunk of a query stream: memory stays bounded whatever the folder's size.
@@ -59,7 +59,7 @@ def read_support_folder(root, image_size: int) -> SupportSet:
         problems.append(f"{root}: {len(classes)} class folder(s) ({', '.join(classes) or 'none'}); a few-shot "
                         "classifier needs at least 2 classes, one sub-folder each")
     files = [path for name in sorted(classes) for path in classes[name]]
-    images = _decode_all(files, image_size, problems)
+    images = decode_images(files, image_size, problems)
     if problems:
         raise _folder_error(root, "support", problems)
     labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(classes[n]) for n in sorted(classes)])
@@ -92,20 +92,9 @@ def read_query_chunks(files: list[Path], image_size: int, chunk: int = QUERY_CHU
     turned up, the stream ends with one DataError listing them all (after the last chunk)."""
     problems: list[str] = []
     for start in range(0, len(files), chunk):
-        yield _decode_all(files[start:start + chunk], image_size, problems)
+        yield decode_images(files[start:start + chunk], image_size, problems)
     if problems:
         raise _folder_error(files[0].parent, "query", problems)
-
-
-def _decode_all(files: list[Path], image_size: int, problems: list[str]) -> np.ndarray:
-    """uint8 (N, S, S, 3); a file that cannot be decoded adds a line to ``problems`` (black placeholder)."""
-    images = np.zeros((len(files), image_size, image_size, 3), dtype=np.uint8)
-    for i, path in enumerate(files):
-        try:
-            images[i] = load_image(path, image_size)
-        except DataError as err:
-            problems.append(str(err))
-    return images
 
 
 def _existing_folder(root, role: str) -> Path:

@@ -202,16 +202,21 @@ def load_images(files: list[Path], image_size: int, failures: list[str],
     """
     found = len(failures)
     for start in tqdm(range(0, len(files), CHUNK), desc=desc, unit="chunk", disable=None):
-        batch = files[start:start + CHUNK]
-        chunk = np.zeros((len(batch), image_size, image_size, 3), dtype=np.uint8)
-        for i, path in enumerate(batch):
-            try:
-                chunk[i] = load_image(path, image_size)
-            except DataError as err:
-                failures.append(str(err))
-        yield chunk
+        yield decode_images(files[start:start + CHUNK], image_size, failures)
     if len(failures) > found:
         raise _UndecodableImages()
+
+
+def decode_images(files: list[Path], image_size: int, failures: list[str]) -> np.ndarray:
+    """uint8 (N, S, S, 3) of ``files``; one that cannot be decoded adds its error to ``failures``
+    and leaves a black placeholder, so a caller can list every bad file after one pass."""
+    images = np.zeros((len(files), image_size, image_size, 3), dtype=np.uint8)
+    for i, path in enumerate(files):
+        try:
+            images[i] = load_image(path, image_size)
+        except DataError as err:
+            failures.append(str(err))
+    return images
 
 
 def undecodable(files: list[Path]) -> list[str]:

@@ -186,10 +186,11 @@ class SeedEnsemble:
     def __init__(self, models: Sequence[FewShotModel]):
         if not models:
             raise ConfigError("a seed ensemble needs at least one model file")
-        kinds = {(m.method, m.trained_on, m.shot, m.stored_image_size) for m in models}
+        kinds = {(m.method, m.trained_on, m.shot, m.stored_image_size, m.info["backbone"]["name"],
+                  float(m.info["backbone"]["width"])) for m in models}
         if len(kinds) > 1:
-            raise ConfigError("the models of an ensemble must share method, training data, shot and image size; "
-                              f"got {sorted(kinds)}: " + ", ".join(str(m.path) for m in models))
+            raise ConfigError("the models of an ensemble must share method, training data, shot, image size and "
+                              f"backbone; got {sorted(kinds)}: " + ", ".join(str(m.path) for m in models))
         self.models = list(models)
 
     def __repr__(self) -> str:

@@ -289,3 +289,23 @@ def test_mtl_load_model_is_there_and_import_mtl_stays_free_of_torch():
     code = ("import sys, mtl; assert 'torch' not in sys.modules, 'import mtl pulled in torch'; "
             "from mtl.predict import load_model; assert mtl.load_model is load_model")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_an_ensemble_refuses_models_of_different_kinds(trained, tmp_path):
+    folder, _, _ = trained
+    with pytest.raises(Exception, match="must share method"):
+        load_models([exported(folder, "ft"), exported(folder, "proto")])
+
+
+def test_support_and_query_are_embedded_in_batches(trained, tmp_path, monkeypatch):
+    """A support set larger than one pass goes through in batches of the given size."""
+    import mtl.predict
+
+    folder, split, episodes = trained
+    support, query, _ = write_episode(split, episodes, 0, tmp_path)  # 6 support, 12 query images
+    sizes = []
+    real = mtl.predict.embed_batch
+    monkeypatch.setattr(mtl.predict, "embed_batch", lambda model, images, *a, **k: (sizes.append(len(images)),
+                                                                                   real(model, images, *a, **k))[1])
+    load_model(exported(folder, "ft")).predict(support, query, batch_size=4)
+    assert sizes == [4, 2, 4, 4, 4], sizes

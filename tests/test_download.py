@@ -1,4 +1,5 @@
-"""Download layer: verification, resume, mirrors, HTML rejection, Google Drive, manual files, archives.
+"""Download layer: verification, resume, mirrors, HTML rejection, Google Drive, Zenodo record
+listings, manual files, archives.
 
 Every network test talks to a loopback server (tests/fixtures/http_server.py); nothing here
 contacts a real host.
@@ -27,9 +28,10 @@ from mtl.data.download import (
     safe_extract,
     verify_file,
 )
-from mtl.data.sources import DatasetSource, RemoteArchive, RemoteFile
+from mtl.data.sources import MINIIMAGENET, TIEREDIMAGENET, DatasetSource, RemoteArchive, RemoteFile
 from mtl.errors import ConfigError, DataError
-from tests.fixtures.http_server import FileServer
+from tests.fixtures.http_server import FileServer, zenodo_record
+from tests.fixtures.raw_formats import make_miniimagenet_pickles
 
 PAYLOAD = bytes(range(256)) * 40  # 10,240 bytes, not text, not HTML
 OTHER = b"\x00not the file\xff" * 300
@@ -135,7 +137,7 @@ def test_download_verifies_renames_and_records_sha256(server, raw_dir):
 
 
 def test_download_without_published_checksum_records_what_it_saw(server, raw_dir):
-    remote = RemoteFile("cache.pkl", (server.add("/zenodo/cache.pkl", PAYLOAD),))
+    remote = RemoteFile("cache.pkl", (server.add("/plain/cache.pkl", PAYLOAD),))
     dl(remote, raw_dir)
     assert (raw_dir / "cache.pkl.sha256").read_text().split() == [sha256(PAYLOAD), "cache.pkl"]
 
@@ -501,3 +503,255 @@ def test_a_complete_part_left_before_the_rename_needs_no_body(server, raw_dir):
     remote = RemoteFile("cache.pkl", (server.add("/cache.pkl", PAYLOAD),))  # size unknown
     assert dl(remote, raw_dir).read_bytes() == PAYLOAD
     assert [r.headers["Range"] for r in server.requests] == [f"bytes={len(PAYLOAD)}-"]  # got 416
+
+
+# ---------------------------------------------------------------------------- Zenodo listing
+
+RECORD = "7978538"
+
+
+def zenodo_remote(name: str = "cache.pkl", *more_urls: str, **facts) -> RemoteFile:
+    """A raw file whose first mirror is a Zenodo file URL, as in the registry."""
+    return RemoteFile(
+        name, (f"https://zenodo.org/record/{RECORD}/files/{name}", *more_urls), **facts
+    )
+
+
+def zdl(remote, dest_dir, server, **kwargs):
+    return dl(remote, dest_dir, zenodo_base=server.base, **kwargs)
+
+
+def listing_with(server, **changes) -> dict:
+    """The record's true JSON for cache.pkl = PAYLOAD, with entry fields replaced."""
+    record = zenodo_record(RECORD, {"cache.pkl": PAYLOAD}, server.base)
+    record["files"][0].update(changes)
+    return record
+
+
+@pytest.mark.parametrize(
+    "url, key",
+    [
+        (
+            "https://zenodo.org/record/7978538/files/mini-imagenet-cache-train.pkl",
+            "mini-imagenet-cache-train.pkl",
+        ),
+        ("https://zenodo.org/records/7978538/files/a%20b.pkl?download=1", "a b.pkl"),
+        ("https://zenodo.org/api/records/7978538/files/x.pkl/content", "x.pkl"),
+        ("https://www.zenodo.org/records/7978538/files/x.pkl", "x.pkl"),
+        ("https://example.org/record/7978538/files/x.pkl", None),
+        ("https://zenodo.org/records/7978538", None),
+        ("gdrive:16V_ZlkW4SsnNDtnGmaBRq2OoPmUOc5mY", None),
+    ],
+)
+def test_zenodo_file_urls_give_record_key_and_listing_address(url, key, monkeypatch):
+    monkeypatch.delenv(download.ZENODO_BASE_ENV, raising=False)
+    found = download._zenodo_file(url)
+    if key is None:
+        assert found is None
+        return
+    assert (found.record, found.key) == (RECORD, key)
+    assert found.listing_url == f"https://zenodo.org/api/records/{RECORD}"
+    moved = download._zenodo_file(url, "http://127.0.0.1:9/")  # the tests' override moves both
+    assert moved.listing_url == f"http://127.0.0.1:9/api/records/{RECORD}"
+    assert moved.url.startswith("http://127.0.0.1:9/") and moved.url.endswith(
+        url.split("zenodo.org")[1]
+    )
+
+
+def test_every_registry_zenodo_url_names_record_7978538_and_its_file():
+    for source in (MINIIMAGENET, TIEREDIMAGENET):
+        for remote in source.files:
+            found = download._zenodo_file(remote.urls[0])
+            assert found is not None and found.record == RECORD
+            assert found.key == remote.urls[0].rsplit("/", 1)[1]
+
+
+def test_zenodo_download_reads_the_listing_first_and_checks_its_size_and_md5(
+    server, raw_dir, caplog
+):
+    listing_url = server.add_zenodo_record(RECORD, {"cache.pkl": PAYLOAD})
+    with caplog.at_level(logging.INFO, logger="mtl.data.download"):
+        path = zdl(zenodo_remote(), raw_dir, server)
+    assert path.read_bytes() == PAYLOAD
+    assert [r.path for r in server.requests] == [
+        f"/api/records/{RECORD}",
+        f"/record/{RECORD}/files/cache.pkl",
+    ]
+    assert f"{listing_url} lists 10,240 bytes, MD5 {md5(PAYLOAD)}" in caplog.text
+    assert f"MD5 {md5(PAYLOAD)} as given by Zenodo's file listing {listing_url}" in caplog.text
+    assert (raw_dir / "cache.pkl.sha256").read_text().split()[0] == sha256(PAYLOAD)
+    assert leftovers(raw_dir) == ["cache.pkl", "cache.pkl.sha256"]
+
+
+def test_a_wrong_md5_in_the_listing_fails_naming_file_md5s_and_listing(server, raw_dir):
+    listing_url = server.add_zenodo_record(
+        RECORD, {"cache.pkl": PAYLOAD}, listing=listing_with(server, checksum="md5:" + md5(OTHER))
+    )
+    with pytest.raises(DataError) as err:
+        zdl(zenodo_remote(), raw_dir, server)
+    message = str(err.value)
+    assert "Could not download cache.pkl" in message
+    assert (
+        f"failed its MD5 check: expected {md5(OTHER)} (from Zenodo's file listing {listing_url}), "
+        f"seen {md5(PAYLOAD)}"
+    ) in message
+    assert "corrupt copy was deleted" in message
+    assert leftovers(raw_dir) == []  # nothing under the final name, no .part either
+
+
+def test_after_a_listing_mismatch_the_next_mirror_is_tried(server, raw_dir, caplog):
+    server.add_zenodo_record(
+        RECORD, {"cache.pkl": PAYLOAD}, listing=listing_with(server, checksum="md5:" + md5(OTHER))
+    )
+    remote = zenodo_remote("cache.pkl", server.add("/elsewhere/cache.pkl", PAYLOAD))
+    with caplog.at_level(logging.WARNING, logger="mtl.data.download"):
+        assert zdl(remote, raw_dir, server).read_bytes() == PAYLOAD
+    assert "mirror 1/2" in caplog.text and f"expected {md5(OTHER)}" in caplog.text
+    assert len(server.requests_for("/elsewhere/cache.pkl")) == 1
+
+
+def test_a_size_that_differs_from_the_listing_is_refused_before_anything_is_kept(
+    server, raw_dir, monkeypatch
+):
+    listing_url = server.add_zenodo_record(
+        RECORD, {"cache.pkl": PAYLOAD}, listing=listing_with(server, size=len(PAYLOAD) + 1)
+    )
+    monkeypatch.setattr(download, "file_digests", lambda *a, **k: pytest.fail("hashed"))
+    with pytest.raises(DataError) as err:
+        zdl(zenodo_remote(), raw_dir, server)
+    assert (
+        f"announces {len(PAYLOAD):,} bytes but {len(PAYLOAD) + 1:,} are expected "
+        f"(from Zenodo's file listing {listing_url})"
+    ) in str(err.value)
+    assert leftovers(raw_dir) == []
+
+
+def test_a_listing_that_contradicts_the_registry_fails_that_mirror(server, raw_dir):
+    server.add_zenodo_record(RECORD, {"cache.pkl": PAYLOAD})
+    remote = zenodo_remote(md5=md5(OTHER))  # the registry expects another file
+    with pytest.raises(DataError, match=f"MD5 {md5(PAYLOAD)} where the registry says {md5(OTHER)}"):
+        zdl(remote, raw_dir, server)
+    assert server.requests_for(f"/record/{RECORD}/files/cache.pkl") == []
+    assert leftovers(raw_dir) == []
+
+
+@pytest.mark.parametrize(
+    "listing, options, why",
+    [
+        (None, {"status": 404}, "HTTP 404"),
+        (None, {"status": 503}, "HTTP 503"),
+        (
+            b"<!DOCTYPE html><html><title>Maintenance</title></html>",
+            {"content_type": "text/html"},
+            "an HTML page",
+        ),
+        (b'{"files": [', {}, "not JSON"),
+        ({"hits": {"hits": []}}, {}, "no 'files' list"),
+        (
+            {"files": [{"key": "other.pkl", "size": 3, "checksum": "md5:" + "0" * 32}]},
+            {},
+            "lists no file 'cache.pkl'",
+        ),
+        (
+            {"files": [{"key": "cache.pkl", "size": "big", "checksum": "sha1:abc"}]},
+            {},
+            "no usable size or MD5",
+        ),
+    ],
+    ids=["404", "503", "html", "truncated-json", "no-files", "key-absent", "no-usable-facts"],
+)
+def test_an_unusable_listing_is_logged_and_the_download_goes_on(
+    server, raw_dir, caplog, listing, options, why
+):
+    listing_url = server.add_zenodo_record(
+        RECORD, {"cache.pkl": PAYLOAD}, listing=listing, **options
+    )
+    with caplog.at_level(logging.WARNING, logger="mtl.data.download"):
+        assert zdl(zenodo_remote(), raw_dir, server).read_bytes() == PAYLOAD
+    warning = next(r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage())
+    assert f"Zenodo's file listing {listing_url} cannot be used (" in warning and why in warning
+    assert "recording the SHA-256 seen" in caplog.text
+    assert (raw_dir / "cache.pkl.sha256").read_text().split()[0] == sha256(PAYLOAD)
+
+
+def test_invenio_files_entries_shape_is_read_too(server, raw_dir):
+    entries = {
+        "cache.pkl": {"key": "cache.pkl", "size": len(PAYLOAD), "checksum": "md5:" + md5(OTHER)}
+    }
+    server.add_zenodo_record(
+        RECORD, {"cache.pkl": PAYLOAD}, listing={"files": {"entries": entries}}
+    )
+    with pytest.raises(DataError, match=f"expected {md5(OTHER)} \\(from Zenodo's file listing"):
+        zdl(zenodo_remote(), raw_dir, server)
+
+
+def test_offline_zenodo_logs_the_missing_listing_then_fails_as_before(raw_dir, caplog):
+    base = closed_port_url("")
+    with caplog.at_level(logging.WARNING, logger="mtl.data.download"):
+        with pytest.raises(DataError) as err:
+            dl(zenodo_remote(), raw_dir, zenodo_base=base)
+    assert f"{base}/api/records/{RECORD} cannot be used (cannot connect" in caplog.text
+    assert f"{base}/record/{RECORD}/files/cache.pkl -> cannot connect" in str(err.value)
+
+
+@pytest.mark.parametrize("listing_works", [True, False], ids=["listing", "no-listing"])
+def test_config_checksums_apply_with_or_without_the_listing(
+    server, raw_dir, monkeypatch, listing_works
+):
+    monkeypatch.setenv(download.ZENODO_BASE_ENV, server.base)
+    server.add_zenodo_record(RECORD, {"cache.pkl": PAYLOAD}, status=200 if listing_works else 500)
+    source = toy_source([zenodo_remote()])
+    with pytest.raises(DataError, match=f"SHA-256 check: expected {sha256(OTHER)}"):
+        fetch_dataset(source, raw_dir, checksums={"cache.pkl": sha256(OTHER)}, progress=False)
+    assert leftovers(raw_dir) == []
+    paths = fetch_dataset(source, raw_dir, checksums={"cache.pkl": sha256(PAYLOAD)}, progress=False)
+    assert paths[0].read_bytes() == PAYLOAD
+
+
+def test_a_right_pin_does_not_excuse_a_wrong_listed_md5(server, raw_dir, monkeypatch):
+    monkeypatch.setenv(download.ZENODO_BASE_ENV, server.base)
+    server.add_zenodo_record(
+        RECORD, {"cache.pkl": PAYLOAD}, listing=listing_with(server, checksum="md5:" + md5(OTHER))
+    )
+    with pytest.raises(DataError, match="MD5 check"):
+        fetch_dataset(
+            toy_source([zenodo_remote()]),
+            raw_dir,
+            checksums={"cache.pkl": sha256(PAYLOAD)},
+            progress=False,
+        )
+    assert leftovers(raw_dir) == []
+
+
+def test_registry_miniimagenet_downloads_are_checked_against_a_zenodo_listing(
+    tmp_path, server, monkeypatch, caplog
+):
+    mini = make_miniimagenet_pickles(
+        tmp_path / "src",
+        images_per_class=1,
+        classes={"train": 2, "val": 2, "test": 2},
+        image_size=8,
+    )
+    served = {  # the record's file names; Zenodo spells the validation split out
+        url.rsplit("/", 1)[1]: (mini.path / remote.name).read_bytes()
+        for remote in MINIIMAGENET.files
+        for url in remote.urls
+    }
+    assert "mini-imagenet-cache-validation.pkl" in served
+    server.add_zenodo_record(RECORD, served)
+    monkeypatch.setenv(download.ZENODO_BASE_ENV, server.base)
+    monkeypatch.setenv(download.GDRIVE_BASE_ENV, closed_port_url(""))  # never needed
+    raw = tmp_path / "raw"
+    with caplog.at_level(logging.INFO, logger="mtl.data.download"):
+        paths = fetch_dataset(MINIIMAGENET, raw, progress=False)
+    assert [p.name for p in paths] == [f.name for f in MINIIMAGENET.files]
+    assert all(p.read_bytes() == (mini.path / p.name).read_bytes() for p in paths)
+    assert len(server.requests_for(f"/api/records/{RECORD}")) == 3
+    assert caplog.text.count("as given by Zenodo's file listing") == 3
+
+
+def test_a_fresh_download_is_hashed_while_it_streams(server, raw_dir, monkeypatch):
+    monkeypatch.setattr(download, "file_digests", lambda *a, **k: pytest.fail("read again"))
+    remote = checked("data.bin", [server.add("/data.bin", PAYLOAD, truncate_after=3000)])
+    assert dl(remote, raw_dir).read_bytes() == PAYLOAD  # resumed once within the call
+    assert download.read_sha256_record(raw_dir / "data.bin") == sha256(PAYLOAD)

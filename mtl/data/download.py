@@ -11,12 +11,29 @@ HTTP uses only the standard library (urllib), so downloading adds no dependency.
 Google Drive URLs (``gdrive:<id>``) are fetched from ``https://drive.google.com``; the
 environment variable ``MTL_GDRIVE_BASE`` (or the ``gdrive_base`` argument) replaces that
 address, which is how the tests point it at a loopback server.
+
+Zenodo publishes each file's size and MD5 in its record's listing: ``GET
+https://zenodo.org/api/records/<record id>`` answers JSON whose ``files`` list holds, per file,
+``key`` (the file name), ``size`` (bytes) and ``checksum`` (``"md5:<hex>"``). A download from a
+Zenodo file URL (``https://zenodo.org/record(s)/<id>/files/<key>``) reads that listing first and
+checks the file against it: a wrong size is refused as soon as the server announces it, a wrong
+MD5 deletes the download. When the listing cannot be had (offline, an API error, JSON of another
+shape) the download goes on without it, as for any mirror that publishes nothing, with a warning
+in the log; the SHA-256 seen is recorded either way and a user's pinned SHA-256 still applies.
+``MTL_ZENODO_BASE`` (or the ``zenodo_base`` argument) replaces ``https://zenodo.org`` for both the
+listing and the file, which is how the tests serve a record from a loopback server.
+
+MD5 and SHA-256 are computed while the bytes stream to disk, so a finished download is not read
+again to verify it (a ``.part`` resumed by a later run is read once, up to where it stopped).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import html
 import http.client
+import json
 import logging
 import os
 import posixpath
@@ -49,6 +66,10 @@ DEFAULT_GDRIVE_BASE = "https://drive.google.com"
 GDRIVE_BASE_ENV = "MTL_GDRIVE_BASE"
 GDRIVE_PREFIX = "gdrive:"
 USER_AGENT = "mtl-fewshot-download/1.0 (python urllib)"
+DEFAULT_ZENODO_BASE = "https://zenodo.org"
+ZENODO_BASE_ENV = "MTL_ZENODO_BASE"
+# A record's JSON is a few kB (metadata plus one entry per file); anything far larger is not one.
+MAX_LISTING_BYTES = 8 << 20
 # A download that stops early is resumed in the same call this many times, while it makes progress.
 RESUME_ATTEMPTS = 3
 # Enough of an HTML page to find Google Drive's confirm form; real pages are a few kB.
@@ -69,25 +90,48 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
 
 
 def _check(
-    path: Path, md5: str | None, sha256: str | None, size: int | None, *, want_sha256: bool = False
+    path: Path,
+    md5: str | None,
+    sha256: str | None,
+    size: int | None,
+    *,
+    want_sha256: bool = False,
+    known: dict[str, str] | None = None,
+    origins: dict[str, str] | None = None,
 ) -> tuple[str | None, str | None]:
-    """(what is wrong with ``path`` or None, its SHA-256 when computed), in one pass over the file."""
+    """(what is wrong with ``path`` or None, its SHA-256 when computed), in one pass over the file.
+
+    The size is checked before any hashing. ``known`` holds digests already computed for exactly
+    this file (while it streamed in), which are not computed again; ``origins`` says where an
+    expected value came from ("size"/"md5"/"sha256" -> text), for the message.
+    """
+    origins = origins or {}
     if not path.is_file():
         return "is missing", None
     seen_size = path.stat().st_size
     if size is not None and seen_size != size:
         return (
-            f"has the wrong size: expected {size:,} bytes, seen {seen_size:,} bytes "
-            "(truncated, or a different file; an HTML error page is a few kB)"
+            f"has the wrong size: expected {size:,} bytes{_from(origins.get('size'))}, seen "
+            f"{seen_size:,} bytes (truncated, or a different file; an HTML error page is a few kB)"
         ), None
     wanted = {k: v.lower() for k, v in {"md5": md5, "sha256": sha256}.items() if v}
     algorithms = set(wanted) | ({"sha256"} if want_sha256 else set())
-    seen = file_digests(path, sorted(algorithms)) if algorithms else {}
+    seen = {a: d for a, d in (known or {}).items() if a in algorithms}
+    missing = sorted(algorithms - set(seen))
+    if missing:
+        seen.update(file_digests(path, missing))
     for algorithm, expected in wanted.items():
         if seen[algorithm] != expected:
             label = "MD5" if algorithm == "md5" else "SHA-256"
-            return f"failed its {label} check: expected {expected}, seen {seen[algorithm]}", None
+            return (
+                f"failed its {label} check: expected {expected}{_from(origins.get(algorithm))}, "
+                f"seen {seen[algorithm]}"
+            ), None
     return None, seen.get("sha256")
+
+
+def _from(origin: str | None) -> str:
+    return f" (from {origin})" if origin else ""
 
 
 def check_integrity(
@@ -161,11 +205,57 @@ class _Truncated(_MirrorFailed):
 
 @dataclass(frozen=True)
 class _Expected:
-    """What the finished file must match; None means unknown."""
+    """What the finished file must match; None means unknown. ``origins`` says where a value came
+    from when that is worth telling ("size"/"md5" -> "Zenodo's file listing <url>")."""
 
     size: int | None
     md5: str | None
     sha256: str | None
+    origins: tuple[tuple[str, str], ...] = ()
+
+    def origin(self, fact: str) -> str | None:
+        return dict(self.origins).get(fact)
+
+
+class _Digests:
+    """MD5 and SHA-256 of the bytes appended to a ``.part`` file, updated as they stream in.
+
+    ``count`` is how many bytes they cover. Before appending at ``offset``, :meth:`cover` makes
+    them cover exactly the file's first ``offset`` bytes: nothing to do when this download wrote
+    them, a reset at 0, a read of the file when resuming what another run (or a failed write) left.
+    """
+
+    ALGORITHMS = ("md5", "sha256")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.hashers = {name: hashlib.new(name) for name in self.ALGORITHMS}
+        self.count = 0
+
+    def update(self, chunk: bytes) -> None:
+        for hasher in self.hashers.values():
+            hasher.update(chunk)
+        self.count += len(chunk)
+
+    def cover(self, part: Path, offset: int) -> None:
+        if self.count == offset:
+            return
+        self.reset()
+        if offset:
+            with open(part, "rb") as handle:
+                while self.count < offset:
+                    chunk = handle.read(min(CHUNK_SIZE, offset - self.count))
+                    if not chunk:
+                        break
+                    self.update(chunk)
+
+    def of(self, part: Path) -> dict[str, str]:
+        """The digests when they cover the whole of ``part`` as it is now, else {} (read it)."""
+        if not part.is_file() or part.stat().st_size != self.count:
+            return {}
+        return {name: hasher.hexdigest() for name, hasher in self.hashers.items()}
 
 
 def _gdrive_base(gdrive_base: str | None) -> str:
@@ -282,7 +372,7 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
 
 
 def _transfer(
-    response, part: Path, offset: int, expected: _Expected, name: str, progress: bool
+    response, part: Path, offset: int, expected: _Expected, name: str, progress: bool, digests
 ) -> None:
     """Stream a response into ``part`` (appending at ``offset`` for a 206); raise on a bad answer."""
     status = response.status
@@ -307,10 +397,12 @@ def _transfer(
         raise _html_failure(first_chunk, response.headers.get("Content-Type"))
     if total is not None and expected.size is not None and total != expected.size:
         raise _MirrorFailed(
-            f"the server announces {total:,} bytes but {expected.size:,} are expected (a different file)"
+            f"the server announces {total:,} bytes but {expected.size:,} are expected"
+            f"{_from(expected.origin('size'))} (a different file)"
         )
     total = total if total is not None else expected.size
-    written = _stream(response, first_chunk, part, offset, total, name, progress)
+    digests.cover(part, offset)
+    written = _stream(response, first_chunk, part, offset, total, name, progress, digests)
     if total is not None and offset + written < total:
         raise _Truncated(
             f"the connection closed after {offset + written:,} of {total:,} bytes", gained=written
@@ -318,9 +410,10 @@ def _transfer(
 
 
 def _stream(
-    response, first_chunk: bytes, part: Path, offset: int, total, name: str, progress: bool
+    response, first_chunk: bytes, part: Path, offset: int, total, name: str, progress: bool, digests
 ) -> int:
-    """Append the body to ``part`` with a progress bar; return the number of bytes written."""
+    """Append the body to ``part`` with a progress bar, hashing it on the way (``digests``);
+    return the number of bytes written."""
     written = 0
     bar = tqdm(
         total=total,
@@ -336,6 +429,7 @@ def _stream(
         chunk = first_chunk
         while chunk:
             out.write(chunk)
+            digests.update(chunk)
             written += len(chunk)
             bar.update(len(chunk))
             chunk = response.read(CHUNK_SIZE)
@@ -343,7 +437,7 @@ def _stream(
 
 
 def _fetch_from_mirror(
-    url, part, expected, *, name, opener, timeout, gdrive_base, progress
+    url, part, expected, *, name, opener, timeout, gdrive_base, progress, digests
 ) -> None:
     """Bring ``part`` to the complete file from one mirror, resuming while each attempt progresses."""
     for attempt in range(1, RESUME_ATTEMPTS + 1):
@@ -365,7 +459,7 @@ def _fetch_from_mirror(
             continue
         try:
             with response:
-                _transfer(response, part, offset, expected, name, progress)
+                _transfer(response, part, offset, expected, name, progress, digests)
             return
         except _Restart:
             continue
@@ -385,7 +479,7 @@ def _download_verified(url, part, expected, **options) -> str:
     resumed = part.is_file()
     _fetch_from_mirror(url, part, expected, **options)
     try:
-        return _verify_part(part, expected)
+        return _verify_part(part, expected, options["digests"])
     except _MirrorFailed:
         if not resumed:
             raise
@@ -393,7 +487,7 @@ def _download_verified(url, part, expected, **options) -> str:
             "%s: the resumed download did not verify; fetching it again from byte 0", part.name
         )
     _fetch_from_mirror(url, part, expected, **options)
-    return _verify_part(part, expected)
+    return _verify_part(part, expected, options["digests"])
 
 
 def _describe(exc: BaseException) -> str:
@@ -402,6 +496,150 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.URLError):
         return f"cannot connect ({exc.reason})"
     return str(exc) or type(exc).__name__
+
+
+# ------------------------------------------------------------------------------ Zenodo
+
+_ZENODO_HOSTS = ("zenodo.org", "www.zenodo.org")
+# /record/<id>/files/<key> (the registry's form), /records/<id>/files/<key>[?download=1] and the
+# API's /api/records/<id>/files/<key>/content.
+_ZENODO_FILE_PATH = re.compile(r"/(?:api/)?records?/(\d+)/files/(.+?)(?:/content)?/?")
+
+
+class _ListingUnusable(Exception):
+    """Zenodo's listing could not be fetched or read; the text says why (it goes to the log)."""
+
+
+@dataclass(frozen=True)
+class _ZenodoFile:
+    """A file of a Zenodo record: where to download it and where its record's listing is."""
+
+    record: str
+    key: str
+    url: str
+    listing_url: str
+
+
+def _zenodo_base(zenodo_base: str | None) -> str:
+    return (zenodo_base or os.environ.get(ZENODO_BASE_ENV) or DEFAULT_ZENODO_BASE).rstrip("/")
+
+
+def _zenodo_file(url: str, zenodo_base: str | None = None) -> _ZenodoFile | None:
+    """The record id and file name behind a zenodo.org file URL (None for any other URL).
+
+    Both the file and the listing (``<base>/api/records/<id>``) are fetched from the Zenodo base
+    (``zenodo_base``, ``MTL_ZENODO_BASE`` or https://zenodo.org).
+    """
+    split = urllib.parse.urlsplit(url)
+    if split.scheme not in ("http", "https") or (split.hostname or "") not in _ZENODO_HOSTS:
+        return None
+    match = _ZENODO_FILE_PATH.fullmatch(split.path)
+    if not match:
+        return None
+    record, key = match.group(1), urllib.parse.unquote(match.group(2))
+    base = _zenodo_base(zenodo_base)
+    query = f"?{split.query}" if split.query else ""
+    return _ZenodoFile(record, key, base + split.path + query, f"{base}/api/records/{record}")
+
+
+def _zenodo_entries(listing_url: str, opener, timeout: float) -> list[dict]:
+    """The ``files`` entries of a record's JSON; _ListingUnusable says why there are none."""
+    request = urllib.request.Request(
+        listing_url, headers={"User-Agent": USER_AGENT, "Accept": "application/json"}
+    )
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            body = response.read(MAX_LISTING_BYTES + 1)
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
+        raise _ListingUnusable(_describe(exc)) from exc
+    if len(body) > MAX_LISTING_BYTES:
+        raise _ListingUnusable(f"the answer exceeds {MAX_LISTING_BYTES:,} bytes; not a record")
+    try:
+        record = json.loads(body)
+    except ValueError as exc:  # UnicodeDecodeError included
+        kind = "an HTML page" if _starts_like_html(body[:256]) else f"not JSON ({exc})"
+        raise _ListingUnusable(f"the answer is {kind}") from exc
+    files = record.get("files") if isinstance(record, dict) else None
+    if isinstance(files, dict):  # InvenioRDM's own serialization: {"entries": [...] or {key: ...}}
+        files = files.get("entries")
+        files = list(files.values()) if isinstance(files, dict) else files
+    if not isinstance(files, list):
+        raise _ListingUnusable("the JSON has no 'files' list")
+    return [entry for entry in files if isinstance(entry, dict)]
+
+
+def _zenodo_facts(zfile: _ZenodoFile, opener, timeout: float) -> tuple[int | None, str | None]:
+    """(size, MD5) of ``zfile`` as its record's listing gives them; _ListingUnusable otherwise."""
+    entries = _zenodo_entries(zfile.listing_url, opener, timeout)
+    entry = next((e for e in entries if e.get("key") == zfile.key), None)
+    if entry is None:
+        keys = sorted(str(e.get("key")) for e in entries)
+        raise _ListingUnusable(f"it lists no file '{zfile.key}' (it lists {keys})")
+    size = entry.get("size")
+    size = size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
+    checksum = entry.get("checksum")
+    algorithm, _, digest = checksum.partition(":") if isinstance(checksum, str) else ("", "", "")
+    md5 = digest.lower() if algorithm.lower() == "md5" else None
+    md5 = md5 if md5 and re.fullmatch(r"[0-9a-f]{32}", md5) else None
+    if size is None and md5 is None:
+        raise _ListingUnusable(
+            f"its entry for '{zfile.key}' has no usable size or MD5 (size {entry.get('size')!r}, "
+            f"checksum {checksum!r})"
+        )
+    return size, md5
+
+
+def _with_zenodo_listing(
+    expected: _Expected, zfile: _ZenodoFile, name: str, opener, timeout: float
+) -> _Expected:
+    """``expected`` plus the size and MD5 Zenodo lists for ``zfile``: the first step of a download
+    from Zenodo. An unusable listing is logged and changes nothing; a listing that contradicts the
+    registry fails this mirror (the record no longer holds the file the registry describes).
+    """
+    try:
+        size, md5 = _zenodo_facts(zfile, opener, timeout)
+    except _ListingUnusable as exc:
+        log.warning(
+            "%s: Zenodo's file listing %s cannot be used (%s); downloading without its size and "
+            "MD5 (checking: %s) and recording the SHA-256 seen",
+            name,
+            zfile.listing_url,
+            exc,
+            _describe_expected(expected),
+        )
+        return expected
+    origin = f"Zenodo's file listing {zfile.listing_url}"
+    clashes = []
+    if size is not None and expected.size is not None and size != expected.size:
+        clashes.append(f"{size:,} bytes where the registry says {expected.size:,}")
+    if md5 and expected.md5 and md5 != expected.md5.lower():
+        clashes.append(f"MD5 {md5} where the registry says {expected.md5}")
+    if clashes:
+        raise _MirrorFailed(
+            f"{origin} gives {' and '.join(clashes)} for '{zfile.key}': the record holds another "
+            "file than the one expected"
+        )
+    origins = dict(expected.origins)
+    if size is not None and expected.size is None:
+        origins["size"] = origin
+    if md5 and not expected.md5:
+        origins["md5"] = origin
+    log.info(
+        "%s: %s lists %s, MD5 %s; the download is checked against them",
+        name,
+        origin,
+        f"{size:,} bytes" if size is not None else "no size",
+        md5 or "none",
+    )
+    return dataclasses.replace(
+        expected,
+        size=expected.size if expected.size is not None else size,
+        md5=expected.md5 or md5,
+        origins=tuple(sorted(origins.items())),
+    )
+
+
+# ------------------------------------------------------------------------------ downloads
 
 
 def _expected_facts(remote: Remote, sha256: str | None) -> _Expected:
@@ -425,7 +663,7 @@ def _describe_expected(expected: _Expected) -> str:
     facts = [f"{expected.size:,} bytes"] if expected.size is not None else []
     facts += [f"MD5 {expected.md5}"] if expected.md5 else []
     facts += [f"SHA-256 {expected.sha256}"] if expected.sha256 else []
-    return ", ".join(facts) if facts else "no published size or checksum"
+    return ", ".join(facts) if facts else "no size or checksum known beforehand"
 
 
 def _manual_copy_advice(dest: Path, dataset: str) -> str:
@@ -444,16 +682,18 @@ def download_file(
     progress: bool = True,
     timeout: float = 60,
     gdrive_base: str | None = None,
+    zenodo_base: str | None = None,
     dataset: str | None = None,
 ) -> Path:
     """Download ``remote`` to ``dest_dir/<name>``, trying its mirrors in order.
 
     The bytes go to ``<name>.part`` (resumed with HTTP Range when one is left from an earlier
     run) and are renamed to ``<name>`` only after size, MD5 and SHA-256 (``sha256`` pins one the
-    registry lacks) check out; a corrupt download is deleted. The observed SHA-256 is written to
-    ``<name>.sha256``. ``dataset`` (default: the folder's name, as in ``data/raw/<dataset>``)
-    names the config key the error messages point to. Raises one DataError listing every mirror
-    and why it failed.
+    registry lacks) check out; a corrupt download is deleted. From a Zenodo mirror the size and
+    MD5 in the record's listing are checked as well (see the module docstring). The observed
+    SHA-256 is written to ``<name>.sha256``. ``dataset`` (default: the folder's name, as in
+    ``data/raw/<dataset>``) names the config key the error messages point to. Raises one
+    DataError listing every mirror and why it failed.
     """
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -462,17 +702,24 @@ def download_file(
     expected = _expected_facts(remote, sha256)
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
     failures = []
-    for index, url in enumerate(remote.urls, start=1):
+    digests = _Digests()
+    for index, listed_url in enumerate(remote.urls, start=1):
+        zenodo = _zenodo_file(listed_url, zenodo_base)
+        url = zenodo.url if zenodo else listed_url
+        checked = expected
         try:
+            if zenodo:
+                checked = _with_zenodo_listing(expected, zenodo, remote.name, opener, timeout)
             digest = _download_verified(
                 url,
                 part,
-                expected,
+                checked,
                 name=remote.name,
                 opener=opener,
                 timeout=timeout,
                 gdrive_base=gdrive_base,
                 progress=progress,
+                digests=digests,
             )
         except (_MirrorFailed, OSError, http.client.HTTPException, ValueError) as exc:
             reason = _describe(exc)
@@ -488,16 +735,26 @@ def download_file(
             continue
         os.replace(part, dest)
         _write_sha256_record(dest, digest)
-        log.info("Downloaded %s from %s (SHA-256 %s)", dest, url, digest)
+        md5_origin = checked.origin("md5")
+        also = f"; MD5 {checked.md5} as given by {md5_origin}" if md5_origin else ""
+        log.info("Downloaded %s from %s (SHA-256 %s%s)", dest, url, digest, also)
         return dest
     raise DataError(
         _all_mirrors_failed(remote, dest, part, expected, failures, dataset or dest_dir.name)
     )
 
 
-def _verify_part(part: Path, expected: _Expected) -> str:
+def _verify_part(part: Path, expected: _Expected, digests: _Digests) -> str:
     """Check the finished .part; delete it when corrupt (a resume would only keep the bad bytes)."""
-    problem, digest = _check(part, expected.md5, expected.sha256, expected.size, want_sha256=True)
+    problem, digest = _check(
+        part,
+        expected.md5,
+        expected.sha256,
+        expected.size,
+        want_sha256=True,
+        known=digests.of(part),
+        origins=dict(expected.origins),
+    )
     if problem is None:
         return digest
     part.unlink(missing_ok=True)

@@ -58,6 +58,14 @@ class DatasetSource:
     facts: dict = field(default_factory=dict)
 
 
+# Zenodo record 7978538 serves the miniImageNet and tieredImageNet pickles. Zenodo publishes each
+# file's size and MD5 in the record's listing (GET https://zenodo.org/api/records/7978538: `files`,
+# each with `key`, `size` and `checksum` "md5:<hex>"); the download reads that listing before each
+# Zenodo download and checks the file against it (mtl.data.download). The values are not pinned
+# below: zenodo.org could not be reached where this was written, and no stored copy of the MD5s of
+# these exact files was found in the installed packages or in this repository, so none was
+# invented. Were the listing unreachable at download time, the observed SHA-256 is recorded
+# (<file>.sha256) and config `data.<dataset>.checksums` can pin it.
 _ZENODO = "https://zenodo.org/record/7978538/files/"
 
 CIFAR100 = RemoteFile(
@@ -98,8 +106,8 @@ MINIIMAGENET = DatasetSource(
     name="miniimagenet",
     builder="miniimagenet",
     files=(
-        # Zenodo publishes no checksums for these: the download records the observed SHA-256,
-        # and config `data.miniimagenet.checksums` can pin them.
+        # Size and MD5 come from Zenodo's record listing at download time (see _ZENODO above);
+        # the observed SHA-256 is recorded, and config `data.miniimagenet.checksums` can pin it.
         RemoteFile("mini-imagenet-cache-train.pkl", (_ZENODO + "mini-imagenet-cache-train.pkl",)),
         RemoteFile("mini-imagenet-cache-val.pkl", (_ZENODO + "mini-imagenet-cache-validation.pkl",)),
         RemoteFile("mini-imagenet-cache-test.pkl", (_ZENODO + "mini-imagenet-cache-test.pkl",)),

@@ -661,3 +661,68 @@ def test_transfer_tables_render_and_plot_one_panel_row_per_pair(tmp_path, monkey
     assert len(panels) == len(TRANSFER_FT)
     assert all(len(trained) == 1 and len(tested) == 1 and seeds == trained and n == 6
                for trained, tested, seeds, n in panels)
+
+
+# ----------------------------------------------------------------------------- the workflow tests' check
+def _written_tables(root, pairs):
+    """summary.csv and summary_per_seed.csv as the workflow writes them (rounded), read back."""
+    runs = load_runs(pairs)
+    out = root / "written"
+    write_summary(build_summary(runs), per_seed_table(runs), csv_path=out / "summary.csv",
+                  per_seed_csv_path=out / "per_seed.csv", md_path=out / "summary.md")
+    return pd.read_csv(out / "summary.csv"), pd.read_csv(out / "per_seed.csv")
+
+
+def _random_runs(root, seeds, ft_seeds=None):
+    """ft and three methods on random episodes; each method's shift varies by seed and episode."""
+    runs, rng = [], np.random.default_rng(5)
+    for seed in seeds:
+        base = _accuracies(seed)
+        for method in ("ft", "proto", "mtl", "mtl_ht"):
+            if method == "ft" and seed not in (ft_seeds or seeds):
+                continue
+            shift = 0 if method == "ft" else rng.integers(-6, 9, N_EPISODES) / 75
+            runs.append(_write_run(root, method, 1, np.clip(base + shift, 0, 1), seed=seed))
+    return runs
+
+
+@pytest.mark.parametrize("case", ["two seeds", "three seeds", "ft on fewer seeds", "one seed", "transfer"])
+def test_the_workflow_check_accepts_what_the_summary_step_writes(tmp_path, case):
+    from tests.summary_check import assert_summary_matches_per_seed
+
+    pairs = {"two seeds": lambda: _random_runs(tmp_path, (1, 2)),
+             "three seeds": lambda: _random_runs(tmp_path, (1, 2, 3)),
+             "ft on fewer seeds": lambda: _random_runs(tmp_path, (1, 2, 3), ft_seeds=(1, 3)),
+             "one seed": lambda: _random_runs(tmp_path, (4,)),
+             "transfer": lambda: _transfer_runs(tmp_path)}[case]()
+    assert_summary_matches_per_seed(*_written_tables(tmp_path, pairs))
+
+
+@pytest.mark.parametrize("wrong", [
+    "episode interval as ci95", "normal quantile for ci95", "episode interval as diff_vs_ft_ci95",
+    "accuracy off by 0.02", "diff_vs_ft off by 0.02", "n_seeds as the paired count", "verdict from the episodes",
+])
+def test_the_workflow_check_refuses_wrong_statistics(tmp_path, wrong):
+    from tests.summary_check import assert_summary_matches_per_seed
+
+    summary, per_seed = _written_tables(tmp_path, _random_runs(tmp_path, (1, 2, 3), ft_seeds=(1, 2)))
+    others = summary["method"] != "ft"
+    if wrong == "episode interval as ci95":
+        summary["ci95"] = summary["episode_ci95"]
+    elif wrong == "normal quantile for ci95":
+        summary["ci95"] = (summary["ci95"] * 1.96 / 4.302652729911275).round(2)
+    elif wrong == "episode interval as diff_vs_ft_ci95":
+        summary.loc[others, "diff_vs_ft_ci95"] = summary.loc[others, "diff_vs_ft_episode_ci95"]
+    elif wrong == "accuracy off by 0.02":
+        summary.loc[2, "accuracy"] += 0.02
+    elif wrong == "diff_vs_ft off by 0.02":
+        summary.loc[others, "diff_vs_ft"] += 0.02
+    elif wrong == "n_seeds as the paired count":
+        summary.loc[others, "seeds_paired_with_ft"] = summary.loc[others, "n_seeds"]
+    else:
+        episode_verdicts = [verdict(d, e, 2) for d, e in zip(summary["diff_vs_ft"], summary["diff_vs_ft_episode_ci95"])]
+        changed = others & (pd.Series(episode_verdicts) != summary["verdict"])
+        assert changed.any()  # the example is one where the two intervals disagree
+        summary.loc[changed, "verdict"] = pd.Series(episode_verdicts)[changed]
+    with pytest.raises(AssertionError):
+        assert_summary_matches_per_seed(summary, per_seed)

@@ -15,6 +15,7 @@ import yaml
 from mtl.batching import CACHE_FILE, CANDIDATES
 from mtl.data.hdf5 import HDF5Split
 from mtl.results import SEED_INTERVAL
+from tests.summary_check import assert_summary_matches_per_seed
 from tests.workflow import INFERENCE_CACHE, REPO, SCENARIOS, job_counts, run_snakemake, scenario_config
 
 METHODS = ["ft", "lr", "proto", "mtl", "mtl_ht"]  # config.yaml's default `methods`
@@ -56,13 +57,12 @@ def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
     others = summary[summary.method != "ft"]
     assert others["diff_vs_ft"].notna().all() and others["diff_vs_ft_ci95"].notna().all()
     assert (others["seeds_above_ft"] + others["seeds_below_ft"] <= 2).all()
+    assert (others["seeds_paired_with_ft"] == 2).all()
     assert summary.loc[summary.method == "ft", "diff_vs_ft"].isna().all()
 
     per_seed = pd.read_csv(workdir / "results/summary_per_seed.csv")
     assert len(per_seed) == 20 and sorted(per_seed["seed"].unique()) == [1, 2]
-    mean_of_seeds = per_seed.groupby(["method", "shot"])["accuracy"].mean()
-    for row in summary.itertuples():
-        assert row.accuracy == pytest.approx(mean_of_seeds[(row.method, row.shot)], abs=0.011)
+    assert_summary_matches_per_seed(summary, per_seed)
 
     text = (workdir / "results/summary.md").read_text()
     verdicts = [line for line in text.splitlines() if line.startswith("- ") and " vs ft, digits " in line]
@@ -195,6 +195,7 @@ def test_transfer_rows_score_the_digits_models_on_a_test_only_folder(transfer_ru
     moved = per_seed[per_seed["dataset"] == "my_digits"].set_index(["method", "shot", "seed"]).sort_index()
     for row in others.itertuples():  # the across-seed difference is the mean of the per-seed ones
         assert row.diff_vs_ft == pytest.approx(moved.loc[(row.method, row.shot), "diff_vs_ft"].mean(), abs=0.011)
+    assert_summary_matches_per_seed(summary, per_seed)  # every row, in-domain and transfer
 
     text = (workdir / "results/summary.md").read_text()
     assert text.splitlines()[[i for i, line in enumerate(text.splitlines()) if line.startswith("|")][0]].startswith(

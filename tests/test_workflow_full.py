@@ -16,7 +16,7 @@ from mtl.batching import CACHE_FILE, CANDIDATES
 from mtl.data.hdf5 import HDF5Split
 from mtl.results import SEED_INTERVAL
 from tests.summary_check import assert_summary_matches_per_seed
-from tests.workflow import INFERENCE_CACHE, REPO, SCENARIOS, job_counts, run_snakemake, scenario_config
+from tests.workflow import REPO, SCENARIOS, inference_cache, job_counts, run_snakemake, scenario_config
 
 METHODS = ["ft", "lr", "proto", "mtl", "mtl_ht"]  # config.yaml's default `methods`
 #: What a run's numbers are; identical reruns must reproduce these columns exactly.
@@ -82,8 +82,9 @@ def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
 
 
 def test_inference_batch_size_was_measured_and_cached_for_the_next_jobs(two_seeds):
-    """inference.batch_size: auto, measured on this machine for this model (the test runs share one cache)."""
-    cache = json.loads((INFERENCE_CACHE / CACHE_FILE).read_text())
+    """inference.batch_size: auto, measured on this machine for this model (the test runs of this
+    session share one cache, new each session: the entry cannot come from an earlier run)."""
+    cache = json.loads((inference_cache() / CACHE_FILE).read_text())
     entries = [entry for key, entry in cache.items() if key.endswith("resnet12 width 0.125 | 16 px")]
     assert entries and all(entry["batch_size"] in CANDIDATES for entry in entries)
     assert not (two_seeds[0] / "results/.cache").exists()  # MTL_INFERENCE_CACHE replaced the default folder

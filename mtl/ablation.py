@@ -36,8 +36,8 @@ BASELINES = ("ft", "mtl")
 #: Columns per dataset x shot in ablation.csv.
 GROUP_FIELDS = (
     "n_seeds", "accuracy", "ci95",
-    "diff_vs_ft", "diff_vs_ft_ci95", "seeds_above_ft",
-    "diff_vs_mtl", "diff_vs_mtl_ci95", "seeds_above_mtl",
+    "diff_vs_ft", "diff_vs_ft_ci95", "seeds_paired_with_ft", "seeds_above_ft",
+    "diff_vs_mtl", "diff_vs_mtl_ci95", "seeds_paired_with_mtl", "seeds_above_mtl",
     "paper_accuracy", "paper_source",
 )
 
@@ -76,7 +76,7 @@ def ablation_long(runs: Sequence) -> pd.DataFrame:
         raise ConfigError(f"the ablation table compares every arm with {list(BASELINES)}, but no run of "
                           f"{missing} was given; evaluate them too (snakemake ablation does)")
     against_ft, against_mtl = (build_summary(runs, baseline=b) for b in BASELINES)
-    keep = list(ROW_KEY) + ["diff_vs_mtl", "diff_vs_mtl_ci95", "seeds_above_mtl"]
+    keep = list(ROW_KEY) + ["diff_vs_mtl", "diff_vs_mtl_ci95", "seeds_paired_with_mtl", "seeds_above_mtl"]
     table = against_ft.merge(against_mtl[keep], on=list(ROW_KEY), how="left", validate="one_to_one")
     papers = [None if is_transfer(r) else paper_figure(r["method"], r["dataset"], r["shot"], r["way"])
               for r in table.to_dict("records")]
@@ -132,7 +132,8 @@ def ablation_markdown(long: pd.DataFrame, wide: pd.DataFrame) -> str:
         f"- **accuracy**: mean over training seeds ± the 95% interval over seeds `{SEED_INTERVAL}`; with one "
         f"seed no interval ({NOT_MEASURED}). *paper*: the published figure, where the paper reports the arm.",
         "- **vs ft / vs mtl**: paired difference in points, per seed on the same episodes (same encoder and "
-        "seed), then the mean over seeds ± its t-interval over seeds; (k/n): seeds where the arm scored higher.",
+        "seed), then the mean over the seeds both ran ± its t-interval over those seeds; (k/n): k of the n "
+        "paired seeds where the arm scored higher (n can be below the arm's own seed count).",
         "",
     ]
     lines += _table("Accuracy (%)", titles, wide, groups, _accuracy_cell(sources))
@@ -168,7 +169,7 @@ def _diff_cell(baseline):
         text = _pm(row[f"{group}_diff_vs_{baseline}"], row[f"{group}_diff_vs_{baseline}_ci95"], signed=True)
         above = row[f"{group}_seeds_above_{baseline}"]
         if text and not pd.isna(above):
-            text += f" ({int(above)}/{int(row[f'{group}_n_seeds'])})"
+            text += f" ({int(above)}/{int(row[f'{group}_seeds_paired_with_{baseline}'])})"
         return text
     return cell
 
@@ -192,6 +193,7 @@ def _rounded(wide: pd.DataFrame) -> pd.DataFrame:
     for column in out.columns:
         if column.endswith(("_accuracy", "_ci95", "_diff_vs_ft", "_diff_vs_mtl")):
             out[column] = pd.to_numeric(out[column]).round(2)
-        elif column.endswith(("_n_seeds", "_seeds_above_ft", "_seeds_above_mtl")):
+        elif column.endswith(("_n_seeds", "_seeds_above_ft", "_seeds_above_mtl", "_seeds_paired_with_ft",
+                              "_seeds_paired_with_mtl")):
             out[column] = pd.to_numeric(out[column]).astype("Int64")
     return out

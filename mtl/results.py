@@ -16,6 +16,9 @@ Aggregation, in the order DESIGN.md fixes it:
    episodes (same ``episodes_sha256``). Per seed, ``d_s`` is the mean over episodes of method minus
    baseline (the baseline run of the *same* seed, i.e. the same pre-trained encoder); the difference
    reported is the mean of ``d_s`` with a t-interval over seeds, plus how many seeds favour each side.
+   Only the seeds both the method and the baseline have are paired: their count
+   (``seeds_paired_with_<baseline>``) is the ``n`` of that interval, of the verdict sentence and of
+   "k of n seeds favour", and can be smaller than the method's own ``n_seeds``.
 
 **Transfer.** A run records ``trained_on``, the dataset whose training produced its model, next to
 ``dataset``, the test data it was scored on (equal for in-domain runs; a metrics file written before
@@ -435,7 +438,7 @@ def summary_columns(baseline: str = BASELINE) -> list[str]:
         TRAINED_ON, "dataset", "backbone", "method", "way", "shot", "query", "episodes", "episode_seed",
         "n_seeds", "seeds", "accuracy", "seed_std", "ci95", "interval", "episode_ci95",
         f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95", f"diff_vs_{baseline}_episode_ci95",
-        f"seeds_above_{baseline}", f"seeds_below_{baseline}", "verdict",
+        f"seeds_paired_with_{baseline}", f"seeds_above_{baseline}", f"seeds_below_{baseline}", "verdict",
         "reference_accuracy", "reference_ci95", "reference_source",
     ]
 
@@ -447,8 +450,9 @@ def build_summary(runs: Sequence[_Run], *, baseline: str = BASELINE) -> pd.DataF
     ``interval`` then says the training variance is not measured). ``episode_ci95`` is the
     test-episode interval of the seed-averaged per-episode accuracies, for comparison with the
     reference code's intervals. ``diff_vs_<baseline>`` is the mean over the seeds both share of the
-    per-seed paired differences, with its t-interval, its episode interval, and the number of seeds
-    above/below the baseline. Values are full precision; :func:`write_summary` rounds.
+    per-seed paired differences, with its t-interval, its episode interval, the number of seeds
+    shared (``seeds_paired_with_<baseline>``: the ``n`` of that t-interval, at most ``n_seeds``) and
+    the number of them above/below the baseline. Values are full precision; :func:`write_summary` rounds.
     """
     groups: dict[tuple, dict[int, _Run]] = {}
     for run in runs:
@@ -487,20 +491,20 @@ def _paired_over_seeds(key: tuple, runs_by_seed: Mapping[int, _Run], groups: Map
     """The ``*_vs_<baseline>`` cells: per-seed paired differences, then a t-interval over seeds."""
     trained_on, dataset, backbone, method, shot = key
     names = [f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95", f"diff_vs_{baseline}_episode_ci95",
-             f"seeds_above_{baseline}", f"seeds_below_{baseline}", "verdict"]
+             f"seeds_paired_with_{baseline}", f"seeds_above_{baseline}", f"seeds_below_{baseline}", "verdict"]
     # the baseline trained on the same dataset (same encoders), scored on the same episodes
     base_by_seed = groups.get((trained_on, dataset, backbone, baseline, shot), {})
     seeds = sorted(set(runs_by_seed) & set(base_by_seed))
     if method == baseline or not seeds:
-        return dict(zip(names, [math.nan, math.nan, math.nan, math.nan, math.nan, ""]))
+        return dict(zip(names, [math.nan] * (len(names) - 1) + [""]))
     for seed in seeds:
         _check_same_protocol(base_by_seed[seed], runs_by_seed[seed])
     per_episode = _seed_matrix(runs_by_seed, seeds) - _seed_matrix(base_by_seed, seeds)  # (seeds, episodes)
     per_seed = per_episode.mean(axis=1)
     diff, half, _ = t_interval(per_seed)
     return dict(zip(names, [
-        diff, half, ci95(per_episode.mean(axis=0)), int((per_seed > 0).sum()), int((per_seed < 0).sum()),
-        verdict(diff, half, len(seeds)),
+        diff, half, ci95(per_episode.mean(axis=0)), len(seeds), int((per_seed > 0).sum()),
+        int((per_seed < 0).sum()), verdict(diff, half, len(seeds)),
     ]))
 
 
@@ -521,7 +525,7 @@ def _sentence(row: Mapping, baseline: str) -> str:
     where = (f"trained on {row[TRAINED_ON]}, tested on {row['dataset']}" if is_transfer(row)
              else f"{row['dataset']}")
     subject = f"{method} vs {baseline}, {where} {row['way']}-way {row['shot']}-shot"
-    n = int(row["n_seeds"])
+    n = int(row[f"seeds_paired_with_{baseline}"])  # the difference's seeds, not the method's own n_seeds
     if row["verdict"] == "training variance not measured":
         return (f"{subject}: {diff:+.2f} points on 1 seed (± {row[f'diff_vs_{baseline}_episode_ci95']:.2f} from "
                 "test-episode sampling alone): training variance not measured, so no verdict; "
@@ -599,7 +603,7 @@ def _table_cells(summary: pd.DataFrame, baseline: str) -> tuple[list[str], list[
             row["dataset"], row["backbone"], row["shot"], row["method"], row["n_seeds"],
             _pm(row["accuracy"], row["ci95"]), f"± {row['episode_ci95']:.2f}",
             _pm(row[f"diff_vs_{baseline}"], row[f"diff_vs_{baseline}_ci95"], signed=True),
-            "" if pd.isna(above) else f"{int(above)} of {row['n_seeds']}", published,
+            "" if pd.isna(above) else f"{int(above)} of {int(row[f'seeds_paired_with_{baseline}'])}", published,
         ])
     return titles, [[str(c) for c in r] for r in rows], sources
 
@@ -632,7 +636,9 @@ def _explanation(baseline: str, transfer: bool = False) -> list[str]:
         "of the seed-averaged per-episode accuracies: test-episode sampling only.",
         f"**vs {baseline}** is the paired difference to `{baseline}` in percentage points: per seed, the mean "
         f"over the same episodes of method minus `{baseline}` (same pre-trained encoder), then the mean over "
-        "seeds ± its t-interval; **seeds above** counts the seeds where the method scored higher.",
+        f"the seeds both ran ± its t-interval over those paired seeds; **seeds above** counts the paired "
+        f"seeds where the method scored higher, out of all paired seeds (`seeds_paired_with_{baseline}` in "
+        f"summary.csv: fewer than **seeds** when `{baseline}` lacks some of the method's seeds).",
         "**Published** figures are from the papers under their own protocol (5-way only, see the notes); "
         "their intervals are not comparable with ours.",
     ] + transfer_note

@@ -2,11 +2,32 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+from mtl.batching import CACHE_ENV
 from tests.slurm_cluster import SKIP_REASON, SlurmCluster, in_ci, local_slurm_cluster, slurm_tests_requested, why_unavailable
+from tests.workflow import use_inference_cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_inference_cache(tmp_path_factory) -> Path:
+    """The inference batch-size cache every workflow run of this session shares
+    (``$MTL_INFERENCE_CACHE``, see tests/workflow.py): a new folder each session, never one left by an
+    earlier run (pytest's numbered session folder, of which it keeps the last few for inspection)."""
+    folder = tmp_path_factory.mktemp("inference-cache")
+    use_inference_cache(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def no_inference_cache_override(monkeypatch) -> None:
+    """A developer's ``$MTL_INFERENCE_CACHE`` must not redirect a test's cache to a folder that outlives
+    it: unit tests use the folder they pass (their ``tmp_path``); workflow runs get the session's
+    folder from tests/workflow.py whatever the environment says."""
+    monkeypatch.delenv(CACHE_ENV, raising=False)
 
 
 @pytest.fixture(autouse=True)

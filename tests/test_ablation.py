@@ -124,3 +124,21 @@ def test_transfer_runs_get_their_own_columns_paired_within_their_source(tmp_path
     # fc100 1-shot has a published mtl figure; the models trained on miniimagenet do not
     assert wide.loc["mtl", own + "paper_accuracy"] == 43.6 and math.isnan(wide.loc["mtl", moved + "paper_accuracy"])
     assert "miniimagenet to fc100 1shot" in (tmp_path / "a.md").read_text()
+
+
+def test_k_of_n_counts_the_seeds_paired_with_each_baseline(tmp_path):
+    """mtl_last ran a third seed that ft and mtl did not: its differences pair seeds 1 and 2 only, and
+    '(k/n)' says so (n = 2, not the arm's 3 seeds)."""
+    wide, csv = build(tmp_path, episodes={**EPISODES, ("mtl_last", 3): [0.5, 0.5, 0.5, 0.5]})
+    cell = "miniimagenet_1shot_"
+    last = wide.loc["mtl_last"]
+    assert last[cell + "n_seeds"] == 3 and last[cell + "accuracy"] == pytest.approx((55 + 75 + 50) / 3)
+    assert last[cell + "diff_vs_ft"] == pytest.approx(10.0)  # +5, +15 on the paired seeds 1 and 2
+    assert (last[cell + "seeds_paired_with_ft"], last[cell + "seeds_above_ft"]) == (2, 2)
+    assert (last[cell + "seeds_paired_with_mtl"], last[cell + "seeds_above_mtl"]) == (2, 1)
+    assert csv.loc["mtl_last", cell + "seeds_paired_with_ft"] == 2 and csv.loc["lr", cell + "seeds_paired_with_mtl"] == 2
+    assert pd.isna(csv.loc["ft", cell + "seeds_paired_with_ft"])
+    text = (tmp_path / "ablation.md").read_text()
+    assert f"| `mtl_last` | +10.00 ± {T_975_1DOF * 5:.2f} (2/2) |" in text
+    assert f"| `mtl_last` | +0.00 ± {T_975_1DOF * 5:.2f} (1/2) |" in text
+    assert "/3)" not in text

@@ -1,11 +1,13 @@
 """Inference batch size: features independent of it, the probe's choice, and its cache.
 
-No test here times anything: the probe runs on a fake clock that a fake `run_batch` advances.
+The probe's logic runs on a fake clock that a fake `run_batch` advances; one test runs the real
+probe once (a tiny network, a 0.3 s budget) and checks only what does not depend on the timings.
 """
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +16,11 @@ from torch import nn
 
 from mtl.batching import (
     CACHE_ENV,
+    CACHE_FILE,
+    CANDIDATES,
     BatchSizeCache,
     cache_key,
+    device_name,
     inference_batch_size,
     parse_setting,
     pick_batch_size,
@@ -185,12 +190,7 @@ def test_pick_needs_a_measurement():
 
 # ----------------------------------------------------------------------------- setting and cache
 BACKBONE = {"name": "resnet12", "width": 0.25, "image_size": None}
-
-
-@pytest.fixture(autouse=True)
-def no_cache_override(monkeypatch):
-    """A developer's $MTL_INFERENCE_CACHE must not redirect these tests' caches."""
-    monkeypatch.delenv(CACHE_ENV, raising=False)
+# A developer's $MTL_INFERENCE_CACHE cannot redirect these tests' caches: conftest.py unsets it.
 
 
 def test_setting_is_auto_or_a_positive_integer():
@@ -267,6 +267,46 @@ def test_cache_ignores_an_entry_without_a_valid_size(tmp_path):
     cache.put("k", {"batch_size": 0})
     cache.put("j", {"batch_size": 16})
     assert cache.get("k") is None and cache.get("j") == 16 and cache.get("missing") is None
+
+
+def test_the_real_embedding_probe_picks_a_candidate_and_caches_it(tmp_path, monkeypatch):
+    """Once for real, on this CPU: no fake clock, no fake pass. A tiny network, a small budget."""
+    import mtl.batching
+
+    backbone = {"name": "resnet12", "width": 0.125, "image_size": 16}
+    measured = []
+    real_measure = mtl.batching._measure
+    monkeypatch.setattr(mtl.batching, "_measure", lambda *args: measured.append(args) or real_measure(*args))
+    size = inference_batch_size("auto", backbone, "cpu", cache_dir=tmp_path, budget_s=0.3)
+    assert size in CANDIDATES and len(measured) == 1
+    (key, entry), = json.loads((tmp_path / CACHE_FILE).read_text()).items()
+    assert key == cache_key(device_name(torch.device("cpu")), torch.get_num_threads(), "resnet12", 0.125, 16)
+    assert entry["batch_size"] == size and entry["budget_s"] == 0.3
+    rates = {int(s): r for s, r in entry["images_per_s"].items()}
+    assert 4 in rates and set(rates) <= set(CANDIDATES) and all(r > 0 for r in rates.values())
+    assert size in rates  # the choice is one of the sizes measured
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a cache hit must not probe")
+
+    monkeypatch.setattr(mtl.batching, "_measure", no_probe)
+    monkeypatch.setattr(mtl.batching, "probe_rates", no_probe)
+    monkeypatch.setattr(mtl.batching, "embedding_probe", no_probe)
+    assert inference_batch_size("auto", backbone, "cpu", cache_dir=tmp_path, budget_s=0.3) == size
+
+
+def test_workflow_runs_share_a_cache_folder_new_each_session(tmp_path_factory, monkeypatch):
+    """tests/workflow.py's cache for every snakemake run of this session: under this session's
+    pytest folder (so never an entry left by an earlier run), whatever $MTL_INFERENCE_CACHE says."""
+    import tempfile
+
+    from tests.workflow import inference_cache, snakemake_env
+
+    folder = inference_cache()
+    assert folder.is_relative_to(tmp_path_factory.getbasetemp())
+    assert folder != Path(tempfile.gettempdir()) / "mtl-test-inference-cache"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp().parent / "elsewhere"))
+    assert snakemake_env()[CACHE_ENV] == str(folder) == snakemake_env({"OTHER": "1"})[CACHE_ENV]
 
 
 # ----------------------------------------------------------------------------- every inference pass

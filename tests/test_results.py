@@ -25,6 +25,7 @@ from mtl.results import (
     summary_markdown,
     summary_rst,
     t_interval,
+    verdict,
     verdict_sentences,
     write_episode_results,
     write_summary,
@@ -168,30 +169,61 @@ def test_t_interval_of_one_seed_is_not_measured():
     assert mean == 61.5 and math.isnan(half) and math.isnan(sd)
 
 
-HAND_FT = [0.5, 0.5, 0.5, 0.5]
-#: per-seed differences to ft, in points: +5, +5, -2.5 -> mean 2.5, sd = sqrt(18.75), half = t * 2.5
-HAND_MTL = {1: [0.6, 0.6, 0.5, 0.5], 2: [0.5, 0.5, 0.5, 0.7], 3: [0.4, 0.5, 0.5, 0.5]}
+#: ft differs from seed to seed (another pre-trained encoder each), so pairing a method's seed with
+#: another seed's ft changes every number below. Means in %: 50, 45, 60.
+HAND_FT = {1: [0.5, 0.5, 0.5, 0.5], 2: [0.4, 0.6, 0.5, 0.3], 3: [0.7, 0.6, 0.6, 0.5]}
+#: mtl minus the ft of its own seed, per episode in points: [10, 10, 0, 0], [0, 0, 0, 20], [-10, 0, 0, 0]
+#: -> per seed +5, +5, -2.5 -> mean 2.5, sd = sqrt(18.75), half = t(0.975, 2) * 2.5. Means in %: 55, 50, 57.5.
+HAND_MTL = {1: [0.6, 0.6, 0.5, 0.5], 2: [0.4, 0.6, 0.5, 0.5], 3: [0.6, 0.6, 0.6, 0.5]}
+T_975_1DOF = 12.706204736174698  # Student t quantile 0.975, 1 degree of freedom (two paired seeds)
 
 
 def _hand_runs(root, seeds=(1, 2, 3), ft_seeds=(1, 2, 3)):
-    runs = [_write_run(root, "ft", 1, HAND_FT, seed=s) for s in ft_seeds]
+    runs = [_write_run(root, "ft", 1, HAND_FT[s], seed=s) for s in ft_seeds]
     return runs + [_write_run(root, "mtl", 1, HAND_MTL[s], seed=s) for s in seeds]
+
+
+def _expected_vs_ft(method_accuracies, ft_accuracies, seeds):
+    """The ``*_vs_ft`` cells from the formulas, independently of mtl.results: per seed
+    d_s = mean over episodes of 100 * (method_s - ft_s); then mean, sd (n-1) and t(0.975, n-1) * sd / sqrt(n)
+    over the n seeds both have."""
+    from scipy.stats import t
+
+    d = np.array([np.mean(100 * (np.asarray(method_accuracies[s]) - np.asarray(ft_accuracies[s]))) for s in seeds])
+    n = len(d)
+    mean = d.sum() / n
+    half = t.ppf(0.975, n - 1) * math.sqrt(((d - mean) ** 2).sum() / (n - 1)) / math.sqrt(n) if n > 1 else math.nan
+    return {"diff_vs_ft": mean, "diff_vs_ft_ci95": half, "seeds_paired_with_ft": n,
+            "seeds_above_ft": int((d > 0).sum()), "seeds_below_ft": int((d < 0).sum())}
+
+
+def _assert_vs_ft(row, expected):
+    for column, value in expected.items():
+        if isinstance(value, float) and math.isnan(value):
+            assert math.isnan(row[column]), column
+        else:
+            assert row[column] == pytest.approx(value, rel=1e-9, abs=1e-9), column
 
 
 def test_paired_difference_over_seeds_matches_hand_computation(tmp_path):
     table = _summary(_hand_runs(tmp_path))
     mtl = table[table["method"] == "mtl"].iloc[0]
-    assert mtl["n_seeds"] == 3 and mtl["seeds"] == "1 2 3"
-    assert mtl["accuracy"] == pytest.approx((55.0 + 55.0 + 47.5) / 3)
+    assert mtl["n_seeds"] == 3 and mtl["seeds"] == "1 2 3" and mtl["seeds_paired_with_ft"] == 3
+    assert mtl["accuracy"] == pytest.approx((55.0 + 50.0 + 57.5) / 3)
     assert mtl["diff_vs_ft"] == pytest.approx(2.5)
     assert mtl["diff_vs_ft_ci95"] == pytest.approx(4.302653 * 2.5, rel=1e-6)
     assert (mtl["seeds_above_ft"], mtl["seeds_below_ft"]) == (2, 1)
+    _assert_vs_ft(mtl, _expected_vs_ft(HAND_MTL, HAND_FT, (1, 2, 3)))
     assert mtl["verdict"] == "no detectable difference"
     assert mtl["interval"] == SEED_INTERVAL
     # episode interval of the seed-averaged per-episode differences: [0, 3.33, 0, 6.67] points
     assert mtl["diff_vs_ft_episode_ci95"] == pytest.approx(ci95([0.0, 10 / 3, 0.0, 20 / 3]))
     ft = table[table["method"] == "ft"].iloc[0]
-    assert ft["accuracy"] == 50.0 and ft["ci95"] == 0.0 and ft["verdict"] == "" and math.isnan(ft["diff_vs_ft"])
+    # ft: 50, 45, 60 -> mean 155/3, deviations -5/3, -20/3, 25/3 -> sd = sqrt((1050/9) / 2)
+    assert ft["accuracy"] == pytest.approx(155 / 3)
+    assert ft["seed_std"] == pytest.approx(math.sqrt(1050 / 9 / 2))
+    assert ft["ci95"] == pytest.approx(4.302653 * math.sqrt(1050 / 9 / 2) / math.sqrt(3), rel=1e-6)
+    assert ft["verdict"] == "" and math.isnan(ft["diff_vs_ft"]) and math.isnan(ft["seeds_paired_with_ft"])
     assert verdict_sentences(table) == [
         "mtl vs ft, miniimagenet 5-way 1-shot: +2.50 ± 10.76 points over 3 seeds (2 of 3 favour mtl): "
         "no detectable difference."
@@ -201,9 +233,9 @@ def test_paired_difference_over_seeds_matches_hand_computation(tmp_path):
 def test_verdict_says_better_or_worse_when_the_interval_excludes_zero(tmp_path):
     # +5, +6, +7 points on every seed: mean 6, sd 1, half 4.302653 / sqrt(3) = 2.48 -> better
     for seed, shift in zip((1, 2, 3), (0.05, 0.06, 0.07)):
-        _write_run(tmp_path, "ft", 1, HAND_FT, seed=seed)
-        _write_run(tmp_path, "mtl", 1, [0.5 + shift] * 4, seed=seed)
-        _write_run(tmp_path, "proto", 1, [0.5 - shift] * 4, seed=seed)
+        _write_run(tmp_path, "ft", 1, HAND_FT[seed], seed=seed)
+        _write_run(tmp_path, "mtl", 1, np.add(HAND_FT[seed], shift), seed=seed)
+        _write_run(tmp_path, "proto", 1, np.subtract(HAND_FT[seed], shift), seed=seed)
     pairs = [(js, js.with_name("episodes.csv")) for js in sorted(tmp_path.rglob("metrics.json"))]
     table = _summary(pairs)
     verdicts = dict(zip(table["method"], table["verdict"]))
@@ -211,6 +243,52 @@ def test_verdict_says_better_or_worse_when_the_interval_excludes_zero(tmp_path):
     sentences = verdict_sentences(table)
     assert any(s.startswith("mtl vs ft") and s.endswith("mtl is better.") and "+6.00 ± 2.48" in s for s in sentences)
     assert any(s.startswith("proto vs ft") and s.endswith("proto is worse.") for s in sentences)
+
+
+#: ft per seed over 4 episodes (fractions), different on each seed.
+SPLIT_FT = {1: [0.40, 0.50, 0.45, 0.55], 2: [0.60, 0.35, 0.50, 0.40], 3: [0.30, 0.45, 0.65, 0.50]}
+#: Method minus the ft of the same seed, per episode, in points. Where the interval over seeds and the
+#: interval over test episodes disagree, only the first may decide the verdict:
+#: - mtl: +5, +6, +7 per seed (mean 6, sd 1, seed half t2 / sqrt(3) = 2.48: better), but +-20 from episode
+#:   to episode: seed-averaged per-episode differences [26, -14, 26, -14], episode half 1.96 * 20 / 2 = 19.6.
+#: - lr: the mirror image, -5, -6, -7 per seed: worse over seeds, episode half 19.6.
+#: - proto: -1, -9, -2 per seed, the same on every episode (mean -4, sd sqrt(19), seed half
+#:   t2 * sqrt(19) / sqrt(3) = 10.83: no detectable difference), but episode half 0 (-4 on every episode).
+SPLIT_DELTA = {
+    "mtl": {1: [25, -15, 25, -15], 2: [26, -14, 26, -14], 3: [27, -13, 27, -13]},
+    "lr": {1: [-25, 15, -25, 15], 2: [-26, 14, -26, 14], 3: [-27, 13, -27, 13]},
+    "proto": {1: [-1] * 4, 2: [-9] * 4, 3: [-2] * 4},
+}
+
+
+def test_verdict_uses_the_interval_over_seeds_not_over_episodes(tmp_path):
+    runs = [_write_run(tmp_path, "ft", 1, SPLIT_FT[s], seed=s) for s in (1, 2, 3)]
+    accuracies = {m: {s: np.add(SPLIT_FT[s], np.divide(d, 100)) for s, d in deltas.items()}
+                  for m, deltas in SPLIT_DELTA.items()}
+    runs += [_write_run(tmp_path, m, 1, acc[s], seed=s) for m, acc in accuracies.items() for s in (1, 2, 3)]
+    table = _summary(runs).set_index("method")
+    half_mtl, half_proto = 4.302653 / math.sqrt(3), 4.302653 * math.sqrt(19) / math.sqrt(3)
+    expected = {  # method: (diff, seed half-width, episode half-width, verdict)
+        "mtl": (6.0, half_mtl, 19.6, "better"),
+        "lr": (-6.0, half_mtl, 19.6, "worse"),
+        "proto": (-4.0, half_proto, 0.0, "no detectable difference"),
+    }
+    for method, (diff, seed_half, episode_half, word) in expected.items():
+        row = table.loc[method]
+        assert row["diff_vs_ft"] == pytest.approx(diff), method
+        assert row["diff_vs_ft_ci95"] == pytest.approx(seed_half, rel=1e-6), method
+        assert row["diff_vs_ft_episode_ci95"] == pytest.approx(episode_half, abs=1e-9), method
+        _assert_vs_ft(row, _expected_vs_ft(accuracies[method], SPLIT_FT, (1, 2, 3)))
+        assert row["verdict"] == word, method
+        # the premise: the episode interval would have said something else
+        assert verdict(diff, episode_half, 3) != word, method
+    sentences = verdict_sentences(table.reset_index())
+    assert ("mtl vs ft, miniimagenet 5-way 1-shot: +6.00 ± 2.48 points over 3 seeds (3 of 3 favour mtl): "
+            "mtl is better.") in sentences
+    assert ("lr vs ft, miniimagenet 5-way 1-shot: -6.00 ± 2.48 points over 3 seeds (0 of 3 favour lr): "
+            "lr is worse.") in sentences
+    assert ("proto vs ft, miniimagenet 5-way 1-shot: -4.00 ± 10.83 points over 3 seeds (0 of 3 favour proto): "
+            "no detectable difference.") in sentences
 
 
 def test_one_seed_tables_say_training_variance_is_not_measured(tmp_path):
@@ -226,17 +304,63 @@ def test_one_seed_tables_say_training_variance_is_not_measured(tmp_path):
     assert mtl["episode_ci95"] == pytest.approx(ci95([60.0, 60.0, 50.0, 50.0]))
 
 
-def test_pairing_uses_the_seeds_both_methods_have(tmp_path):
-    table = _summary(_hand_runs(tmp_path, seeds=(1, 2, 3), ft_seeds=(1, 2)))
+@pytest.mark.parametrize("ft_seeds", [(1, 2), (1, 3), (2, 3)])
+def test_pairing_uses_the_seeds_both_methods_have(tmp_path, ft_seeds):
+    table = _summary(_hand_runs(tmp_path, seeds=(1, 2, 3), ft_seeds=ft_seeds))
     mtl = table[table["method"] == "mtl"].iloc[0]
-    assert mtl["n_seeds"] == 3 and mtl["diff_vs_ft"] == pytest.approx(5.0)
-    assert (mtl["seeds_above_ft"], mtl["seeds_below_ft"]) == (2, 0)
+    assert mtl["n_seeds"] == 3 and mtl["seeds"] == "1 2 3" and mtl["seeds_paired_with_ft"] == 2
+    _assert_vs_ft(mtl, _expected_vs_ft(HAND_MTL, HAND_FT, ft_seeds))
+    # by hand: per seed +5, +5, -2.5 (see HAND_MTL); two seeds -> t(0.975, 1) * |d1 - d2| / 2
+    by_seed = {1: 5.0, 2: 5.0, 3: -2.5}
+    d1, d2 = (by_seed[s] for s in ft_seeds)
+    assert mtl["diff_vs_ft"] == pytest.approx((d1 + d2) / 2)
+    assert mtl["diff_vs_ft_ci95"] == pytest.approx(T_975_1DOF * abs(d1 - d2) / 2, abs=1e-9)
+    assert (mtl["seeds_above_ft"], mtl["seeds_below_ft"]) == ((d1 > 0) + (d2 > 0), (d1 < 0) + (d2 < 0))
+
+
+@pytest.mark.parametrize("ft_seeds, above, phrase", [
+    ((1, 2), 2, "+5.00 ± 0.00 points over 2 seeds (2 of 2 favour mtl): mtl is better."),
+    ((1, 3), 1, f"+1.25 ± {T_975_1DOF * 3.75:.2f} points over 2 seeds (1 of 2 favour mtl): no detectable difference."),
+    ((1,), 1, "+5.00 points on 1 seed (± 4.90 from test-episode sampling alone): training variance not measured"),
+])
+def test_the_difference_reports_its_paired_seeds_not_the_methods_seeds(tmp_path, ft_seeds, above, phrase):
+    """mtl ran seeds 1-3, ft fewer: the difference, its sentence and 'k of n' count the paired seeds."""
+    runs = load_runs(_hand_runs(tmp_path, seeds=(1, 2, 3), ft_seeds=ft_seeds))
+    table = build_summary(runs)
+    mtl = table[table["method"] == "mtl"].iloc[0]
+    assert mtl["n_seeds"] == 3 and mtl["seeds_paired_with_ft"] == len(ft_seeds)
+    assert mtl["seeds_above_ft"] == above
+    (sentence,) = verdict_sentences(table)
+    assert phrase in sentence and "3 seeds" not in sentence
+    columns = list(table.columns)
+    assert columns.index("seeds_paired_with_ft") == columns.index("diff_vs_ft_episode_ci95") + 1
+    assert columns.index("seeds_above_ft") == columns.index("seeds_paired_with_ft") + 1
+
+    out = tmp_path / "out"
+    write_summary(table, per_seed_table(runs), csv_path=out / "summary.csv", per_seed_csv_path=out / "per_seed.csv",
+                  md_path=out / "summary.md", rst_path=out / "summary.rst")
+    written = pd.read_csv(out / "summary.csv").set_index("method")
+    assert written.loc["mtl", "seeds_paired_with_ft"] == len(ft_seeds) and written.loc["mtl", "n_seeds"] == 3
+    assert pd.isna(written.loc["ft", "seeds_paired_with_ft"])
+    assert f",{len(ft_seeds)},{above}," in (out / "summary.csv").read_text()  # written as integers
+    # the table's 'seeds' column is the method's own count; 'seeds above ft' counts out of the paired ones
+    markdown = (out / "summary.md").read_text()
+    assert "| 1 | mtl | 3 | " in markdown and f"| {above} of {len(ft_seeds)} |" in markdown
+    assert "seeds_paired_with_ft" in markdown and "seeds_paired_with_ft" in (out / "summary.rst").read_text()
+    assert phrase in markdown and phrase in (out / "summary.rst").read_text()
 
 
 def test_per_seed_table_pairs_each_seed_with_its_own_baseline(tmp_path):
     per_seed = per_seed_table(load_runs(_hand_runs(tmp_path)))
     mtl = per_seed[per_seed["method"] == "mtl"].set_index("seed")
     assert mtl["diff_vs_ft"].to_dict() == pytest.approx({1: 5.0, 2: 5.0, 3: -2.5})
+    # each seed's episode interval of its own differences: 1.96 * population std / sqrt(4)
+    differences = {s: 100 * (np.array(HAND_MTL[s]) - np.array(HAND_FT[s])) for s in (1, 2, 3)}
+    expected = {s: 1.96 * math.sqrt(np.mean((d - d.mean()) ** 2)) / 2 for s, d in differences.items()}
+    assert expected == pytest.approx({1: 4.9, 2: 1.96 * math.sqrt(75) / 2, 3: 1.96 * math.sqrt(18.75) / 2})
+    assert mtl["diff_vs_ft_ci95"].to_dict() == pytest.approx(expected)
+    assert mtl["accuracy"].to_dict() == pytest.approx({1: 55.0, 2: 50.0, 3: 57.5})
+    assert per_seed.loc[per_seed["method"] == "ft", "diff_vs_ft"].isna().all()
     assert (per_seed["interval"] == INTERVAL_FORMULA).all()
     assert per_seed["method"].tolist() == ["ft"] * 3 + ["mtl"] * 3
 
@@ -537,3 +661,68 @@ def test_transfer_tables_render_and_plot_one_panel_row_per_pair(tmp_path, monkey
     assert len(panels) == len(TRANSFER_FT)
     assert all(len(trained) == 1 and len(tested) == 1 and seeds == trained and n == 6
                for trained, tested, seeds, n in panels)
+
+
+# ----------------------------------------------------------------------------- the workflow tests' check
+def _written_tables(root, pairs):
+    """summary.csv and summary_per_seed.csv as the workflow writes them (rounded), read back."""
+    runs = load_runs(pairs)
+    out = root / "written"
+    write_summary(build_summary(runs), per_seed_table(runs), csv_path=out / "summary.csv",
+                  per_seed_csv_path=out / "per_seed.csv", md_path=out / "summary.md")
+    return pd.read_csv(out / "summary.csv"), pd.read_csv(out / "per_seed.csv")
+
+
+def _random_runs(root, seeds, ft_seeds=None):
+    """ft and three methods on random episodes; each method's shift varies by seed and episode."""
+    runs, rng = [], np.random.default_rng(5)
+    for seed in seeds:
+        base = _accuracies(seed)
+        for method in ("ft", "proto", "mtl", "mtl_ht"):
+            if method == "ft" and seed not in (ft_seeds or seeds):
+                continue
+            shift = 0 if method == "ft" else rng.integers(-6, 9, N_EPISODES) / 75
+            runs.append(_write_run(root, method, 1, np.clip(base + shift, 0, 1), seed=seed))
+    return runs
+
+
+@pytest.mark.parametrize("case", ["two seeds", "three seeds", "ft on fewer seeds", "one seed", "transfer"])
+def test_the_workflow_check_accepts_what_the_summary_step_writes(tmp_path, case):
+    from tests.summary_check import assert_summary_matches_per_seed
+
+    pairs = {"two seeds": lambda: _random_runs(tmp_path, (1, 2)),
+             "three seeds": lambda: _random_runs(tmp_path, (1, 2, 3)),
+             "ft on fewer seeds": lambda: _random_runs(tmp_path, (1, 2, 3), ft_seeds=(1, 3)),
+             "one seed": lambda: _random_runs(tmp_path, (4,)),
+             "transfer": lambda: _transfer_runs(tmp_path)}[case]()
+    assert_summary_matches_per_seed(*_written_tables(tmp_path, pairs))
+
+
+@pytest.mark.parametrize("wrong", [
+    "episode interval as ci95", "normal quantile for ci95", "episode interval as diff_vs_ft_ci95",
+    "accuracy off by 0.02", "diff_vs_ft off by 0.02", "n_seeds as the paired count", "verdict from the episodes",
+])
+def test_the_workflow_check_refuses_wrong_statistics(tmp_path, wrong):
+    from tests.summary_check import assert_summary_matches_per_seed
+
+    summary, per_seed = _written_tables(tmp_path, _random_runs(tmp_path, (1, 2, 3), ft_seeds=(1, 2)))
+    others = summary["method"] != "ft"
+    if wrong == "episode interval as ci95":
+        summary["ci95"] = summary["episode_ci95"]
+    elif wrong == "normal quantile for ci95":
+        summary["ci95"] = (summary["ci95"] * 1.96 / 4.302652729911275).round(2)
+    elif wrong == "episode interval as diff_vs_ft_ci95":
+        summary.loc[others, "diff_vs_ft_ci95"] = summary.loc[others, "diff_vs_ft_episode_ci95"]
+    elif wrong == "accuracy off by 0.02":
+        summary.loc[2, "accuracy"] += 0.02
+    elif wrong == "diff_vs_ft off by 0.02":
+        summary.loc[others, "diff_vs_ft"] += 0.02
+    elif wrong == "n_seeds as the paired count":
+        summary.loc[others, "seeds_paired_with_ft"] = summary.loc[others, "n_seeds"]
+    else:
+        episode_verdicts = [verdict(d, e, 2) for d, e in zip(summary["diff_vs_ft"], summary["diff_vs_ft_episode_ci95"])]
+        changed = others & (pd.Series(episode_verdicts) != summary["verdict"])
+        assert changed.any()  # the example is one where the two intervals disagree
+        summary.loc[changed, "verdict"] = pd.Series(episode_verdicts)[changed]
+    with pytest.raises(AssertionError):
+        assert_summary_matches_per_seed(summary, per_seed)

@@ -15,7 +15,8 @@ import yaml
 from mtl.batching import CACHE_FILE, CANDIDATES
 from mtl.data.hdf5 import HDF5Split
 from mtl.results import SEED_INTERVAL
-from tests.workflow import INFERENCE_CACHE, REPO, SCENARIOS, job_counts, run_snakemake, scenario_config
+from tests.summary_check import assert_summary_matches_per_seed
+from tests.workflow import REPO, SCENARIOS, inference_cache, job_counts, run_snakemake, scenario_config
 
 METHODS = ["ft", "lr", "proto", "mtl", "mtl_ht"]  # config.yaml's default `methods`
 #: What a run's numbers are; identical reruns must reproduce these columns exactly.
@@ -56,13 +57,12 @@ def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
     others = summary[summary.method != "ft"]
     assert others["diff_vs_ft"].notna().all() and others["diff_vs_ft_ci95"].notna().all()
     assert (others["seeds_above_ft"] + others["seeds_below_ft"] <= 2).all()
+    assert (others["seeds_paired_with_ft"] == 2).all()
     assert summary.loc[summary.method == "ft", "diff_vs_ft"].isna().all()
 
     per_seed = pd.read_csv(workdir / "results/summary_per_seed.csv")
     assert len(per_seed) == 20 and sorted(per_seed["seed"].unique()) == [1, 2]
-    mean_of_seeds = per_seed.groupby(["method", "shot"])["accuracy"].mean()
-    for row in summary.itertuples():
-        assert row.accuracy == pytest.approx(mean_of_seeds[(row.method, row.shot)], abs=0.011)
+    assert_summary_matches_per_seed(summary, per_seed)
 
     text = (workdir / "results/summary.md").read_text()
     verdicts = [line for line in text.splitlines() if line.startswith("- ") and " vs ft, digits " in line]
@@ -82,8 +82,9 @@ def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
 
 
 def test_inference_batch_size_was_measured_and_cached_for_the_next_jobs(two_seeds):
-    """inference.batch_size: auto, measured on this machine for this model (the test runs share one cache)."""
-    cache = json.loads((INFERENCE_CACHE / CACHE_FILE).read_text())
+    """inference.batch_size: auto, measured on this machine for this model (the test runs of this
+    session share one cache, new each session: the entry cannot come from an earlier run)."""
+    cache = json.loads((inference_cache() / CACHE_FILE).read_text())
     entries = [entry for key, entry in cache.items() if key.endswith("resnet12 width 0.125 | 16 px")]
     assert entries and all(entry["batch_size"] in CANDIDATES for entry in entries)
     assert not (two_seeds[0] / "results/.cache").exists()  # MTL_INFERENCE_CACHE replaced the default folder
@@ -195,6 +196,7 @@ def test_transfer_rows_score_the_digits_models_on_a_test_only_folder(transfer_ru
     moved = per_seed[per_seed["dataset"] == "my_digits"].set_index(["method", "shot", "seed"]).sort_index()
     for row in others.itertuples():  # the across-seed difference is the mean of the per-seed ones
         assert row.diff_vs_ft == pytest.approx(moved.loc[(row.method, row.shot), "diff_vs_ft"].mean(), abs=0.011)
+    assert_summary_matches_per_seed(summary, per_seed)  # every row, in-domain and transfer
 
     text = (workdir / "results/summary.md").read_text()
     assert text.splitlines()[[i for i, line in enumerate(text.splitlines()) if line.startswith("|")][0]].startswith(

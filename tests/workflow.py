@@ -1,7 +1,9 @@
 """Drive the workflow through the Snakemake CLI, as a user would, in a scratch directory."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,10 +14,27 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO / "Snakefile"
 SCENARIOS = Path(__file__).resolve().parent / "workflow"
-# One inference-batch measurement per machine for every workflow test (inference.batch_size: auto):
-# runs in different scratch folders then embed with the same batch, so their numbers stay comparable
-# bit for bit.
-INFERENCE_CACHE = Path(tempfile.gettempdir()) / "mtl-test-inference-cache"
+# One inference-batch measurement per pytest session for every workflow test (inference.batch_size:
+# auto): runs in different scratch folders then embed with the same batch, so their numbers stay
+# comparable bit for bit. The folder is new each session (tests/conftest.py sets it from
+# tmp_path_factory), so no test can pass on an entry measured by an earlier run.
+_inference_cache: list[Path] = []
+
+
+def use_inference_cache(folder: Path) -> None:
+    """Make ``folder`` the inference batch-size cache of the workflow runs from now on (conftest.py)."""
+    _inference_cache[:] = [Path(folder)]
+
+
+def inference_cache() -> Path:
+    """This session's shared inference batch-size cache folder (``$MTL_INFERENCE_CACHE`` of every run).
+
+    Outside pytest (no conftest), a fresh temporary folder, removed when the process exits."""
+    if not _inference_cache:
+        folder = Path(tempfile.mkdtemp(prefix="mtl-test-inference-cache-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _inference_cache.append(folder)
+    return _inference_cache[0]
 
 
 def scenario_config(name: str, overlay: dict | None = None) -> dict:
@@ -61,8 +80,8 @@ def snakemake_command(workdir: Path, config: dict | None, *args: str, cores: int
 
 def snakemake_env(env: dict | None = None) -> dict:
     """This environment plus ``env``, with this Python's bin folder first on PATH and one inference
-    batch-size cache shared by every test run (the probe is measured once)."""
-    run_env = {**os.environ, "MTL_INFERENCE_CACHE": str(INFERENCE_CACHE), **(env or {})}
+    batch-size cache shared by every test run of this session (the probe is measured once)."""
+    run_env = {**os.environ, "MTL_INFERENCE_CACHE": str(inference_cache()), **(env or {})}
     run_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{run_env.get('PATH', '')}"
     return run_env
 

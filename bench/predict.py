@@ -91,6 +91,8 @@ def main() -> None:
         files = model_files(folder, args.method, args.seeds, args.width, args.size, args.way)
         for count in (1, args.seeds):
             ensemble = load_models(files[:count])
+            for model in ensemble.models:  # embed() runs the encoder where it is: put it on the device
+                model.backbone.to(device)
             both = np.concatenate([support.images, queries])
             floor = best_of(args.repeats, lambda: [embed(m.backbone, both, m.transform, batch, device)
                                                    for m in ensemble.models])

@@ -630,7 +630,8 @@ def test_damaged_files_name_the_rule_that_rebuilds_them(baseline, tmp_path):
     rebuilt, _ = rerun_as_a_user(work, "--omit-from", "evaluate")  # up to the trained model
     assert rebuilt.returncode == 0, rebuilt.explain()
     damaged_then_deleted(episodes, "episodes", "evaluate", "cannot be read")
-    damaged_then_deleted(model, "meta_train", "evaluate", "cannot read")
+    # export_model reads the model too (with the same message): leave it for later, so the reader is evaluate
+    damaged_then_deleted(model, "meta_train", "evaluate", "cannot read", "--omit-from", "export_model")
     finish_and_compare(work, baseline)
 
 

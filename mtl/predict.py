@@ -217,13 +217,13 @@ class SeedEnsemble:
 
 
 def _query_stream(query, image_size: int, batch_size: int) -> tuple[list[Path] | None, Iterable[np.ndarray]]:
+    step = max(batch_size, 256)  # query images decoded / held per chunk: a whole number of passes or more
     if isinstance(query, (str, Path)):
         files = list_query_folder(query)
-        return files, read_query_chunks(files, image_size, chunk=max(batch_size, 256))
+        return files, read_query_chunks(files, image_size, chunk=step)
     images = np.asarray(query)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ConfigError(f"query images must be uint8 (Q, H, W, 3), got {images.dtype} {images.shape}")
-    step = max(batch_size, 256)
     return None, (images[start:start + step] for start in range(0, len(images), step))
 
 
@@ -276,9 +276,10 @@ def write_predictions(ensemble: SeedEnsemble, support, query, out_csv, *, batch_
 
     log.info("predicting with %r, batch %d on %s", ensemble, batch_size, device)
     prediction = ensemble.predict(support, query, batch_size=batch_size, device=device)
+    table = prediction.table()
     with atomic_path(out_csv) as tmp:
-        prediction.table().to_csv(tmp, index=False)
-    agreeing = prediction.table()["seeds_agreeing"]
+        table.to_csv(tmp, index=False)
+    agreeing = table["seeds_agreeing"]
     log.info("%s: %d query images, %d where not every seed agrees", out_csv, len(agreeing),
              int((agreeing < len(ensemble.models)).sum()))
     return prediction

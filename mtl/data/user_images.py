@@ -18,12 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl.data.builders.imagefolder import IMAGE_SUFFIXES, _class_files, _hidden, decode_images
+from mtl.data.builders.imagefolder import IMAGE_SUFFIXES, class_files, is_hidden, decode_images
 from mtl.errors import DataError
-
-#: Images decoded per chunk of a query stream: memory stays bounded whatever the folder's size.
-QUERY_CHUNK = 512
-
 
 @dataclass(frozen=True)
 class SupportSet:
@@ -43,13 +39,13 @@ def read_support_folder(root, image_size: int) -> SupportSet:
     root = _existing_folder(root, "support")
     classes, problems = {}, []
     for entry in sorted(root.iterdir()):
-        if _hidden(entry):
+        if is_hidden(entry):
             continue
         if not entry.is_dir():
             problems.append(f"{entry}: a file directly in the support folder; put each image in the folder "
                             "of its class (support/<class>/<image>)")
             continue
-        images, other = _class_files(entry)
+        images, other = class_files(entry)
         problems += [_not_an_image(path) for path in other]
         if not images:
             problems.append(f"{entry}: empty class folder (no {', '.join(IMAGE_SUFFIXES)} files); add at least "
@@ -71,7 +67,7 @@ def list_query_folder(root) -> list[Path]:
     root = _existing_folder(root, "query")
     files, problems = [], []
     for entry in sorted(root.iterdir()):
-        if _hidden(entry):
+        if is_hidden(entry):
             continue
         if entry.is_dir():
             problems.append(f"{entry}: a folder inside the query folder; the query folder must hold image "
@@ -87,7 +83,7 @@ def list_query_folder(root) -> list[Path]:
     return files
 
 
-def read_query_chunks(files: list[Path], image_size: int, chunk: int = QUERY_CHUNK) -> Iterator[np.ndarray]:
+def read_query_chunks(files: list[Path], image_size: int, chunk: int) -> Iterator[np.ndarray]:
     """uint8 (B, S, S, 3) chunks of ``files`` in order. Every undecodable file is collected; when any
     turned up, the stream ends with one DataError listing them all (after the last chunk)."""
     problems: list[str] = []

@@ -123,12 +123,12 @@ def list_split(root: Path, split: str, *, folder: Path | None = None) -> dict[st
         raise DataError(f"Image folder split '{split}' not found: {folder} is missing. Expected {expected}.")
     classes, skipped = {}, []
     for entry in sorted(folder.iterdir()):
-        if _hidden(entry):
+        if is_hidden(entry):
             continue
         if not entry.is_dir():
             skipped.append(entry)
             continue
-        images, other = _class_files(entry)
+        images, other = class_files(entry)
         skipped += other
         classes[entry.name] = images
     if not classes:
@@ -179,16 +179,16 @@ def folder_error(root: Path, problems: list[str]) -> DataError:
                      f"workflow:\n{listing}")
 
 
-def _class_files(folder: Path) -> tuple[list[Path], list[Path]]:
+def class_files(folder: Path) -> tuple[list[Path], list[Path]]:
     images, other = [], []
     for path in sorted(folder.rglob("*")):  # does not follow links to folders: no loops
-        if any(_hidden(part) for part in path.relative_to(folder).parts) or path.is_dir():
+        if any(is_hidden(part) for part in path.relative_to(folder).parts) or path.is_dir():
             continue
         (images if path.suffix.lower() in IMAGE_SUFFIXES else other).append(path)
     return images, other
 
 
-def _hidden(entry: Path | str) -> bool:
+def is_hidden(entry: Path | str) -> bool:
     return str(getattr(entry, "name", entry)).startswith(".")
 
 

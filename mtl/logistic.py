@@ -25,6 +25,7 @@ the numbers cannot depend on the machine's thread count).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 import warnings
 from functools import lru_cache
 
@@ -101,17 +102,14 @@ def _check_labels(labels: np.ndarray, n_support: int, n_classes: int) -> None:
         raise ValueError(f"every class needs at least one support example; classes {missing.tolist()} have none")
 
 
-def logistic_probabilities(support_feats: torch.Tensor, support_labels, query_feats: torch.Tensor,
-                           n_classes: int) -> torch.Tensor:
-    """Class probabilities of the queries, (Q, n_classes) float32 on the CPU, rows summing to 1.
-
-    Fits :data:`LOGISTIC_SETTINGS` on the L2-normalised ``support_feats`` (S, D) with
-    ``support_labels`` (S,) in 0..n_classes-1 (any number per class, at least one each), then
-    scores the L2-normalised ``query_feats`` (Q, D). Column c is class c.
+def fit_logistic(support_feats: torch.Tensor, support_labels, n_classes: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Fit :data:`LOGISTIC_SETTINGS` on the L2-normalised ``support_feats`` (S, D) with
+    ``support_labels`` (S,) in 0..n_classes-1 (any number per class, at least one each); return
+    the fitted classifier: L2-normalised query features (Q, D) -> (Q, n_classes) float32
+    probabilities on the CPU, column c being class c. Fit once, score any number of query batches.
     """
-    if support_feats.ndim != 2 or query_feats.ndim != 2 or support_feats.shape[1] != query_feats.shape[1]:
-        raise ValueError(f"expected support (S, D) and query (Q, D) features, got {tuple(support_feats.shape)} "
-                         f"and {tuple(query_feats.shape)}")
+    if support_feats.ndim != 2:
+        raise ValueError(f"expected support features (S, D), got {tuple(support_feats.shape)}")
     labels = np.asarray(torch.as_tensor(support_labels).cpu(), dtype=np.int64).reshape(-1)
     _check_labels(labels, support_feats.shape[0], n_classes)
     from sklearn.exceptions import ConvergenceWarning
@@ -120,14 +118,29 @@ def logistic_probabilities(support_feats: torch.Tensor, support_labels, query_fe
     with _blas_controller().limit(limits=1, user_api="blas"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported below, through the log
         model.fit(_as_numpy64(support_feats), labels)
-        probabilities = model.predict_proba(_as_numpy64(query_feats))
-    iterations = int(np.max(model.n_iter_))
-    if iterations >= LOGISTIC_SETTINGS["max_iter"]:
+    if int(np.max(model.n_iter_)) >= LOGISTIC_SETTINGS["max_iter"]:
         log.warning("logistic regression stopped at max_iter=%d before converging (tol %g); the "
                     "probabilities are those of the last iterate", LOGISTIC_SETTINGS["max_iter"],
                     LOGISTIC_SETTINGS["tol"])
-    # classes_ is 0..n_classes-1 in order: every class is present (checked above)
-    return torch.from_numpy(probabilities).float()
+
+    def probabilities(query_feats: torch.Tensor) -> torch.Tensor:
+        if query_feats.ndim != 2 or query_feats.shape[1] != support_feats.shape[1]:
+            raise ValueError(f"expected query features (Q, {support_feats.shape[1]}), got {tuple(query_feats.shape)}")
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            # classes_ is 0..n_classes-1 in order: every class is present (checked above)
+            return torch.from_numpy(model.predict_proba(_as_numpy64(query_feats))).float()
+
+    return probabilities
+
+
+def logistic_probabilities(support_feats: torch.Tensor, support_labels, query_feats: torch.Tensor,
+                           n_classes: int) -> torch.Tensor:
+    """Class probabilities of the queries, (Q, n_classes) float32 on the CPU, rows summing to 1:
+    :func:`fit_logistic` on the support set, then the queries scored."""
+    if support_feats.ndim != 2 or query_feats.ndim != 2 or support_feats.shape[1] != query_feats.shape[1]:
+        raise ValueError(f"expected support (S, D) and query (Q, D) features, got {tuple(support_feats.shape)} "
+                         f"and {tuple(query_feats.shape)}")
+    return fit_logistic(support_feats, support_labels, n_classes)(query_feats)
 
 
 def logistic_accuracies(features: torch.Tensor, support: np.ndarray, query: np.ndarray, way: int, shot: int,

@@ -31,6 +31,7 @@ from mtl.data.transforms import EvalTransform
 from mtl.data.user_images import SupportSet, list_query_folder, read_query_chunks, read_support_folder
 from mtl.errors import ConfigError
 from mtl.finetune import _Trunk, adapt_on_support, query_features
+from mtl.logistic import fit_logistic
 from mtl.methods import FRESH, LOGISTIC, META_LEARNED, PROTOTYPE
 from mtl.model_file import read_model_file
 from mtl.models import inference_copy
@@ -102,8 +103,8 @@ class AdaptedClassifier:
         elif self.kind == PROTOTYPE:
             sums = torch.zeros(self.n_classes, support_x.shape[1], device=device).index_add_(0, labels, support_x)
             self.prototypes = sums / torch.bincount(labels, minlength=self.n_classes).unsqueeze(1)
-        elif self.kind == LOGISTIC:
-            self.support_x, self.labels = support_x, labels
+        elif self.kind == LOGISTIC:  # fitted once here, applied to every batch of queries
+            self.logistic = fit_logistic(support_x.cpu(), labels.cpu(), self.n_classes)
         else:
             raise ConfigError(f"{model.path}: unknown test-time learner {self.kind!r}; upgrade mtl-fewshot")
 
@@ -132,10 +133,7 @@ class AdaptedClassifier:
         elif self.kind == PROTOTYPE:
             logits = -torch.cdist(x, self.prototypes).square()
         else:
-            from mtl.logistic import logistic_probabilities
-
-            return logistic_probabilities(self.support_x.cpu(), self.labels.cpu(), x.cpu(),
-                                          self.n_classes).double()
+            return self.logistic(x.cpu()).double()
         return F.softmax(logits.double(), dim=-1).cpu()
 
 

@@ -145,6 +145,38 @@ def test_unknown_backbone_and_bad_width_are_config_errors():
         build_backbone("resnet12", width=0)
 
 
+
+def test_no_import_cycle_between_the_model_modules():
+    """The concrete backbones import the shared base (mtl.models.blocks), and the by-name factory
+    (mtl.models.backbone) imports them: never the reverse, not even inside a function, where a
+    cycle hides until the import order changes."""
+    import ast
+    from pathlib import Path
+
+    import mtl.models
+
+    folder = Path(mtl.models.__file__).parent
+    imports = {}
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue  # the package collects every module; the modules never import it
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mtl.models."):
+                found.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.ImportFrom) and node.module == "mtl.models":
+                found.add("__init__")
+        imports[path.stem] = found
+    assert {"backbone", "blocks", "resnet12", "resnet25"} <= imports.keys()
+    assert all("__init__" not in found for found in imports.values()), imports
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in imports.get(start, ()))
+
+    cycles = sorted(name for name in imports if reaches(name, name, {name}))
+    assert not cycles, f"import cycle through {cycles}: {imports}"
+
+
 # ------------------------------------------------------------------ scale/shift conv
 
 def test_ss_conv_shapes_init_and_frozen_weights():

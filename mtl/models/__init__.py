@@ -19,8 +19,8 @@ from mtl.models.backbone import (
     freeze_for_meta,
     inference_copy,
     meta_parameters,
-    scaled_channels,
 )
+from mtl.models.blocks import scaled_channels
 from mtl.models.encoder_io import load_backbone_state, load_encoder, load_encoder_file, save_encoder
 from mtl.models.heads import PretrainClassifier
 from mtl.models.resnet12 import ResNet12

@@ -1,15 +1,14 @@
-"""What every backbone shares, the factory, and the meta-phase helpers built on SSConv2d.
+"""Building a backbone by name, and the meta-phase helpers built on SSConv2d.
 
-A backbone maps images ``(B, 3, H, W)`` to features ``(B, out_dim)`` (global average pool, so any
-``H, W >= 16`` works). ``Backbone.config`` (name, width) is all a checkpoint needs to rebuild the
-architecture: ``build_backbone(**model.config, ss=...)``. The forward is two halves,
-``forward_trunk`` (every block but the last) then ``forward_head`` (the last residual block and the
-pool), so ablation arms can adapt or meta-learn the last block alone (:func:`encoder_part`).
+What every backbone shares (the ``Backbone`` base class, the width multiplier, the reference
+init) lives in :mod:`mtl.models.blocks`, which the concrete backbones import; this module imports
+them in turn, so the dependency runs one way. ``Backbone.config`` (name, width) is all a checkpoint
+needs to rebuild the architecture: ``build_backbone(**model.config, ss=...)``. Ablation arms adapt
+or meta-learn the whole encoder or its last residual block alone (:func:`encoder_part`).
 """
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
@@ -17,77 +16,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mtl.errors import ConfigError
 from mtl.methods import ALL, LAST
+from mtl.models.blocks import Backbone
+from mtl.models.resnet12 import ResNet12
+from mtl.models.resnet25 import ResNet25
 from mtl.models.ss_conv import SSConv2d
-
-MIN_INPUT_SIZE = 16
-
-
-def scaled_channels(channels: int, width: float) -> int:
-    """Channel count under a width multiplier: rounded, never below 1 (width 0.125 for tests)."""
-    return max(1, int(round(channels * width)))
-
-
-def check_width(width: float) -> float:
-    """Return ``width`` as a float, or raise ConfigError for a non-positive / non-finite value."""
-    try:
-        value = float(width)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"backbone width must be a positive number (1.0 = the published network), "
-                          f"got {width!r}; set backbone.width in config.yaml")
-    return value
-
-
-class Backbone(nn.Module):
-    """Base class of the feature extractors; subclasses set ``name``, ``native_size``, ``out_dim``."""
-
-    name: str = ""
-    native_size: int = 0
-    #: the attribute holding the last residual block (the paper's Theta_4 for ResNet-12)
-    last_stage_name: str = ""
-
-    def __init__(self, *, width: float = 1.0, ss: bool = False) -> None:
-        super().__init__()
-        self.width = check_width(width)
-        self.ss = bool(ss)
-        self.out_dim = 0
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_trunk(x))
-
-    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> the feature map entering the last residual block."""
-        raise NotImplementedError
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """The trunk's feature map -> features ``(B, out_dim)``: last residual block, average pool."""
-        return torch.flatten(self.avgpool(self.last_stage()(x)), 1)
-
-    def last_stage(self) -> nn.Module:
-        return getattr(self, self.last_stage_name)
-
-    @property
-    def config(self) -> dict:
-        """What a checkpoint stores to rebuild this architecture (``ss`` is chosen at load time)."""
-        return {"name": self.name, "width": self.width}
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """Fail early, with the shape seen, on input that would break deep in the network."""
-        if x.dim() != 4 or x.shape[1] != 3 or min(x.shape[-2:]) < MIN_INPUT_SIZE:
-            raise ValueError(f"{self.name} expects float images (B, 3, H, W) with H, W >= "
-                             f"{MIN_INPUT_SIZE} (native {self.native_size}), got {tuple(x.shape)}")
-
-    def extra_repr(self) -> str:
-        return f"width={self.width}, ss={self.ss}, out_dim={self.out_dim}"
 
 
 def backbone_classes() -> dict[str, type[Backbone]]:
-    """Known backbones by name (imported here, not at module level, to avoid an import cycle)."""
-    from mtl.models.resnet12 import ResNet12
-    from mtl.models.resnet25 import ResNet25
-
+    """Known backbones by name."""
     return {"resnet12": ResNet12, "resnet25": ResNet25}
 
 
@@ -107,16 +43,6 @@ def backbone_class(name: str) -> type[Backbone]:
         raise ConfigError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(classes))} "
                           f"(set backbone.name in config.yaml)")
     return classes[name]
-
-
-def init_conv_and_bn(model: nn.Module, *, nonlinearity: str = "relu", a: float = 0.0) -> None:
-    """Reference init: conv weights kaiming_normal(fan_out), BN gamma 1 / beta 0 (biases untouched)."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, a=a, mode="fan_out", nonlinearity=nonlinearity)
-        elif isinstance(module, _BatchNorm) and module.affine:
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
 
 def ss_convs(model: nn.Module) -> list[SSConv2d]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtl.models.backbone import Backbone, init_conv_and_bn, scaled_channels
+from mtl.models.blocks import Backbone, init_conv_and_bn, scaled_channels
 from mtl.models.ss_conv import SSConv2d
 
 BLOCK_CHANNELS = (64, 128, 256, 512)

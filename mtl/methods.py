@@ -72,7 +72,7 @@ class Method:
         return self.meta is not None
 
 
-#: The reference inner loop of a fresh linear learner (REFERENCE.md section 2: 100 SGD steps, lr 0.01).
+#: The reference inner loop of a fresh linear learner (100 SGD steps, lr 0.01; docs/reference-implementation.md).
 FT_STEPS, FT_LR = 100, 0.01
 _FRESH = TestTime(learner=FRESH, steps=FT_STEPS, lr=FT_LR)
 _META = TestTime(learner=META_LEARNED)

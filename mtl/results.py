@@ -3,7 +3,7 @@ differences and the verdict sentences.
 
 Pure functions over pandas/numpy/scipy (no torch, no Snakemake), in the spirit of imagenet's ``accuracy()``.
 
-Aggregation, in the order DESIGN.md fixes it:
+Aggregation, in this order:
 1. **per episode -> per run.** A run is one dataset x backbone x method x shot x *training seed*.
    Its accuracy is the mean over the saved test episodes with the reference code's interval
    ``1.96 * std / sqrt(n)`` (population std, ``n`` episodes). That interval covers the sampling of
@@ -80,7 +80,7 @@ ROW_KEY = (TRAINED_ON, "dataset", "backbone", "method", "shot")
 RUN_KEY = ROW_KEY + ("seed",)
 
 _TF_PROTOCOL_NOTE = "its TF meta-test used queries per class = shot, so its interval is not comparable with ours"
-#: Published 5-way accuracies (REFERENCE.md section 4), % mean and 95% interval, per method.
+#: Published 5-way accuracies (docs/reference-implementation.md, section 3), % mean and 95% interval, per method.
 #: Only figures we could verify are here (the MTL+HT FC100 figures are not).
 REFERENCE_ACCURACIES: dict[str, dict] = {
     "mtl": {

@@ -23,7 +23,8 @@ SHOTS = config["protocol"]["shots"]
 # Where the measured inference batch size is cached per machine, model and image size
 # (mtl/batching.py); a disposable record, kept outside every rule's outputs.
 INFERENCE_CACHE = "results/.cache"
-# Training seeds: each replicates the whole training chain as its own jobs (DESIGN.md "Seeds").
+# Training seeds: each replicates the whole training chain as its own jobs (a wildcard, not a loop
+# in a script), so Snakemake spreads the replicates over cores, GPUs and cluster nodes.
 SEEDS = config["protocol"]["seeds"]
 # Pre-training processes (one GPU each). With more than one, under profiles/slurm the job itself
 # starts them with srun over its allocation: the executor plugin then runs the job script outside

@@ -1,4 +1,4 @@
-# Raw files -> HDF5 splits (DESIGN.md "Data flow").
+# Raw files -> HDF5 splits (the file contract: docs/data-format.md).
 
 
 # Compute nodes often have no internet: downloads always run where Snakemake runs.

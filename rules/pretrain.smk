@@ -1,4 +1,5 @@
-# Pre-train the encoder as a plain classifier over every meta-train class (REFERENCE.md section 1).
+# Pre-train the encoder as a plain classifier over every meta-train class (step 1 of MTL; the
+# reference recipe and its settings: docs/reference-implementation.md).
 
 
 rule pretrain:

@@ -1,10 +1,10 @@
 """A real single-node Slurm for the test suite, and a helper that runs the workflow on it.
 
 Why a real one: the promise "the same workflow runs on a Slurm cluster with --profile
-profiles/slurm" (DESIGN.md) breaks in ways no mock shows: a status command that hangs without an
-accounting database, a GPU request that never reaches sbatch, a job that runs the wrong Python.
-So the ``slurm`` tests start munged, slurmctld and slurmd on this machine (Debian's packages, as
-in SLURM.md), with two fake GPUs so ``--gpus=1`` allocates and Slurm sets CUDA_VISIBLE_DEVICES.
+profiles/slurm" (README, "Run on a cluster") breaks in ways no mock shows: a status command that
+hangs without an accounting database, a GPU request that never reaches sbatch, a job that runs the
+wrong Python. So the ``slurm`` tests start munged, slurmctld and slurmd on this machine (Debian's
+packages), with two fake GPUs so ``--gpus=1`` allocates and Slurm sets CUDA_VISIBLE_DEVICES.
 
 They run only when asked (``MTL_TEST_SLURM=1``, or ``CI=true`` where they must not skip): they
 need root, write /etc/slurm/slurm.conf (the plugin strips SLURM_CONF inside jobs, so the default
@@ -140,7 +140,7 @@ def short_hostname() -> str:
 
 
 def slurm_conf_text(host: str, cpus: int, memory_mb: int) -> str:
-    """slurm.conf for one node at 127.0.0.1, no cgroups, no accounting (as SLURM.md)."""
+    """slurm.conf for one node at 127.0.0.1, no cgroups, no accounting."""
     return f"""\
 # Written by tests/slurm_cluster.py for the test suite; removed (or restored) when the tests end.
 ClusterName=mtltest

@@ -1,4 +1,4 @@
-"""Builders turn each dataset's real raw format into the HDF5 contract (DESIGN.md).
+"""Builders turn each dataset's real raw format into the HDF5 contract (docs/data-format.md).
 
 Every test builds from a tiny fixture written in the real on-disk format (tests/fixtures/raw_formats.py)
 and checks what a user of the HDF5 files relies on: shapes, labels 0..C-1 in sorted class-name order,

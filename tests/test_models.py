@@ -73,7 +73,7 @@ def test_native_size_and_feature_dim(full_size, name, native, dim):
 
 
 def test_resnet25_parameter_counts_match_reference(full_size):
-    """REFERENCE.md section 2: 36,559,040 frozen; 4,301,040 scales + 80 shifts + 20,320 BN affine."""
+    """36,559,040 frozen; 4,301,040 scales + 80 shifts + 20,320 BN affine (docs/reference-implementation.md)."""
     model = full_size["resnet25"]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert all(isinstance(m, SSConv2d) and m.ss for m in convs), "every conv carries scale/shift"

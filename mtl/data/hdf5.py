@@ -1,6 +1,6 @@
 """One HDF5 file per split: the only image store training reads.
 
-Contract (DESIGN.md): ``images`` uint8 (N, H, W, 3), one image per chunk and no compression (so
+Contract (docs/data-format.md): ``images`` uint8 (N, H, W, 3), one image per chunk and no compression (so
 any image is one direct chunk read); ``labels`` int64 (N,), 0..C-1 in sorted class-name order,
 sorted so each class's images are contiguous; ``class_names`` utf-8 strings (C,); file attributes
 ``dataset``, ``split``, ``source_files`` (JSON: raw file name -> checksum), ``image_size`` and

@@ -53,7 +53,7 @@ def ss_convs(model: nn.Module) -> list[SSConv2d]:
 def meta_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters meta-training updates: every ``scale``, every ``shift`` and every BN gamma/beta.
 
-    The reference trains BN affine together with the scales (REFERENCE.md section 2). Order is the
+    The reference trains BN affine together with the scales (docs/reference-implementation.md). Order is the
     module order, each parameter once, so optimiser state lines up across runs.
     """
     params: list[nn.Parameter] = []

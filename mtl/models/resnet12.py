@@ -1,4 +1,4 @@
-"""ResNet-12: the backbone of the MTL paper and its TensorFlow code (REFERENCE.md section 3).
+"""ResNet-12: the backbone of the MTL paper and its TensorFlow code (docs/reference-implementation.md, section 2).
 
 Each of the four residual blocks (64/128/256/512 channels)::
 
@@ -16,7 +16,7 @@ pool (VALID, i.e. floor: 21 -> 10); 5x5 average pool -> 512-d; scale per kernel 
 on the three 3x3 convs; the shift acts on the bias (``b + shift`` with shift 0 equals the TF
 "shift initialised from the bias").
 
-Chosen by us (the TF code differs; these follow the common PyTorch ResNet-12 and the team spec):
+Chosen by us (the TF code differs; these follow the common PyTorch ResNet-12):
 - the shortcut has a BN after its 1x1 conv (TF: bare 1x1 conv, no BN);
 - the third conv's activation comes after the shortcut sum (TF: leaky ReLU on the third conv,
   then the sum, no activation after it);

@@ -1,4 +1,4 @@
-"""ResNet-25: the backbone of the public PyTorch MTL implementation (REFERENCE.md section 2).
+"""ResNet-25: the backbone of the public PyTorch MTL implementation (docs/reference-implementation.md, section 2).
 
 Fixed by the reference (kept exactly, verified by the parameter-count test at width 1):
 - stem: conv3x3 3->80 *with* bias, BN, ReLU (stride 1);

@@ -1,6 +1,6 @@
 """Meta-train: learn scale/shift (+ BN affine) and the base learner's initialisation (MTL).
 
-Follows the PyTorch reference protocol (REFERENCE.md section 2) by default:
+Follows the PyTorch reference protocol (docs/reference-implementation.md, section 1) by default:
   - the pre-trained encoder is loaded into the SS backbone; conv weights/biases are frozen;
   - one task per outer step; BN in train mode; the QUERY batch is embedded first, then the
     SUPPORT batch (the reference's order, which fixes the running-statistic updates);

@@ -1,10 +1,11 @@
 """Pre-training: an ordinary classifier over all meta-train images (step 1 of MTL).
 
-Reference recipe (REFERENCE.md section 2): backbone + Linear(D, 1000)-ReLU-Linear(1000, C) head,
-SGD (lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4 on everything), batch 128, LR x0.2 every
-30 epochs, Resize -> RandomResizedCrop -> CenterCrop -> HFlip augmentation. Model selection: every
-``val_every`` epochs, a fresh linear learner (100 SGD steps, lr 0.01) on frozen eval-mode features
-of fixed, seeded validation episodes; the best encoder is kept.
+Reference recipe (docs/reference-implementation.md, section 1): backbone +
+Linear(D, 1000)-ReLU-Linear(1000, C) head, SGD (lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4
+on everything), batch 128, LR x0.2 every 30 epochs, Resize -> RandomResizedCrop -> CenterCrop ->
+HFlip augmentation. Model selection: every ``val_every`` epochs, a fresh linear learner (100 SGD
+steps, lr 0.01) on frozen eval-mode features of fixed, seeded validation episodes; the best encoder
+is kept.
 
 Resume: ``checkpoint_dir/last.pt`` is replaced atomically after every epoch (model, optimizer,
 RNG, next epoch, best score and weights, history). A rerun with the same settings continues

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+from snakemake.utils import validate
+
 from mtl.config import coerce_config, coerce_strings
 
 SCHEMA = Path(__file__).resolve().parent.parent / "rules" / "config.schema.yaml"
@@ -31,3 +34,14 @@ def test_dataset_entries_under_additional_properties_are_typed():
     config = {"data": {"mine": {"enabled": "true", "source": "imagefolder", "image_size": "32"}}}
     coerce_config(config, SCHEMA)
     assert config["data"]["mine"] == {"enabled": True, "source": "imagefolder", "image_size": 32}
+
+
+def test_tensorboard_tracking_is_off_by_default_and_switches_on_from_the_command_line():
+    config = yaml.safe_load((SCHEMA.parent.parent / "config.yaml").read_text())
+    assert config["tracking"] == {"tensorboard": False}
+    del config["tracking"]  # a config written before the key existed
+    validate(config, str(SCHEMA))
+    assert config["tracking"] == {"tensorboard": False}
+    switched = {"tracking": {"tensorboard": "true"}}  # --config tracking='{tensorboard: true}'
+    coerce_config(switched, SCHEMA)
+    assert switched["tracking"]["tensorboard"] is True

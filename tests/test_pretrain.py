@@ -33,12 +33,12 @@ def splits(tmp_path):
     return (make_split(tmp_path / "train.h5", 4, 16, 1, "train"), make_split(tmp_path / "val.h5", 3, 6, 2, "val"))
 
 
-def run(tmp_path, splits, epochs, **overrides):
+def run(tmp_path, splits, epochs, tensorboard_dir=None, **overrides):
     config = PretrainConfig.from_dict({"epochs": epochs, "batch_size": 16, "lr": 0.05, "num_workers": 0,
                                        "step_size": 2, **overrides})
     return pretrain(*splits, encoder_out=tmp_path / "out" / "encoder.pt", history_out=tmp_path / "out" / "history.csv",
                     checkpoint_dir=tmp_path / "ckpt", backbone=BACKBONE, config=config, way=3, query=2,
-                    val_episodes=4, seed=0, device="cpu")
+                    val_episodes=4, seed=0, device="cpu", tensorboard_dir=tensorboard_dir)
 
 
 def read_history(tmp_path):

@@ -7,11 +7,19 @@ import torch
 
 from mtl.batching import inference_batch_size
 from mtl.device import claim_device
+from mtl.tracking import require_tensorboard
 from mtl.train.meta import MetaConfig, meta_train
 
 # The configured thread count, not Snakemake's (scaled to --cores): numbers must not depend on --cores.
 torch.set_num_threads(snakemake.params.torch_threads)
 protocol = snakemake.params.protocol
+w = snakemake.wildcards
+# TensorBoard curves (config `tracking`): outside the rule's outputs and checkpoints, and read from
+# the config rather than a rule param, for the reasons given in workflow_scripts/pretrain.py.
+tensorboard_dir = None
+if snakemake.config["tracking"]["tensorboard"]:
+    require_tensorboard()
+    tensorboard_dir = f"tensorboard/{w.dataset}/{w.backbone}/seed{w.seed}/{w.method}/{w.shot}shot/meta"
 # Several GPU jobs on one machine each take a different GPU; a scheduler's choice is kept.
 with claim_device(snakemake.params.device) as device:
     # measured once per machine and model (a ~2 s probe), then read from the cache
@@ -35,4 +43,5 @@ with claim_device(snakemake.params.device) as device:
         method=snakemake.wildcards.method,
         device=device,
         inference_batch_size=batch_size,
+        tensorboard_dir=tensorboard_dir,
     )

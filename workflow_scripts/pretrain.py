@@ -4,10 +4,20 @@ from mtl.logs import log_to_file
 log_to_file(snakemake.log[0])
 
 from mtl.distributed import launch
+from mtl.tracking import require_tensorboard
 from mtl.train.pretrain import PretrainConfig, pretrain
 
 config = PretrainConfig.from_dict(dict(snakemake.params.config))
 protocol = snakemake.params.protocol
+# TensorBoard curves (config `tracking`), outside the rule's outputs and checkpoints so that
+# Snakemake never locks or deletes them: they grow while the job runs and outlive a failed one.
+# Read from the config rather than a rule param: params are rerun triggers, and switching tracking
+# on must not rerun finished jobs.
+tensorboard_dir = None
+if snakemake.config["tracking"]["tensorboard"]:
+    require_tensorboard()  # now, not in each training process
+    w = snakemake.wildcards
+    tensorboard_dir = f"tensorboard/{w.dataset}/{w.backbone}/seed{w.seed}/pretrain"
 # config.gpus processes (torchrun here, srun in a Slurm job), each claiming its own device; one
 # process runs here. The thread count is the configured one, not Snakemake's (scaled to --cores):
 # numbers must not depend on --cores. The inference batch is probed on the claimed device (cached).
@@ -27,6 +37,7 @@ launch(
         "seed": snakemake.params.seed,
         "inference_batch": snakemake.params.inference_batch,
         "inference_cache": snakemake.params.inference_cache,
+        "tensorboard_dir": tensorboard_dir,
     },
     processes=config.gpus,
     device=snakemake.params.device,

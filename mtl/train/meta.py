@@ -59,6 +59,7 @@ from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save
 from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, failure_class
 from mtl.train.stop import raise_if_stop_requested, stop_on_signals, stop_requested
 from mtl.results import mean_ci95
+from mtl.tracking import open_tracker
 from mtl.train.learner import DEFAULT_EMBED_BATCH, adapt_linear, embed_episodes, evaluate_episodes
 
 log = logging.getLogger(__name__)
@@ -397,7 +398,8 @@ def validate(trainer: MetaTrainer, val_split, episodes, transform,
 def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkpoint_dir,
                config: MetaConfig, way: int, shot: int, query: int, val_episodes: int, seed: int,
                hard_tasks: bool, device: str = "auto", scope: str = "all", method: str | None = None,
-               inference_batch_size: int = DEFAULT_EMBED_BATCH) -> Path:
+               inference_batch_size: int = DEFAULT_EMBED_BATCH,
+               tensorboard_dir: str | Path | None = None) -> Path:
     """Meta-train the pre-trained encoder at ``encoder_path``; write ``model_out`` and ``history_out``.
 
     ``hard_tasks`` switches the HT meta-batch on (method ``mtl_ht``) and overrides
@@ -408,6 +410,8 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
     change is refused with a CheckpointError, since silently mixing two runs would corrupt results.
     Outputs are written once, at the end: the best-validation model and the full history.
     ``inference_batch_size``: images per forward pass of the validation embedding (see mtl.batching).
+    ``tensorboard_dir``: where each epoch's scalars are written for TensorBoard (:mod:`mtl.tracking`;
+    None: nowhere).
     """
     config = with_hard_tasks(config, hard_tasks)
     if int(val_episodes) < 1:
@@ -448,9 +452,10 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
     if run["next_epoch"] >= config.epochs:
         log.info("checkpoint %s already holds %d epochs (epochs: %d); writing the outputs from it",
                  checkpoint_path, run["next_epoch"], config.epochs)
+    tasks_per_epoch = config.episodes_per_epoch * config.meta_batch  # hard tasks included
     epochs = tqdm(range(run["next_epoch"], config.epochs), desc=f"meta-train {protocol['method']} {shot}-shot",
                   initial=run["next_epoch"], total=config.epochs, disable=None, unit="epoch")
-    with stop_on_signals():
+    with stop_on_signals(), open_tracker(tensorboard_dir) as tracker:
         for epoch in epochs:
             def stop_here(place: dict, epoch: int = epoch) -> None:
                 save(epoch, partial={"epoch": epoch, **place})
@@ -459,6 +464,10 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
 
             row = run_epoch(trainer, epoch, run, data, val, seed, on_stop=stop_here)
             epochs.set_postfix(val=f"{row['val_acc']:.4f}", best=f"{run['best']['val_acc']:.4f}")
+            # tasks/s over the whole epoch, validation included: the pace the job advances at
+            tracker.log(row["epoch"], {"train/loss": row["meta_loss"], "train/accuracy": row["train_acc"],
+                                       "val/accuracy": row["val_acc"], "lr": row["lr"],
+                                       "throughput/episodes_per_s": tasks_per_epoch / row["seconds"]})
             save(epoch + 1)
             raise_if_stop_requested("meta-training", f"after epoch {epoch + 1}", checkpoint_path)
 

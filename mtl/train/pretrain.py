@@ -60,6 +60,7 @@ from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save
 from mtl.train.stop import (ignore_stop_signals, note_stop_elsewhere, raise_if_stop_requested, stop_on_signals,
                             stop_requested)
 from mtl.results import mean_ci95
+from mtl.tracking import open_tracker
 from mtl.train.learner import DEFAULT_EMBED_BATCH, evaluate_encoder
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,8 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, backbone: dict,
              config: PretrainConfig | dict, way: int = 5, shot: int | None = None, query: int = 15,
              val_episodes: int = 600, seed: int = 1, device: str = "auto",
-             inference_batch: int | str = DEFAULT_EMBED_BATCH, inference_cache: str | None = None) -> Path:
+             inference_batch: int | str = DEFAULT_EMBED_BATCH, inference_cache: str | None = None,
+             tensorboard_dir: str | Path | None = None) -> Path:
     """Pre-train an encoder on ``train_h5``, select it on ``val_h5`` episodes, write ``encoder_out``.
 
     ``backbone``: {name, width, image_size (None = native)}. ``shot``: validation shot, default
@@ -176,7 +178,8 @@ def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, back
     ``checkpoint_dir/last.pt``. ``inference_batch``: images per forward pass of the validation
     embedding, an integer or "auto" (probed on this process's device and cached in
     ``inference_cache``, see mtl.batching; resolved here because each training process claims its
-    own device). Returns ``encoder_out``.
+    own device). ``tensorboard_dir``: where rank 0 writes each epoch's scalars for TensorBoard
+    (:mod:`mtl.tracking`; None: nowhere). Returns ``encoder_out``.
     """
     config = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
     config.validate()
@@ -188,10 +191,14 @@ def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, back
     run.write_history(history_out)
     epochs = tqdm(range(run.next_epoch, config.epochs + 1), desc="pretrain", unit="epoch",
                   initial=run.next_epoch - 1, total=config.epochs, disable=None if run.is_main else True)
-    with stop_on_signals():
+    with stop_on_signals(), open_tracker(tensorboard_dir) as tracker:
         for epoch in epochs:
             row = run.train_epoch(epoch)
             epochs.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}")
+            # images/s over the whole epoch, validation included: the pace the job advances at
+            tracker.log(epoch, {"train/loss": row["train_loss"], "train/accuracy": row["train_acc"],
+                                "val/accuracy": row["val_acc"], "lr": row["lr"],
+                                "throughput/images_per_s": len(run.train) / row["seconds"]})
             run.write_history(history_out)
             run.stop_if_requested(f"after epoch {epoch}")
     return run.save_best_encoder(encoder_out)

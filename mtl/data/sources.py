@@ -61,9 +61,9 @@ class DatasetSource:
 # Zenodo record 7978538 serves the miniImageNet and tieredImageNet pickles. Zenodo publishes each
 # file's size and MD5 in the record's listing (GET https://zenodo.org/api/records/7978538: `files`,
 # each with `key`, `size` and `checksum` "md5:<hex>"); the download reads that listing before each
-# Zenodo download and checks the file against it (mtl.data.download). The values are not pinned
-# below: zenodo.org could not be reached where this was written, and no stored copy of the MD5s of
-# these exact files was found in the installed packages or in this repository, so none was
+# Zenodo download and checks the file against it (mtl.data.download.zenodo). The values are not
+# pinned below: zenodo.org could not be reached where this was written, and no stored copy of the
+# MD5s of these exact files was found in the installed packages or in this repository, so none was
 # invented. Were the listing unreachable at download time, the observed SHA-256 is recorded
 # (<file>.sha256) and config `data.<dataset>.checksums` can pin it.
 _ZENODO = "https://zenodo.org/record/7978538/files/"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl.data.builders import SPLITS, check_counts
 from mtl.data.builders import imagefolder
-from mtl.data.sources import SplitFacts
+from mtl.data.builders.checks import check_counts
+from mtl.data.sources import SPLITS, SplitFacts
 from mtl.errors import DataError
 from mtl.faults import fault_point
 

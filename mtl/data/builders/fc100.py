@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl.data.builders import (
-    SPLITS,
+from mtl.data.builders.checks import (
     check_counts,
     check_native_size,
     class_order,
@@ -24,7 +23,7 @@ from mtl.data.builders import (
 )
 from mtl.data.hdf5 import write_split
 from mtl.data.safe_pickle import safe_load
-from mtl.data.sources import FC100
+from mtl.data.sources import FC100, SPLITS
 from mtl.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mtl.data.builders import SPLITS, split_attrs
+from mtl.data.builders.checks import split_attrs
 from mtl.data.hdf5 import write_split
+from mtl.data.sources import SPLITS
 from mtl.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl.data.builders import (
-    SPLITS,
+from mtl.data.builders.checks import (
     check_counts,
     check_native_size,
     require_file,
@@ -22,7 +21,7 @@ from mtl.data.builders import (
 )
 from mtl.data.hdf5 import write_split
 from mtl.data.safe_pickle import safe_load
-from mtl.data.sources import MINIIMAGENET
+from mtl.data.sources import MINIIMAGENET, SPLITS
 from mtl.errors import DataError
 
 log = logging.getLogger(__name__)

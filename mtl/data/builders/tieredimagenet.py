@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mtl.data.builders import (
-    SPLITS,
+from mtl.data.builders.checks import (
     check_counts,
     check_native_size,
     class_order,
@@ -37,7 +36,7 @@ from mtl.data.builders import (
 )
 from mtl.data.hdf5 import write_split
 from mtl.data.safe_pickle import iter_pickled_bytes, safe_load
-from mtl.data.sources import TIEREDIMAGENET
+from mtl.data.sources import SPLITS, TIEREDIMAGENET
 from mtl.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -59,9 +59,9 @@ def time_epoch(train_h5: str, val_h5: str, backbone: dict, config: dict, out_jso
     from mtl.train.pretrain import PretrainConfig, _Run
 
     try:
-        from mtl import distributed
+        from mtl.distributed import ranks
     except ImportError:  # a checkout from before multi-process training: one-process timing only
-        distributed = None
+        ranks = None
 
     known = PretrainConfig.__dataclass_fields__  # one-process timing also runs on older checkouts
     config = PretrainConfig.from_dict({k: v for k, v in config.items() if k in known})
@@ -70,7 +70,7 @@ def time_epoch(train_h5: str, val_h5: str, backbone: dict, config: dict, out_jso
         extra = {"inference_batch_size": 64} if "inference_batch_size" in inspect.signature(_Run).parameters else {}
         run = _Run(train_h5, val_h5, backbone, config, 5, 1, 1, 1, 0, device, Path(scratch), **extra)
         run._fit_one_epoch(1)
-        barrier = distributed.barrier if distributed else (lambda: None)
+        barrier = ranks.barrier if ranks else (lambda: None)
         barrier()
         sync(device)
         start = time.perf_counter()
@@ -78,7 +78,7 @@ def time_epoch(train_h5: str, val_h5: str, backbone: dict, config: dict, out_jso
         sync(device)
         barrier()
         seconds = time.perf_counter() - start
-    if distributed is None or distributed.is_main():
+    if ranks is None or ranks.is_main():
         images = sum(len(b) for b in _epoch_batches(run, config, 2))
         Path(out_json).write_text(json.dumps({"seconds": seconds, "images": images}))
 
@@ -110,7 +110,7 @@ def measure(processes: int, args, train_h5: str, val_h5: str, scratch: Path) -> 
             torch.set_num_threads(args.threads_per_process)
             time_epoch(**kwargs, device=select_device(args.device))
         else:
-            from mtl.distributed import launch
+            from mtl.distributed.launch import launch
 
             launch(time_epoch, kwargs, processes=processes, device=args.device,
                    threads=args.threads_per_process, log_path=log)

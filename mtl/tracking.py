@@ -20,7 +20,7 @@ import importlib.util
 import math
 from pathlib import Path
 
-from mtl import distributed
+from mtl.distributed import ranks
 from mtl.errors import ConfigError
 
 
@@ -78,6 +78,6 @@ def require_tensorboard() -> None:
 def open_tracker(tensorboard_dir: str | Path | None) -> Tracker:
     """A tracker writing to ``tensorboard_dir``; the no-op one when that is None or on a rank other
     than 0 (the ranks train the same model, and several writers would repeat every curve)."""
-    if tensorboard_dir is None or not distributed.is_main():
+    if tensorboard_dir is None or not ranks.is_main():
         return Tracker()
     return TensorBoardTracker(tensorboard_dir)

@@ -1,6 +1,6 @@
 """Pre-training in several processes (gloo on the CPU) trains as one process does, and resumes.
 
-The promise (mtl/distributed.py, mtl/train/pretrain.py): N processes with the same global batch
+The promise (mtl/distributed/, mtl/train/pretrain.py): N processes with the same global batch
 see the same images in the same order with the same augmentation, normalise with the whole
 batch's BN statistics and take the whole batch's mean gradient, so their weights equal the
 one-process weights up to float rounding.
@@ -29,7 +29,8 @@ import pytest
 import torch
 from torch import nn
 
-from mtl.distributed import choose_launcher, launch, shard, srun_command, torchrun_args
+from mtl.distributed.launch import choose_launcher, launch, srun_command, torchrun_args
+from mtl.distributed.ranks import shard
 from mtl.errors import ConfigError, MTLError
 from mtl.machine import cpu_model
 from mtl.train.pretrain import pretrain
@@ -82,23 +83,23 @@ def test_process_count_must_be_a_positive_integer():
 # ----------------------------------------------------------------------------- synchronised BN on gloo
 def batchnorm_parts(out_dir: str, device) -> None:
     """Worker target: BN steps on this rank's part of two fixed batches (one part is empty)."""
-    from mtl import distributed
+    from mtl.distributed import ranks, sync_bn
 
     torch.manual_seed(0)
     batches = [torch.randn(2, 4, 3, 3) * 3 + 1, torch.randn(5, 4, 3, 3)]
     weights = [torch.randn_like(b) for b in batches]
     model = nn.Sequential(nn.BatchNorm2d(4))
-    distributed.sync_batchnorm_(model, device)
+    sync_bn.sync_batchnorm_(model, device)
     out = {}
     for step, (batch, weight) in enumerate(zip(batches, weights)):
-        part = distributed.shard(len(batch))
+        part = ranks.shard(len(batch))
         x = batch[part].clone().requires_grad_(True)
         y = model(x)
         (y * weight[part]).sum().backward()
         out[f"y{step}"], out[f"dx{step}"] = y.detach(), x.grad
     out["dweight"], out["dbias"] = model[0].weight.grad, model[0].bias.grad
     out["running_mean"], out["running_var"] = model[0].running_mean, model[0].running_var
-    torch.save(out, Path(out_dir) / f"rank{distributed.rank()}.pt")
+    torch.save(out, Path(out_dir) / f"rank{ranks.rank()}.pt")
 
 
 def test_synchronised_batchnorm_on_gloo_equals_batchnorm_on_the_whole_batch(tmp_path):
@@ -177,7 +178,7 @@ def test_two_workers_train_as_one_process_does(tmp_path, splits, one_process):
 
 
 LAUNCH = """import json, sys
-from mtl.distributed import launch
+from mtl.distributed.launch import launch
 from mtl.train.pretrain import pretrain
 launch(pretrain, json.loads(sys.argv[1]), processes=2, device="cpu", threads=1, log_path=sys.argv[2])
 """

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from mtl import distributed, tracking
+from mtl import tracking
+from mtl.distributed import ranks
 from mtl.errors import ConfigError
 from tests.test_meta import data, read_history as read_meta_history, run as run_meta, tiny_config  # noqa: F401
 from tests.test_pretrain import read_history as read_pretrain_history, run as run_pretrain, splits  # noqa: F401
@@ -60,7 +61,7 @@ def test_tracking_off_writes_no_event_files(tmp_path, splits, monkeypatch):  # n
 
 
 def test_only_rank_0_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(ranks, "rank", lambda: 1)
     with tracking.open_tracker(tmp_path / "tb") as tracker:
         tracker.log(1, {"train/loss": 1.0})
     assert not (tmp_path / "tb").exists()

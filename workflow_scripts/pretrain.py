@@ -3,7 +3,7 @@ from mtl.logs import log_to_file
 
 log_to_file(snakemake.log[0])
 
-from mtl.distributed import launch
+from mtl.distributed.launch import launch
 from mtl.tracking import require_tensorboard
 from mtl.train.pretrain import PretrainConfig, pretrain
 

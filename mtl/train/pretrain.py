@@ -17,7 +17,7 @@ trains exactly as an uninterrupted one would (up to GPU non-determinism).
 
 Several processes (``config.gpus``, started by `mtl.distributed.launch`): the same training with
 more hands. Every process walks the same batches of the same per-epoch permutation and takes its
-contiguous part of each (`mtl.distributed.shard`); it draws the augmentation of the whole batch
+contiguous part of each (`mtl.distributed.ranks.shard`); it draws the augmentation of the whole batch
 and keeps its part's draws; BatchNorm statistics are those of the whole batch (synchronised BN);
 the loss is scaled so that DDP's averaged gradient is the whole batch's mean gradient. So N
 processes train as one does, up to float rounding, with the same learning-rate schedule. Rank 0
@@ -46,12 +46,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mtl import distributed
 from mtl.batching import inference_batch_size
 from mtl.data.episodes import EpisodeSampler, EpisodeSet
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
 from mtl.device import autocast, grad_scaler, select_device
+from mtl.distributed import ranks
+from mtl.distributed.sync_bn import wrap_for_training
 from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
 from mtl.faults import fault_point
 from mtl.io import atomic_path
@@ -227,7 +228,7 @@ class _Run:
     def __init__(self, train_h5, val_h5, backbone, config, way, shot, query, val_episodes, seed, device,
                  checkpoint_dir, inference_batch_size):
         self.config, self.device, self.seed = config, device, int(seed)
-        self.is_main = distributed.is_main()  # validates and writes; the other ranks only train
+        self.is_main = ranks.is_main()  # validates and writes; the other ranks only train
         self.inference_batch_size = int(inference_batch_size)
         self.way, self.shot, self.query = int(way), int(shot), int(query)
         self.train, self.val = HDF5Split(train_h5), HDF5Split(val_h5)
@@ -236,7 +237,7 @@ class _Run:
         encoder = build_backbone(self.backbone_spec["name"], width=self.backbone_spec["width"])
         self.image_size = int(self.backbone_spec["image_size"] or encoder.native_size)
         self.model = PretrainClassifier(encoder, self.train.num_classes).to(device)
-        self.trainer = distributed.wrap_for_training(self.model, device)  # the model, or DDP(synced-BN model)
+        self.trainer = wrap_for_training(self.model, device)  # the model, or DDP(synced-BN model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          nesterov=config.nesterov, weight_decay=config.weight_decay)
         self.scaler = grad_scaler(device)
@@ -279,9 +280,9 @@ class _Run:
         self.partial = state.get("partial")
         step = f", step {self.partial['step']}" if self.partial else ""
         log.info("pretrain: resuming from epoch %d%s (%s)", self.next_epoch, step, self.checkpoint_path)
-        if distributed.is_distributed():
+        if ranks.is_distributed():
             log.info("pretrain: training in %d processes; the checkpoint is the same for any count",
-                     distributed.world_size())
+                     ranks.world_size())
 
     def _check_identity(self, saved: dict) -> None:
         differ = _differences(saved, self.identity)
@@ -308,16 +309,16 @@ class _Run:
 
     def _stop_agreed(self) -> bool:
         """True on every process once any of them got a stop signal: they must stop at the same step."""
-        return distributed.any_rank(stop_requested(), self.device)
+        return ranks.any_rank(stop_requested(), self.device)
 
     def _save_partial(self, epoch: int, step: int, generator: torch.Generator, totals: torch.Tensor,
                       seen: int) -> None:
         """Checkpoint a stopped epoch after ``step`` batches; its sums so far are over every process."""
-        sums = distributed.all_reduce_sum(torch.cat([totals.detach(), totals.new_tensor([seen])])).cpu()
+        sums = ranks.all_reduce_sum(torch.cat([totals.detach(), totals.new_tensor([seen])])).cpu()
         if self.is_main:
             self._save_checkpoint(epoch, partial={"step": step, "generator": generator.get_state(),
                                                   "totals": sums[:2], "seen": int(sums[2])})
-        distributed.barrier()
+        ranks.barrier()
 
     # -- one epoch
     def train_epoch(self, epoch: int) -> dict:
@@ -338,16 +339,16 @@ class _Run:
             self._save_checkpoint(epoch + 1)
             log.info("pretrain epoch %d/%d: loss %.4f acc %.4f val %.4f +- %.4f lr %.4g (%.1fs)", epoch,
                      self.config.epochs, loss, acc, val_acc, val_ci, lr, row["seconds"])
-        distributed.barrier()  # the other ranks wait for validation and the checkpoint
+        ranks.barrier()  # the other ranks wait for validation and the checkpoint
         return row
 
     def _fit_one_epoch(self, epoch: int) -> tuple[float, float]:
         self.model.train()
         # Each batch in file order (reads fastest); this process trains on its part of it.
         batches = [np.sort(b) for b in epoch_batches(len(self.train), self.config.batch_size, self.seed, epoch)]
-        parts = [distributed.shard(len(b)) for b in batches]
+        parts = [ranks.shard(len(b)) for b in batches]
         generator = epoch_generator(self.seed, epoch)
-        world = distributed.world_size()
+        world = ranks.world_size()
         # this process's summed cross-entropy and correct predictions (on the device: no sync per step)
         totals, seen, step = torch.zeros(2, device=self.device), 0, 0
         if self.partial is not None:  # a stopped epoch: continue after its last step
@@ -388,7 +389,7 @@ class _Run:
                 self._save_partial(epoch, step, generator, totals, seen)
                 self.stop_if_requested(f"at epoch {epoch}, step {step} of {len(batches)}")
         epoch_sums = torch.cat([totals, totals.new_tensor([seen])])
-        total_loss, correct, seen = distributed.all_reduce_sum(epoch_sums).tolist()  # over all processes
+        total_loss, correct, seen = ranks.all_reduce_sum(epoch_sums).tolist()  # over all processes
         mean_loss = total_loss / max(seen, 1)
         if not math.isfinite(mean_loss):
             raise MTLError(f"pre-training diverged at epoch {epoch} (training loss {mean_loss}); lower "

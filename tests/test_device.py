@@ -16,9 +16,9 @@ import types
 import pytest
 import torch
 
-from mtl import device as mtl_device
-from mtl.device import (GPUBusyError, acquire_slot, claim_device, lock_path, parse_visible_devices,
-                        visible_gpu_ids)
+from mtl import gpu_slots
+from mtl.gpu_slots import (GPUBusyError, acquire_slot, claim_device, lock_path, parse_visible_devices,
+                           visible_gpu_ids)
 from mtl.errors import MTLError
 
 SLOTS = ["0", "1", "2"]
@@ -70,7 +70,7 @@ def test_concurrent_jobs_get_distinct_slots(holders):
 
 def test_a_fourth_job_times_out_while_every_slot_is_held(tmp_path, holders, caplog):
     _, _, release = holders(3)
-    with caplog.at_level(logging.WARNING, logger="mtl.device"), \
+    with caplog.at_level(logging.WARNING, logger="mtl.gpu_slots"), \
             pytest.raises(GPUBusyError, match=r"all 3 GPU\(s\) 0, 1, 2 stayed taken") as err:
         acquire_slot(SLOTS, tmp_path, poll=0.02, timeout=0.2)
     assert "pid" in str(err.value) and str(tmp_path) in str(err.value)
@@ -201,9 +201,9 @@ def test_claim_one_visible_gpu_uses_it_as_is(tmp_path, fake_gpus, monkeypatch):
 def test_claim_among_several_gpus_skips_a_taken_one(tmp_path, fake_gpus, monkeypatch, caplog):
     calls = fake_gpus(2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    monkeypatch.setattr(mtl_device.os, "getpid", lambda: 10)  # start at slot 10 % 2 == 0
+    monkeypatch.setattr(gpu_slots.os, "getpid", lambda: 10)  # start at slot 10 % 2 == 0
     _, other = acquire_slot(["2"], tmp_path)  # another job holds physical GPU 2
-    with caplog.at_level(logging.INFO, logger="mtl.device"):
+    with caplog.at_level(logging.INFO, logger="mtl.gpu_slots"):
         with claim_device("auto", lock_dir=tmp_path) as dev:
             assert dev == torch.device("cuda", 1)
             assert (tmp_path / "gpu3.lock").exists()
@@ -220,7 +220,7 @@ def test_claim_among_several_gpus_skips_a_taken_one(tmp_path, fake_gpus, monkeyp
 def test_claim_locks_gpus_by_uuid_where_cuda_reports_one(tmp_path, fake_gpus, monkeypatch):
     fake_gpus(2, uuids=["aaaa-1111", "bbbb-2222"])
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(mtl_device.os, "getpid", lambda: 1)  # start at slot 1
+    monkeypatch.setattr(gpu_slots.os, "getpid", lambda: 1)  # start at slot 1
     with claim_device("auto", lock_dir=tmp_path) as dev:
         assert dev == torch.device("cuda", 1)
         assert (tmp_path / "gpuGPU-bbbb-2222.lock").exists()
@@ -247,6 +247,6 @@ def test_claim_gives_up_after_timeout_when_every_gpu_is_taken(tmp_path, fake_gpu
 
 def test_default_lock_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MTL_GPU_LOCK_DIR", str(tmp_path / "locks"))
-    assert mtl_device.default_lock_dir() == tmp_path / "locks"
+    assert gpu_slots.default_lock_dir() == tmp_path / "locks"
     monkeypatch.delenv("MTL_GPU_LOCK_DIR")
-    assert mtl_device.default_lock_dir().name == "mtl-gpu-locks"
+    assert gpu_slots.default_lock_dir().name == "mtl-gpu-locks"

@@ -6,7 +6,7 @@ log_to_file(snakemake.log[0])
 import torch
 
 from mtl.batching import inference_batch_size
-from mtl.device import claim_device
+from mtl.gpu_slots import claim_device
 from mtl.evaluate import evaluate
 
 # The configured thread count, not Snakemake's (scaled to --cores): numbers must not depend on --cores.

@@ -6,7 +6,7 @@ log_to_file(snakemake.log[0])
 import torch
 
 from mtl.batching import inference_batch_size
-from mtl.device import claim_device
+from mtl.gpu_slots import claim_device
 from mtl.tracking import require_tensorboard
 from mtl.train.meta import MetaConfig, meta_train
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mtl.errors import ConfigError, check_known_keys
+from mtl.rng import Purpose, stream
 
 FILL_MODES = ("random", "skip")
-_HT_STREAM = 0x4854  # "HT": keeps hard-task draws independent of the ordinary episode stream
 
 
 @dataclass
@@ -169,7 +169,7 @@ def sample_task_images(
 
 def hard_task_rng(seed: int, epoch: int, round_index: int) -> np.random.Generator:
     """RNG of one HT round, a pure function of (seed, epoch, round): resume draws the same tasks."""
-    return np.random.default_rng([int(seed), _HT_STREAM, int(epoch), int(round_index)])
+    return stream(seed, Purpose.HARD_TASKS, epoch, round_index)
 
 
 def build_hard_tasks(

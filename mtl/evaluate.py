@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtl.data.episodes import load_episodes
+from mtl.data.episodes import load_episodes, relabel
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import EvalTransform
 from mtl.device import select_device
@@ -125,7 +125,7 @@ def nearest_mean_accuracies(features: torch.Tensor, support: np.ndarray, query: 
     query_feats = features[torch.as_tensor(query)]  # (E, way*query, D)
     prototypes = support_feats.reshape(len(support), way, shot, -1).mean(dim=2)
     predicted = torch.cdist(query_feats, prototypes).argmin(dim=2)
-    targets = torch.arange(way, device=predicted.device).repeat_interleave(n_query)
+    targets = torch.as_tensor(relabel(way, n_query), device=predicted.device)
     return (predicted == targets).float().mean(dim=1).cpu().numpy()
 
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mtl.data.episodes import EpisodeSampler
+from mtl.data.episodes import EpisodeSampler, relabel
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
 from mtl.device import autocast, grad_scaler, select_device
@@ -141,7 +141,7 @@ def adapt_learner(support_feats, support_targets, weight, bias, *, steps: int, l
 # --------------------------------------------------------------------------- one task
 def episode_targets(way: int, per_class: int, device) -> torch.Tensor:
     """Local labels of a class-major batch: 0,0,..,1,1,.. (``per_class`` each)."""
-    return torch.arange(way, device=device).repeat_interleave(per_class)
+    return torch.as_tensor(relabel(way, per_class), device=device)
 
 
 def task_query_loss(model: nn.Module, weight, bias, support_x, query_x, *, way: int, shot: int, query: int,
@@ -340,7 +340,7 @@ def train_epoch(trainer: MetaTrainer, split, sampler, transform, *, epoch: int, 
                                    query=trainer.query, seed=seed, epoch=epoch)
     stream = TaskStream(sampler, epoch, tasks_per_epoch, hard_round)
     generator = torch_stream(seed, Purpose.META_AUGMENT, epoch)
-    query_targets = np.repeat(np.arange(trainer.way), trainer.query)
+    query_targets = relabel(trainer.way, trainer.query)
     trainer.model.train()
     losses, accuracies, first_step = [], [], 0
     if resume is not None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtl.data.episodes import load_episodes
+from mtl.data.episodes import load_episodes, relabel
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import EvalTransform
 from mtl.device import select_device
@@ -40,6 +40,7 @@ from mtl.methods import LOGISTIC, PROTOTYPE, get_method
 from mtl.models import load_encoder_file
 from mtl.models.encoder_io import ENCODER_PRODUCER, MODEL_PRODUCER
 from mtl.results import write_episode_results
+from mtl.rng import Purpose, torch_stream
 from mtl.train.learner import DEFAULT_EMBED_BATCH, embed_episodes, evaluate_episodes
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def evaluate(
     else:
         steps, lr = ft_steps or test_time.steps, ft_lr or test_time.lr
     # The learner's initialisation is part of the training chain: it follows the training seed.
-    generator = torch.Generator().manual_seed(int(protocol["seed"]))
+    generator = torch_stream(protocol["seed"], Purpose.TEST_LEARNERS)
     if test_time.finetune is not None:
         accuracies = finetune_accuracies(
             encoder, split, (episodes.support, episodes.query), transform, way, shot, n_query,
@@ -124,7 +125,7 @@ def nearest_mean_accuracies(features: torch.Tensor, support: np.ndarray, query: 
     query_feats = features[torch.as_tensor(query)]  # (E, way*query, D)
     prototypes = support_feats.reshape(len(support), way, shot, -1).mean(dim=2)
     predicted = torch.cdist(query_feats, prototypes).argmin(dim=2)
-    targets = torch.arange(way, device=predicted.device).repeat_interleave(n_query)
+    targets = torch.as_tensor(relabel(way, n_query), device=predicted.device)
     return (predicted == targets).float().mean(dim=1).cpu().numpy()
 
 

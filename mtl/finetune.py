@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from mtl.data.episodes import relabel
 from mtl.methods import ALL, LAST
 from mtl.models.backbone import Backbone, encoder_part
 from mtl.train.learner import DEFAULT_EMBED_BATCH, embed, embed_episodes, episode_accuracy, fresh_init
@@ -152,8 +153,8 @@ def finetune_accuracies(backbone: Backbone, images, episodes: tuple[np.ndarray, 
     support, query_idx = (np.asarray(a) for a in episodes)
     backbone = backbone.to(device).eval()
     trunk = _Trunk(backbone, scope)
-    support_y = torch.arange(way, device=device).repeat_interleave(shot)
-    query_y = torch.arange(way, device=device).repeat_interleave(query)
+    support_y = torch.as_tensor(relabel(way, shot), device=device)
+    query_y = torch.as_tensor(relabel(way, query), device=device)
     if chunk is None:
         probe = embed(trunk, images, transform, device=device, indices=support[:1, :1].ravel())
         chunk = episodes_per_chunk(backbone, scope, probe, support.shape[1])

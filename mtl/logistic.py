@@ -32,6 +32,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from mtl.data.episodes import relabel
+
 log = logging.getLogger(__name__)
 
 #: The fit, stated once: evaluate writes it into metrics.json (``learner_settings``), and
@@ -167,8 +169,7 @@ def logistic_accuracies(features: torch.Tensor, support: np.ndarray, query: np.n
     if len(support) != len(query):
         raise ValueError(f"{len(support)} support rows but {len(query)} query rows")
     feats = features.detach().cpu()
-    support_labels = np.repeat(np.arange(way), shot)
-    query_targets = np.repeat(np.arange(way), n_query)
+    support_labels, query_targets = relabel(way, shot), relabel(way, n_query)
     accuracies = np.empty(len(support), dtype=np.float64)
     for e in tqdm(range(len(support)), desc="logistic regression", leave=False, disable=None if progress else True):
         probabilities = logistic_probabilities(feats[torch.as_tensor(support[e])], support_labels,

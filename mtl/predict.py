@@ -35,6 +35,7 @@ from mtl.logistic import fit_logistic
 from mtl.methods import FRESH, LOGISTIC, META_LEARNED, PROTOTYPE
 from mtl.model_file import read_model_file
 from mtl.models import inference_copy
+from mtl.rng import Purpose, torch_stream
 from mtl.train.learner import DEFAULT_EMBED_BATCH, adapt_linear, embed_batch, fresh_init, linear_logits
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class AdaptedClassifier:
         labels = torch.as_tensor(support.labels, device=device)
         support_x = self._embed(support.images)
         # the same generator evaluate seeds per run: a fresh learner here is episode 0's learner there
-        generator = torch.Generator().manual_seed(model.seed)
+        generator = torch_stream(model.seed, Purpose.TEST_LEARNERS)
         if self.scope is not None:
             weight, bias = fresh_init(1, self.n_classes, backbone.out_dim, generator=generator, device=device)
             self.params, self.weight, self.bias = adapt_on_support(

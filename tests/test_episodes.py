@@ -1,6 +1,8 @@
 """Episode sampling, episode files, transforms, device choice and checkpoint RNG state."""
 from __future__ import annotations
 
+import itertools
+import json
 import random
 
 import numpy as np
@@ -11,6 +13,7 @@ from mtl.data.episodes import EpisodeSampler, EpisodeSet, load_episodes, save_ep
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
 from mtl.device import autocast, select_device
 from mtl.errors import CheckpointError, DataError, MTLError
+from mtl.rng import STREAM_VERSION, Purpose
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 
 LABELS = np.repeat(np.arange(10), 20)  # 10 classes x 20 images, class-contiguous
@@ -67,10 +70,11 @@ def test_episode_file_roundtrip_and_checks(tmp_path):
 
 
 def test_out_of_range_index_is_refused(tmp_path):
-    eps = EpisodeSet.from_episodes(EpisodeSampler(LABELS, 5, 1, 2, seed=0).sample(3))
+    sampler = EpisodeSampler(LABELS, 5, 1, 2, seed=0)
+    eps = EpisodeSet.from_episodes(sampler.sample(3))
     bad = EpisodeSet(eps.support.copy(), eps.query, eps.classes)
     bad.support[1, 2] = 500
-    meta = {"seed": 0, "split": "val.h5", "num_classes": 10, "num_images": 200}
+    meta = {**sampler.meta(), "split": "val.h5"}
     path = save_episodes(tmp_path / "bad.npz", bad, meta)
     with pytest.raises(DataError, match=r"bad.npz.*'support'.*outside 0..199.*Delete"):
         load_episodes(path)
@@ -79,6 +83,30 @@ def test_out_of_range_index_is_refused(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="junk.npz"):
         load_episodes(tmp_path / "junk.npz")
+
+
+def test_train_validation_and_test_episodes_of_one_seed_are_different_draws():
+    """Meta-training's tasks, its validation episodes and the test episodes: one seed, three streams."""
+    draws = {purpose: EpisodeSampler(LABELS, 5, 1, 2, seed=1, purpose=purpose).sample(20)
+             for purpose in (Purpose.TRAIN_EPISODES, Purpose.VALIDATION_EPISODES, Purpose.TEST_EPISODES)}
+    for a, b in itertools.combinations(draws.values(), 2):
+        assert sum(same(x, y) for x, y in zip(a, b)) == 0
+    assert same(EpisodeSampler(LABELS, 5, 1, 2, seed=1).episode(4), draws[Purpose.TEST_EPISODES][4])
+
+
+def test_an_episode_file_of_older_random_streams_is_refused_as_stale(tmp_path):
+    """A file drawn before the streams changed holds other episodes than this code draws for its seed:
+    scoring new runs on it would pair them with another draw, so it must be redrawn, not used."""
+    sampler = EpisodeSampler(LABELS, 5, 1, 2, seed=0)
+    path = save_episodes(tmp_path / "ep.npz", sampler.sample(3), {**sampler.meta(), "split": "test.h5"})
+    assert load_episodes(path).meta["stream_version"] == STREAM_VERSION
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    for old in ({k: v for k, v in meta.items() if k != "stream_version"}, {**meta, "stream_version": 1}):
+        np.savez(tmp_path / "old.npz", **{**arrays, "meta": np.array(json.dumps(old))})
+        with pytest.raises(DataError, match=r"old.npz was drawn with random streams version 1.*delete it"):
+            load_episodes(tmp_path / "old.npz")
 
 
 def test_meta_must_describe_the_draw(tmp_path):

@@ -17,6 +17,7 @@ from mtl.evaluate import evaluate
 from mtl.io import atomic_torch_save
 from mtl.logistic import LOGISTIC_SETTINGS
 from mtl.models import build_backbone, save_encoder
+from mtl.rng import Purpose, torch_stream
 from mtl.train.learner import fresh_init
 
 WAY, SHOT, QUERY, EPISODES, SIZE = 3, 2, 4, 12, 16
@@ -69,7 +70,7 @@ def per_episode_accuracies(encoder, split_path, episodes_path, init, steps, lr, 
     """The reference protocol: per episode, embed its images, adapt one learner with autograd SGD."""
     split, episodes = HDF5Split(split_path), load_episodes(episodes_path)
     transform = EvalTransform(SIZE, **NORMALIZE)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch_stream(seed, Purpose.TEST_LEARNERS)  # the fresh learners' stream of the training seed
     support_targets = torch.arange(WAY).repeat_interleave(SHOT)
     query_targets = torch.arange(WAY).repeat_interleave(QUERY)
     encoder.eval()
@@ -195,3 +196,18 @@ def test_episodes_from_another_split_are_refused_with_the_fix(test_split, tmp_pa
     small = write_split(tmp_path / "small.h5", images, labels, ["a", "b", "c"], {"dataset": "toy", "split": "test"})
     with pytest.raises(DataError, match="Delete .*episodes.npz"):
         run_evaluate(tmp_path, "ft", model, small, episodes_path)
+
+
+def test_an_episode_file_of_older_random_streams_stops_evaluation(test_split, tmp_path):
+    """Scoring a new model on episodes drawn by older streams would pair its numbers with runs on
+    another draw of the same seed: evaluate refuses the file and writes nothing."""
+    folder, split_path, episodes_path = test_split
+    _, model = plain_encoder(folder)
+    with np.load(episodes_path) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    del meta["stream_version"]  # as written before the file recorded its streams
+    np.savez(tmp_path / "old.npz", **{**arrays, "meta": np.array(json.dumps(meta))})
+    with pytest.raises(DataError, match="random streams version 1"):
+        run_evaluate(tmp_path, "ft", model, split_path, tmp_path / "old.npz")
+    assert not (tmp_path / "ft.csv").exists() and not (tmp_path / "ft.json").exists()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mtl.data.episodes import Episode, indices_by_class
-from mtl.errors import ConfigError
+from mtl.errors import ConfigError, DataError
 from mtl.train.hard_tasks import (
     HardTaskConfig,
     HardTaskRound,
@@ -85,6 +85,13 @@ def test_hard_tasks_have_fresh_images_of_their_classes_in_episode_layout():
         assert len(set(task.support.tolist()) | set(task.query.tolist())) == WAY * (SHOT + QUERY)
     # resampled, not reused: three tasks from the same classes draw different images
     assert len({tuple(t.support.tolist()) for t in tasks}) == 3
+
+
+def test_a_class_too_small_for_a_hard_task_is_named():
+    labels = np.concatenate([split_labels(), [20, 20, 20]])  # class 20 has 3 images, a task needs 4
+    with pytest.raises(DataError, match=r"class 20 has 3 images.*shot\+query=4"):
+        build_hard_tasks([20, 1, 2, 3, 4], indices_by_class(labels), way=WAY, shot=SHOT, query=QUERY, count=1,
+                         rng=hard_task_rng(seed=1, epoch=0, round_index=0))
 
 
 def test_hard_task_draws_are_reproducible_per_round():

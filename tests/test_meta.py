@@ -15,6 +15,7 @@ from mtl.data.transforms import EvalTransform
 from mtl.errors import CheckpointError, ConfigError, MTLError
 from mtl.models import build_backbone, freeze_for_meta, load_encoder, meta_parameters, save_encoder
 from mtl.models.ss_conv import SSConv2d
+from mtl.rng import Purpose
 from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound
 from mtl.train.meta import MetaConfig, MetaTrainer, TaskStream, meta_train, task_query_loss, train_epoch
 from mtl.train.stop import Stopped
@@ -206,6 +207,26 @@ def test_meta_train_writes_model_and_history(data, tmp_path):
     rows = read_history(tmp_path / "history.csv")
     assert list(rows[0]) == ["epoch", "meta_loss", "train_acc", "val_acc", "val_ci95", "lr", "hard_tasks", "seconds"]
     assert len(rows) == 1 and 0 <= float(rows[0]["val_acc"]) <= 1 and rows[0]["hard_tasks"] == "0"
+
+
+def test_training_tasks_are_not_the_validation_episodes(data, tmp_path, monkeypatch):
+    """One seed, separate streams: validated on its own training split, meta-training's tasks are
+    not the episodes it validates on (they were, when both were drawn from (seed, i))."""
+    import mtl.train.meta as meta_module
+
+    drawn = []
+
+    class Recording(EpisodeSampler):
+        def episode(self, i):
+            episode = super().episode(i)
+            drawn.append((self.purpose, (*episode.classes, *episode.support, *episode.query)))
+            return episode
+
+    monkeypatch.setattr(meta_module, "EpisodeSampler", Recording)
+    run({**data, "val": data["train"]}, tmp_path)
+    train = {key for purpose, key in drawn if purpose == Purpose.TRAIN_EPISODES}
+    val = {key for purpose, key in drawn if purpose == Purpose.VALIDATION_EPISODES}
+    assert len(train) == 2 and len(val) == 4 and not train & val
 
 
 def test_hard_task_meta_train_runs_hard_tasks(data, tmp_path):

@@ -11,6 +11,7 @@ from mtl.errors import ConfigError
 from mtl.methods import (LOGISTIC, NAMES, PRETRAINED, RANDOM_INIT, REGISTRY, get_method, meta_settings, meta_trained,
                          start_encoder)
 from mtl.models import build_backbone, load_encoder, load_encoder_file, meta_parameters, save_encoder
+from mtl.rng import Purpose, stream_seed
 from mtl.train.meta import MetaConfig, MetaTrainer
 from mtl.train.pretrain import random_encoder
 from tests.workflow import REPO
@@ -120,7 +121,7 @@ def test_no_pretrain_arm_starts_from_the_seeds_untrained_encoder(tmp_path):
     backbone = {"name": "resnet12", "width": WIDTH, "image_size": SIZE}
     paths = [random_encoder(tmp_path / f"seed{s}.pt", backbone=backbone, config={"normalize": NORMALIZE}, seed=s)
              for s in (1, 1, 2)]
-    torch.manual_seed(1)
+    torch.manual_seed(stream_seed(1, Purpose.MODEL_INIT))  # what pre-training seeds before building its backbone
     expected = build_backbone("resnet12", width=WIDTH).state_dict()
     model, info = load_encoder_file(paths[0], ss=True)  # loads into the SS form meta_train uses
     assert info["image_size"] == SIZE and info["normalize"] == NORMALIZE and info["epoch"] == 0

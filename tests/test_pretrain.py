@@ -10,7 +10,7 @@ import torch
 from mtl.data.hdf5 import write_split
 from mtl.errors import CheckpointError, ConfigError
 from mtl.models import load_encoder
-from mtl.train.pretrain import PretrainConfig, lr_at, pretrain
+from mtl.train.pretrain import PretrainConfig, epoch_batches, lr_at, pretrain
 from mtl.train.stop import Stopped
 
 BACKBONE = {"name": "resnet12", "width": 0.125, "image_size": 16}
@@ -84,6 +84,17 @@ def test_a_rebuilt_split_resumes_only_if_its_images_are_the_same(tmp_path, split
     make_split(splits[0], 4, 16, 7, "train")  # same names and counts, other noise
     with pytest.raises(CheckpointError, match=r"train.content_sha256: checkpoint '[0-9a-f]{64}' vs now .*Delete"):
         run(tmp_path, splits, epochs=3)
+
+
+def test_epoch_batches_are_fixed_by_seed_and_epoch_and_cover_the_split():
+    """What a resumed epoch relies on: its shuffle is drawn again, not carried; each epoch and seed
+    its own order."""
+    batches = epoch_batches(101, 10, seed=1, epoch=3)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, epoch_batches(101, 10, seed=1, epoch=3)))
+    seen = np.concatenate(batches)
+    assert len(seen) == len(set(seen.tolist())) == 100  # every image once but a 1-image tail (BatchNorm)
+    orders = {tuple(np.concatenate(epoch_batches(101, 10, seed=s, epoch=e))) for s, e in [(1, 3), (1, 4), (2, 3)]}
+    assert len(orders) == 3
 
 
 def test_config_rejects_unknown_keys_and_bad_values():

@@ -5,8 +5,9 @@ sampling is cheap, needs no data on disk, and can be saved: every method is scor
 saved test episodes. The pieces follow learn2learn / Torchmeta: pick classes, pick shots per
 class, split support/query, relabel; `EpisodeSampler` composes them.
 
-Episode i is fixed by ``(seed, i)`` alone (``numpy.random.default_rng([seed, i])``), so it never
-depends on how many episodes were drawn before or in which order.
+Episode i is fixed by ``(seed, purpose, i)`` alone (``mtl.rng.stream(seed, purpose, i)``), so it
+never depends on how many episodes were drawn before or in which order; the purpose (test,
+validation or training episodes) keeps the three apart for one seed.
 
 Layout: support and query are class-major; class k of the episode (``classes[k]``) has relabelled
 target k, so support targets are ``np.repeat(arange(way), shot)`` and query targets
@@ -25,10 +26,11 @@ import numpy as np
 
 from mtl.errors import DataError
 from mtl.io import atomic_path, file_sha256
+from mtl.rng import STREAM_VERSION, Purpose, stream
 
 EPISODE_FILE_VERSION = 1
 _REDRAW = "It is written by the `episodes` rule: delete it and rerun the workflow to draw it again."
-REQUIRED_META = ("way", "shot", "query", "seed", "count", "split", "num_classes", "num_images")
+REQUIRED_META = ("way", "shot", "query", "seed", "count", "split", "num_classes", "num_images", "stream_version")
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -118,19 +120,23 @@ class Episode(_EpisodeShape):
 
 
 class EpisodeSampler:
-    """Seeded N-way K-shot Q-query episodes over a split's labels; ``episode(i)`` is a pure function of (seed, i).
+    """Seeded N-way K-shot Q-query episodes over a split's labels; ``episode(i)`` is a pure function of
+    (seed, purpose, i).
 
-    Iterating yields episodes 0, 1, 2, ... (``count`` of them, or forever when count is None).
+    ``purpose``: which stream of the seed the episodes come from (:class:`mtl.rng.Purpose`); the
+    default is the saved test episodes. Iterating yields episodes 0, 1, 2, ... (``count`` of them, or
+    forever when count is None).
     """
 
     def __init__(self, labels: np.ndarray, way: int, shot: int, query: int, seed: int, *,
-                 count: int | None = None, class_names: Sequence[str] | None = None):
+                 count: int | None = None, class_names: Sequence[str] | None = None,
+                 purpose: Purpose = Purpose.TEST_EPISODES):
         if min(way, shot) < 1 or query < 0:
             raise DataError(f"episodes need way >= 1, shot >= 1, query >= 0; "
                             f"got way={way} shot={shot} query={query}")
         self.labels = np.asarray(labels)
         self.way, self.shot, self.query, self.seed = int(way), int(shot), int(query), int(seed)
-        self.count = count
+        self.count, self.purpose = count, Purpose(purpose)
         self.by_class = indices_by_class(self.labels)
         check_class_sizes(self.by_class, self.shot + self.query, self.way, class_names)
 
@@ -141,7 +147,7 @@ class EpisodeSampler:
     def episode(self, i: int) -> Episode:
         if i < 0:
             raise IndexError(f"episode index must be >= 0, got {i}")
-        rng = np.random.default_rng([self.seed, int(i)])
+        rng = stream(self.seed, self.purpose, i)
         classes = pick_classes(rng, self.num_classes, self.way)
         picked = np.stack([pick_shots(rng, self.by_class[c], self.shot + self.query) for c in classes])
         support, query = split_support_query(picked, self.shot)
@@ -165,6 +171,7 @@ class EpisodeSampler:
     def meta(self) -> dict:
         """What an episode file must record about how its episodes were drawn (add "split")."""
         return {"way": self.way, "shot": self.shot, "query": self.query, "seed": self.seed,
+                "purpose": self.purpose.value, "stream_version": STREAM_VERSION,
                 "num_classes": self.num_classes, "num_images": int(len(self.labels))}
 
 
@@ -285,6 +292,13 @@ def _read_episode_file(path: Path) -> EpisodeSet:
     except json.JSONDecodeError as err:
         raise DataError(f"episode file {path} has unreadable meta ({err}); "
                         "delete it so it is drawn again.") from err
+    # Before the other keys: a file from before stream_version existed lacks it and is simply stale.
+    # Its episodes are not the ones this code draws for its seed, so scoring new runs on it would
+    # pair them with results of another draw.
+    version = meta.get("stream_version", 1)
+    if version != STREAM_VERSION:
+        raise DataError(f"episode file {path} was drawn with random streams version {version}, but this "
+                        f"version of mtl draws version {STREAM_VERSION}. {_REDRAW}")
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise DataError(f"episode file {path} meta lacks {missing}; delete it so it is drawn again.")

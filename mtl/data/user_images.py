@@ -20,6 +20,7 @@ import numpy as np
 
 from mtl.data.builders.imagefolder import IMAGE_SUFFIXES, class_files, is_hidden, decode_images
 from mtl.errors import DataError
+from mtl.rng import Purpose, stream
 
 @dataclass(frozen=True)
 class SupportSet:
@@ -123,7 +124,7 @@ def write_image_folders(split_path, root, *, support_per_class: int, query_per_c
     from mtl.data.hdf5 import HDF5Split
     from mtl.io import atomic_path
 
-    split, root, rng = HDF5Split(split_path), Path(root), np.random.default_rng(seed)
+    split, root, rng = HDF5Split(split_path), Path(root), stream(seed, Purpose.EXAMPLE_IMAGES)
     need = support_per_class + query_per_class
     queries = []
     for name, members in zip(split.class_names, split.indices_by_class()):

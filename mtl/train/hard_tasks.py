@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtl.errors import ConfigError, check_known_keys
+from mtl.data.episodes import Episode, pick_shots, split_support_query
+from mtl.errors import ConfigError, DataError, check_known_keys
+from mtl.rng import Purpose, stream
 
 FILL_MODES = ("random", "skip")
-_HT_STREAM = 0x4854  # "HT": keeps hard-task draws independent of the ordinary episode stream
 
 
 @dataclass
@@ -141,35 +142,24 @@ def hard_task_classes(
 def sample_task_images(
     indices_by_class: Sequence[np.ndarray], classes: np.ndarray, shot: int, query: int, rng: np.random.Generator
 ):
-    """Fresh support/query image indices for ``classes``, class-major like EpisodeSampler.
+    """Fresh support/query image indices for ``classes``, class-major like EpisodeSampler (its
+    pieces ``pick_shots`` and ``split_support_query``, so the layout cannot drift apart).
 
     Images are drawn without replacement within a class, independently of the ordinary tasks
     the classes failed in (the paper re-samples the data of the failure classes).
     """
-    from mtl.data.episodes import Episode
-
-    support, queries = [], []
-    for cls in classes:
-        pool = indices_by_class[int(cls)]
+    pools = [indices_by_class[int(cls)] for cls in classes]
+    for cls, pool in zip(classes, pools):
         if len(pool) < shot + query:
-            from mtl.errors import DataError
-
-            raise DataError(
-                f"class {int(cls)} has {len(pool)} images, a hard task needs shot+query={shot + query}"
-            )
-        picked = rng.choice(pool, size=shot + query, replace=False)
-        support.append(picked[:shot])
-        queries.append(picked[shot:])
-    return Episode(
-        support=np.concatenate(support).astype(np.int64),
-        query=np.concatenate(queries).astype(np.int64),
-        classes=np.asarray(classes, dtype=np.int64),
-    )
+            raise DataError(f"class {int(cls)} has {len(pool)} images, a hard task needs shot+query={shot + query}")
+    picked = np.stack([pick_shots(rng, pool, shot + query) for pool in pools])
+    support, queries = split_support_query(picked, shot)
+    return Episode(support.astype(np.int64), queries.astype(np.int64), np.asarray(classes, dtype=np.int64))
 
 
 def hard_task_rng(seed: int, epoch: int, round_index: int) -> np.random.Generator:
     """RNG of one HT round, a pure function of (seed, epoch, round): resume draws the same tasks."""
-    return np.random.default_rng([int(seed), _HT_STREAM, int(epoch), int(round_index)])
+    return stream(seed, Purpose.HARD_TASKS, epoch, round_index)
 
 
 def build_hard_tasks(
@@ -244,8 +234,6 @@ class HardTaskRound:
                 "pending": pending, "built": self.built}
 
     def load_state(self, state: dict) -> None:
-        from mtl.data.episodes import Episode
-
         self.position, self.round_index = int(state["position"]), int(state["round_index"])
         self.failures, self.built = [int(c) for c in state["failures"]], bool(state["built"])
         self.pending = [Episode(*(np.asarray(task[k], dtype=np.int64) for k in ("support", "query", "classes")))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtl.data.episodes import relabel
 from mtl.device import autocast
 from mtl.models import inference_copy
 
@@ -202,8 +203,8 @@ def evaluate_episodes(features_by_index: torch.Tensor, episodes, way: int, shot:
     feats = features_by_index
     device, dim = feats.device, feats.shape[1]
     chunk = chunk or max(1, MEMORY_BUDGET_BYTES // (4 * dim * (support.shape[1] + query_idx.shape[1])))
-    support_t = torch.as_tensor(np.repeat(np.arange(way), shot), device=device)
-    query_t = torch.as_tensor(np.repeat(np.arange(way), query), device=device)
+    support_t = torch.as_tensor(relabel(way, shot), device=device)
+    query_t = torch.as_tensor(relabel(way, query), device=device)
     init_w, init_b = init if init is not None else (None, None)
     accs = []
     for start in range(0, len(support), chunk):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mtl.data.episodes import EpisodeSampler
+from mtl.data.episodes import EpisodeSampler, relabel
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
 from mtl.device import autocast, grad_scaler, select_device
@@ -55,6 +55,7 @@ from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
 from mtl.faults import fault_point
 from mtl.io import atomic_path, atomic_torch_save, file_sha256
 from mtl.models import fold_scales, freeze_for_meta, load_encoder_file
+from mtl.rng import Purpose, torch_stream
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, failure_class
 from mtl.train.stop import raise_if_stop_requested, stop_on_signals, stop_requested
@@ -67,7 +68,6 @@ log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ("epoch", "meta_loss", "train_acc", "val_acc", "val_ci95", "lr", "hard_tasks", "seconds")
 # Config keys that may change between a run and its resume (a longer run continues the shorter one).
 RESUMABLE_KEYS = ("epochs",)
-_AUGMENT_STREAM = 0x4D54  # seeds the per-epoch augmentation generator
 
 
 @dataclass
@@ -141,7 +141,7 @@ def adapt_learner(support_feats, support_targets, weight, bias, *, steps: int, l
 # --------------------------------------------------------------------------- one task
 def episode_targets(way: int, per_class: int, device) -> torch.Tensor:
     """Local labels of a class-major batch: 0,0,..,1,1,.. (``per_class`` each)."""
-    return torch.arange(way, device=device).repeat_interleave(per_class)
+    return torch.as_tensor(relabel(way, per_class), device=device)
 
 
 def task_query_loss(model: nn.Module, weight, bias, support_x, query_x, *, way: int, shot: int, query: int,
@@ -253,7 +253,7 @@ class MetaTrainer:
         self.way, self.shot, self.query = way, shot, query
         self.config = config
         self.device = torch.device(device)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = torch_stream(seed, Purpose.META_LEARNER_INIT) if seed is not None else None
         self.weight, self.bias = init_learner(way, model.out_dim, self.device, generator=generator)
         # One Adam with two groups is the reference's optimiser (Adam is per-parameter, so this is
         # the same as two Adams); one StepLR scales both learning rates.
@@ -339,9 +339,8 @@ def train_epoch(trainer: MetaTrainer, split, sampler, transform, *, epoch: int, 
         hard_round = HardTaskRound(hard_config, indices_by_class, way=trainer.way, shot=trainer.shot,
                                    query=trainer.query, seed=seed, epoch=epoch)
     stream = TaskStream(sampler, epoch, tasks_per_epoch, hard_round)
-    generator = torch.Generator().manual_seed(int(np.random.default_rng([seed, _AUGMENT_STREAM, epoch])
-                                                  .integers(2**62)))
-    query_targets = np.repeat(np.arange(trainer.way), trainer.query)
+    generator = torch_stream(seed, Purpose.META_AUGMENT, epoch)
+    query_targets = relabel(trainer.way, trainer.query)
     trainer.model.train()
     losses, accuracies, first_step = [], [], 0
     if resume is not None:
@@ -431,12 +430,13 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
     train_split, val_split = open_split(train_h5), open_split(val_h5)
     data = {
         "split": train_split,
-        "sampler": EpisodeSampler(train_split.labels, way, shot, query, seed),
+        "sampler": EpisodeSampler(train_split.labels, way, shot, query, seed, purpose=Purpose.TRAIN_EPISODES),
         "transform": TrainTransform(image_size, mean, std),
         "indices_by_class": train_split.indices_by_class() if config.hard_tasks.enabled else None,
     }
     val = {"split": val_split, "transform": EvalTransform(image_size, mean, std), "batch_size": inference_batch_size,
-           "episodes": EpisodeSampler(val_split.labels, way, shot, query, seed).sample(val_episodes)}
+           "episodes": EpisodeSampler(val_split.labels, way, shot, query, seed,
+                                      purpose=Purpose.VALIDATION_EPISODES).sample(val_episodes)}
 
     contents = {"train": train_split.content_sha256, "val": val_split.content_sha256}
     if any(contents.values()):  # splits built before the fingerprint existed: the encoder's hash only

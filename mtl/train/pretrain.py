@@ -57,6 +57,7 @@ from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
 from mtl.faults import fault_point
 from mtl.io import atomic_path
 from mtl.models import PretrainClassifier, build_backbone, save_encoder
+from mtl.rng import Purpose, stream, stream_seed, torch_stream
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from mtl.train.stop import (ignore_stop_signals, note_stop_elsewhere, raise_if_stop_requested, stop_on_signals,
                             stop_requested)
@@ -156,14 +157,14 @@ class _Batches(torch.utils.data.Dataset):
 
 def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """The shuffled batches of ``epoch``, fixed by (seed, epoch); a 1-image tail is dropped (BatchNorm)."""
-    order = np.random.default_rng([seed, epoch, 0]).permutation(num_images)
+    order = stream(seed, Purpose.PRETRAIN_SHUFFLE, epoch).permutation(num_images)
     batches = [order[i:i + batch_size] for i in range(0, num_images, batch_size)]
     return [b for b in batches if len(b) > 1]
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """Augmentation randomness of ``epoch``, fixed by (seed, epoch)."""
-    return torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, 1]).integers(2**62)))
+    return torch_stream(seed, Purpose.PRETRAIN_AUGMENT, epoch)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -209,12 +210,12 @@ def random_encoder(encoder_out, *, backbone: dict, config: PretrainConfig | dict
     """Write the encoder pre-training of ``seed`` starts from, untrained: the start of the
     "no pre-training" ablation arm (``mtl_no_pretrain``).
 
-    Same seeded initialisation as :func:`pretrain` (``torch.manual_seed(seed)`` then the backbone),
+    Same seeded initialisation as :func:`pretrain` (the seed's ``MODEL_INIT`` stream, then the backbone),
     same file format, image size and normalisation as a pre-trained encoder; ``epoch`` 0.
     """
     config = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
     spec = _backbone_spec(backbone)
-    torch.manual_seed(int(seed))
+    torch.manual_seed(stream_seed(seed, Purpose.MODEL_INIT))
     encoder = build_backbone(spec["name"], width=spec["width"])
     image_size = int(spec["image_size"] or encoder.native_size)
     log.info("random_init: untrained %s (width %s, seed %d) -> %s", spec["name"], spec["width"], seed, encoder_out)
@@ -233,7 +234,7 @@ class _Run:
         self.way, self.shot, self.query = int(way), int(shot), int(query)
         self.train, self.val = HDF5Split(train_h5), HDF5Split(val_h5)
         self.backbone_spec = _backbone_spec(backbone)
-        torch.manual_seed(self.seed)  # model init
+        torch.manual_seed(stream_seed(self.seed, Purpose.MODEL_INIT))  # model init
         encoder = build_backbone(self.backbone_spec["name"], width=self.backbone_spec["width"])
         self.image_size = int(self.backbone_spec["image_size"] or encoder.native_size)
         self.model = PretrainClassifier(encoder, self.train.num_classes).to(device)
@@ -246,7 +247,7 @@ class _Run:
         self.train_transform = train_kind(self.image_size, norm["mean"], norm["std"])
         self.eval_transform = EvalTransform(self.image_size, norm["mean"], norm["std"])
         sampler = EpisodeSampler(self.val.labels, self.way, self.shot, self.query, self.seed,
-                                 class_names=self.val.class_names)
+                                 class_names=self.val.class_names, purpose=Purpose.VALIDATION_EPISODES)
         self.val_set = EpisodeSet.from_episodes(sampler.sample(int(val_episodes)), sampler.meta())
         self.checkpoint_path = checkpoint_dir / "last.pt"
         self.identity = {
@@ -402,7 +403,7 @@ class _Run:
         accs = evaluate_encoder(self.model.encoder, self.val, self.val_set, self.eval_transform, self.way,
                                 self.shot, self.query, steps=VAL_STEPS, lr=VAL_LR,
                                 batch_size=self.inference_batch_size, device=self.device,
-                                generator=torch.Generator().manual_seed(self.seed))
+                                generator=torch_stream(self.seed, Purpose.VALIDATION_LEARNERS))
         return mean_ci95(accs)
 
     # -- outputs

@@ -3,6 +3,7 @@
 # from the method registry (mtl/methods.py).
 from mtl import methods as method_registry
 from mtl import transfer as transfer_config
+from mtl.rng import STREAM_VERSION
 
 SPLITS = ["train", "val", "test"]
 DATASETS = [name for name, entry in config["data"].items() if entry["enabled"]]

@@ -15,6 +15,9 @@ rule episodes:
         mem_mb=1000,
     params:
         protocol=config["protocol"],
+        # a new random-stream scheme redraws the episodes (a changed param reruns the job), where an
+        # old file would otherwise stop every evaluation with "stale episodes"
+        stream_version=STREAM_VERSION,
     script:
         "../workflow_scripts/episodes.py"
 

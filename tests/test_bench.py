@@ -30,3 +30,11 @@ def test_gpu_check_cpu_smoke_runs_the_agreement_tests_then_the_throughput_bench(
     assert re.search(r"^=+ \d+ skipped in [\d.]+s =+$", result.stdout, re.MULTILINE), result.stdout[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| resnet12 |", "| resnet25 |"))]
     assert len(rows) == 2, result.stdout[-3000:]
+
+
+def test_meta_gradient_precision_cpu_run_compares_float32_with_float64():
+    result = subprocess.run([sys.executable, "bench/meta_gradient_precision.py", "--device", "cpu", "--width",
+                             "0.0625", "--backbones", "resnet12"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"CPU fp32 vs CPU fp64 +\d\.\d\de-\d\d / \d\.\d\de-\d\d", result.stdout), result.stdout[-3000:]

@@ -48,7 +48,7 @@ import mtl.evaluate
 import mtl.train.learner
 from mtl.batching import inference_batch_size
 from mtl.data.episodes import load_episodes, write_test_episodes
-from mtl.data.hdf5 import HDF5Split, write_split
+from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform
 from mtl.models import build_backbone, load_encoder, save_encoder
 from validation_pass import per_episode_protocol  # bench/ is on sys.path when run as a script
@@ -74,15 +74,6 @@ PROFILED = (
 
 
 # ----------------------------------------------------------------------------- setup
-def synthetic_split(path: Path, classes: int, per_class: int) -> Path:
-    """Random images, class-contiguous, through the real writer (as bench/validation_pass.py)."""
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(classes), per_class)
-    chunks = (rng.integers(0, 256, size=(per_class, SIZE, SIZE, 3), dtype=np.uint8) for _ in range(classes))
-    names = [f"c{c:02d}" for c in range(classes)]
-    return write_split(path, chunks, labels, names, {"dataset": "bench", "split": "test"})
-
-
 def encoder_file(path: Path, width: float) -> Path:
     """A pre-trained-encoder file as the `pretrain` rule writes it (random weights: cost, not accuracy)."""
     torch.manual_seed(0)
@@ -92,19 +83,11 @@ def encoder_file(path: Path, width: float) -> Path:
 
 
 # ----------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device):
-    """(result, seconds, (load average before, after))."""
+    """(result, seconds, (load average before, after)): the load moves both variants' timings."""
     load_before = os.getloadavg()[0]
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start, (load_before, os.getloadavg()[0])
+    out, seconds = context.timed(fn, device)
+    return out, seconds, (load_before, os.getloadavg()[0])
 
 
 @contextlib.contextmanager
@@ -257,8 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     device = context.device_from(args)
     began = time.perf_counter()
-    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    print(f"{context.machine_line()}, device {device}{gpu}")
+    print(context.machine_line(device))
     print(f"setup: resnet12 width {args.width}, {SIZE}x{SIZE}, {args.classes} classes x {args.per_class} images, "
           f"{WAY}-way {SHOT}-shot {QUERY}-query, seed {SEED}, fresh learner {STEPS} SGD steps lr {LR}")
     probe_start = time.perf_counter()
@@ -267,7 +249,7 @@ def main() -> None:
                    f"{time.perf_counter() - probe_start:.1f} s, not part of the timings below)")
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        split_path = synthetic_split(tmp / "test.h5", args.classes, args.per_class)
+        split_path = context.write_synthetic_split(tmp / "test.h5", args.classes * args.per_class, args.classes, SIZE)
         model = encoder_file(tmp / "encoder.pt", args.width)
         if args.part in ("1", "both"):
             part1(args, tmp, split_path, model, device, batch_size)

@@ -23,24 +23,10 @@ import context  # first: this checkout's mtl, and the machine beside every figur
 import h5py
 import numpy as np
 
-from mtl.data.hdf5 import HDF5Split, write_split
+from mtl.data.hdf5 import HDF5Split
 from mtl.data.safe_pickle import iter_pickled_bytes
 
 CLASSES, PER_CLASS, SIZE = 20, 600, 84
-
-
-def build(path: Path) -> float:
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(CLASSES), PER_CLASS)
-
-    def chunks():
-        for c in range(CLASSES):
-            yield rng.integers(0, 256, (PER_CLASS, SIZE, SIZE, 3), dtype=np.uint8)
-
-    start = time.perf_counter()
-    write_split(path, chunks(), labels, [f"c{c:02d}" for c in range(CLASSES)],
-                {"dataset": "synthetic", "split": "train"})
-    return time.perf_counter() - start
 
 
 def images_per_second(read, batches: list[np.ndarray]) -> float:
@@ -96,7 +82,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.h5"
-        seconds = build(path)
+        _, seconds = context.timed(lambda: context.write_synthetic_split(path, n, CLASSES, SIZE))
         context.figure(f"write_split: {n} images {SIZE}x{SIZE} in {seconds:.2f} s ({n / seconds:,.0f} images/s), "
                        f"{path.stat().st_size / 1e6:.0f} MB")
         path.read_bytes()  # warm page cache

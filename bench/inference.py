@@ -30,7 +30,6 @@ import time
 import warnings
 
 import context  # first: this checkout's mtl, and the machine beside every figure
-import numpy as np
 import torch
 from torch import nn
 
@@ -164,11 +163,11 @@ def main() -> None:
     context.add_device_options(parser)
     args = parser.parse_args()
     device = context.device_from(args)
-    print(f"{context.machine_line()}, device {device}")
+    print(context.machine_line(device))
     size = 84
     print(f"setup: {args.backbone} width {args.width:g}, {size}x{size}, {args.images} random images")
     encoder = encoder_with_statistics(args.backbone, args.width).to(device)
-    images = np.random.default_rng(0).integers(0, 256, size=(args.images, size, size, 3), dtype=np.uint8)
+    images = context.synthetic_images(args.images, size, seed=0)
     transform = EvalTransform(size)
     if args.part in ("sizes", "all"):
         part_sizes(args, encoder, images, transform, device)

@@ -189,17 +189,18 @@ def main() -> None:
     print(context.machine_line())
     print(f"{args.backbone} width {args.width} at {args.size}x{args.size}, {WAY}-way {QUERY}-query, "
           f"update_step {args.update_step}, {args.reps} reps")
-    print("| shot | reference s/episode | ours s/episode | speed-up | our inner loop | share | reference inner loop "
-          "| new memory kept by the reference's support graph | grad rel. err | max param diff | machine |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(context.table_header(["shot", "reference s/episode", "ours s/episode", "speed-up", "our inner loop", "share",
+                                "reference inner loop", "new memory kept by the reference's support graph",
+                                "grad rel. err", "max param diff", "machine"]))
     results = []
     for shot in args.shots:
         r = bench_shot(args, shot)
         results.append(r)
-        print(f"| {r['shot']} | {r['reference_s']:.2f} | {r['ours_s']:.2f} | {r['ratio']:.3f}x "
-              f"| {1000 * r['our_inner_s']:.1f} ms | {100 * r['our_inner_share']:.2f}% "
-              f"| {1000 * r['ref_inner_s']:.1f} ms | {r['support_kept_mb']:.0f} MB | {r['grad_rel_err']:.1e} "
-              f"| {r['param_max_diff']:.1e} | {context.context()} |", flush=True)
+        print(context.table_row([r["shot"], f"{r['reference_s']:.2f}", f"{r['ours_s']:.2f}", f"{r['ratio']:.3f}x",
+                                 f"{1000 * r['our_inner_s']:.1f} ms", f"{100 * r['our_inner_share']:.2f}%",
+                                 f"{1000 * r['ref_inner_s']:.1f} ms", f"{r['support_kept_mb']:.0f} MB",
+                                 f"{r['grad_rel_err']:.1e}", f"{r['param_max_diff']:.1e}", context.context()]),
+              flush=True)
     print("\nWhere the reference's episode goes (median s): query forward / support forward / inner loop / "
           "backward / Adam")
     for r in results:

@@ -14,8 +14,8 @@ start) and times epoch 2 on rank 0 between barriers. Same training, more hands: 
 stays ``--batch-size`` whatever N, so each GPU gets batch/N images (``--weak`` scales the batch
 with N instead). Efficiency = images/s at N / (N x images/s at 1).
 
-Prints CPU model, core count, torch version, GPUs and the load average beside the figures, then a
-Markdown table for bench/RESULTS.md. Figures taken while the load average exceeds the core count
+Prints CPU model, core count, torch version, GPUs and the load average beside the figures
+(``bench/context.py``), then a Markdown table for bench/RESULTS.md. Figures taken while the load average exceeds the core count
 are marked provisional.
 """
 from __future__ import annotations
@@ -24,34 +24,23 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# torchrun's workers import this file as a module, without bench/ on their path (no `import context`)
+# torchrun's workers import this file as a module, with the repository on their path but not bench/
+# (so `from bench import context`, not `import context`)
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from mtl.data.hdf5 import write_split  # noqa: E402
-from mtl.machine import cpu_model  # noqa: E402
+from bench import context  # noqa: E402
 
 CLASSES = 64
 STORED_SIZE = 84
-
-
-def write_synthetic_split(path: Path, images: int, size: int, classes: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    labels = np.sort(np.arange(images) % classes)  # every class present, contiguous
-    pixels = rng.integers(0, 256, size=(images, size, size, 3), dtype=np.uint8)
-    names = [f"class{c:03d}" for c in range(classes)]
-    write_split(path, pixels, labels, names, {"dataset": "synthetic", "split": path.stem})
-    return str(path)
 
 
 def time_epoch(train_h5: str, val_h5: str, backbone: dict, config: dict, out_json: str, device) -> None:
@@ -72,11 +61,11 @@ def time_epoch(train_h5: str, val_h5: str, backbone: dict, config: dict, out_jso
         run._fit_one_epoch(1)
         barrier = ranks.barrier if ranks else (lambda: None)
         barrier()
-        sync(device)
+        context.sync(device)
         start = time.perf_counter()
         run._fit_one_epoch(2)
-        sync(device)
-        barrier()
+        context.sync(device)
+        barrier()  # rank 0's time includes waiting for the slowest rank
         seconds = time.perf_counter() - start
     if ranks is None or ranks.is_main():
         images = sum(len(b) for b in _epoch_batches(run, config, 2))
@@ -87,11 +76,6 @@ def _epoch_batches(run, config, epoch):
     from mtl.train.pretrain import epoch_batches
 
     return epoch_batches(len(run.train), config.batch_size, run.seed, epoch)
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(processes: int, args, train_h5: str, val_h5: str, scratch: Path) -> dict:
@@ -128,32 +112,33 @@ def measure(processes: int, args, train_h5: str, val_h5: str, scratch: Path) -> 
 
 
 def environment(args) -> dict:
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if args.device != "cpu" else []
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "gpus": gpus, "load_before": os.getloadavg()}
+    """Versions and the host's CPU line (``context.environment``, with the load before the run), and
+    every GPU the counts may use."""
+    gpu = args.device != "cpu"
+    env = context.environment(args.device if gpu else None)
+    env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if gpu else []
+    return env
 
 
 def markdown(env: dict, args, results: list[dict]) -> str:
     base = next((r for r in results if r["processes"] == 1 and "error" not in r), None)
-    lines = [
-        f"{', '.join(env['gpus']) or 'CPU only'}; CPU {env['cpu']} x {env['cores']} cores; torch {env['torch']}; "
-        f"{args.backbone} width {args.width} at {args.image_size or 'native'} px, "
-        f"{'weak' if args.weak else 'global'} batch {args.batch_size}, {args.steps} steps timed, "
-        f"{args.num_workers} loader workers and {args.threads_per_process} CPU thread(s) per process; "
-        f"load average before {env['load_before'][0]:.2f}.",
-        "",
-        "| processes | global batch | images/s | speed-up | efficiency | load avg |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['processes']} | - | failed | - | - | - |")
+            rows.append([r["processes"], "-", "failed", "-", "-", "-"])
             continue
         speedup = r["images_per_s"] / base["images_per_s"] if base else float("nan")
-        lines.append(f"| {r['processes']} | {r['batch']} | {r['images_per_s']:.1f} | {speedup:.2f}x | "
-                     f"{speedup / r['processes']:.0%} | {r['load']:.2f} |")
-    provisional = any(r.get("load", 0) > (env["cores"] or 1) for r in results)
-    if provisional:
+        rows.append([r["processes"], r["batch"], f"{r['images_per_s']:.1f}", f"{speedup:.2f}x",
+                     f"{speedup / r['processes']:.0%}", f"{r['load']:.2f}"])
+    lines = [
+        f"{', '.join(env['gpus']) or 'CPU only'}; host {env['CPU']} (before the run); Python {env['python']}; "
+        f"{args.backbone} width {args.width} at {args.image_size or 'native'} px, "
+        f"{'weak' if args.weak else 'global'} batch {args.batch_size}, {args.steps} steps timed, "
+        f"{args.num_workers} loader workers and {args.threads_per_process} CPU thread(s) per process.",
+        "",
+        context.markdown_table(["processes", "global batch", "images/s", "speed-up", "efficiency", "load avg"], rows),
+    ]
+    if any(r.get("load", 0) > (os.cpu_count() or 1) for r in results):
         lines += ["", "Provisional: the load average exceeded the core count during the run."]
     return "\n".join(lines)
 
@@ -203,8 +188,8 @@ def main(argv=None) -> int:
         stored = min(STORED_SIZE, 2 * (args.image_size or STORED_SIZE))
         largest = args.batch_size * (max(args.counts) if args.weak else 1) * args.steps
         started = time.perf_counter()
-        train_h5 = write_synthetic_split(scratch / "train.h5", largest, stored, CLASSES, 0)
-        val_h5 = write_synthetic_split(scratch / "val.h5", 5 * 4, stored, 5, 1)
+        train_h5 = str(context.write_synthetic_split(scratch / "train.h5", largest, CLASSES, stored, seed=0))
+        val_h5 = str(context.write_synthetic_split(scratch / "val.h5", 5 * 4, 5, stored, seed=1))
         print(f"synthetic split: {largest} images of {stored} px in {time.perf_counter() - started:.1f} s", flush=True)
         if args.weak:
             print("--weak: the split holds enough images for the largest batch; smaller counts train more steps")

@@ -33,19 +33,11 @@ import torch.nn.functional as F
 
 from mtl.batching import inference_batch_size
 from mtl.data.episodes import EpisodeSampler, EpisodeSet
-from mtl.data.hdf5 import HDF5Split, write_split
+from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import EvalTransform
 from mtl.device import autocast
 from mtl.models import build_backbone, inference_copy
 from mtl.train.learner import embed_batch, evaluate_encoder
-
-
-def synthetic_split(path: Path, classes: int, per_class: int, size: int) -> Path:
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(classes), per_class)
-    chunks = (rng.integers(0, 256, size=(per_class, size, size, 3), dtype=np.uint8) for _ in range(classes))
-    names = [f"c{c:02d}" for c in range(classes)]
-    return write_split(path, chunks, labels, names, {"dataset": "bench", "split": "val"})
 
 
 def per_episode_protocol(encoder, split, support: np.ndarray, query: np.ndarray, transform, device, count: int,
@@ -98,8 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     device = context.device_from(args)
     way, shot, query, size = 5, 1, 15, 84
-    print(context.machine_line() + f", device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(context.machine_line(device))
     probe_start = time.perf_counter()
     batch_size = inference_batch_size(args.batch_size, {"name": "resnet12", "width": args.width, "image_size": size}, device)
     context.figure(f"inference batch size {batch_size} ({args.batch_size}; "
@@ -109,29 +100,22 @@ def main() -> None:
     encoder = build_backbone("resnet12", width=args.width).to(device).eval()
     transform = EvalTransform(size)
     with tempfile.TemporaryDirectory() as tmp:
-        split = HDF5Split(synthetic_split(Path(tmp) / "val.h5", args.classes, args.per_class, size))
+        split = HDF5Split(context.write_synthetic_split(Path(tmp) / "val.h5", args.classes * args.per_class,
+                                                        args.classes, size))
         sampler = EpisodeSampler(split.labels, way, shot, query, seed=1)
         episodes = EpisodeSet.from_episodes(sampler.sample(args.episodes))
         distinct = len(np.unique(np.concatenate([episodes.support.ravel(), episodes.query.ravel()])))
 
-        def timed(fn):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            out = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return out, time.perf_counter() - start
-
         # warm-up (kernel selection, allocator), not timed
         per_episode_protocol(encoder, split, episodes.support, episodes.query, transform, device, 2, way,
                              batch_size=base_batch)
-        batched, t_batched = timed(lambda: evaluate_encoder(
+        batched, t_batched = context.timed(lambda: evaluate_encoder(
             encoder, split, episodes, transform, way, shot, query, batch_size=batch_size, device=device,
-            generator=torch.Generator().manual_seed(0)))
+            generator=torch.Generator().manual_seed(0)), device)
         n_base = min(args.baseline_episodes, args.episodes)
-        baseline, t_base = timed(lambda: per_episode_protocol(
-            encoder, split, episodes.support, episodes.query, transform, device, n_base, way, batch_size=base_batch))
+        baseline, t_base = context.timed(lambda: per_episode_protocol(
+            encoder, split, episodes.support, episodes.query, transform, device, n_base, way, batch_size=base_batch),
+            device)
         split.close()
     t_base_full = t_base * args.episodes / n_base
     diff = np.abs(batched[:n_base] - baseline).max()

@@ -659,9 +659,20 @@ def summary_markdown(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_rst(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
-    """The same table and verdicts as reStructuredText, for the front page of ``snakemake --report``."""
-    titles, rows, sources = _table_cells(summary, baseline)
+#: Columns of the report's front page (``summary_rst``), one table per trained-on/dataset/backbone.
+#: Snakemake's report draws the front page in a column 32 rem (512 px) wide next to the workflow
+#: graph: the full table of ``summary.md`` overflowed it under the graph and wrapped every number.
+#: The episode interval and the seeds-above count stay in summary.md and summary.csv; the verdicts
+#: below the table repeat each paired difference with its seed count. ``seeds`` is shown only when
+#: rows ran different seeds (otherwise the protocol line above says them): with it, a long method
+#: name such as ``mtl_no_pretrain`` no longer fits.
+FRONT_PAGE_COLUMNS = ("shot", "method", "seeds", "accuracy (%)", "vs {baseline} (pp)", "published (%)")
+#: Joins the parts of a front-page cell ("60.63 ± 5.29"), so a browser cannot wrap a number.
+NBSP = "\u00a0"
+
+
+def _rst_table(titles: list[str], rows: list[list[str]], caption: str) -> list[str]:
+    """A ``.. table::`` directive holding a simple table, the caption as its title."""
     cells = [titles] + rows
     widths = [max(len(r[i]) for r in cells) for i in range(len(titles))]
     rule = "  ".join("=" * w for w in widths)
@@ -669,8 +680,34 @@ def summary_rst(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
     def line(r):
         return "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
 
+    body = [rule, line(titles), rule] + [line(r) for r in rows] + [rule]
+    return [f".. table:: {caption}", ""] + ["   " + text for text in body] + [""]
+
+
+def summary_rst(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
+    """The summary and verdicts as reStructuredText, for the front page of ``snakemake --report``.
+
+    A compact table (:data:`FRONT_PAGE_COLUMNS`, the same cells as summary.md) per trained-on, dataset
+    and backbone, each cell's spaces non-breaking; the explanations and verdicts as in summary.md.
+    """
+    titles, rows, sources = _table_cells(summary, baseline)
+    same_seeds = summary["seeds"].nunique() == 1
+    shown = [titles.index(title.format(baseline=baseline)) for title in FRONT_PAGE_COLUMNS
+             if not (title == "seeds" and same_seeds)]
+    group_of = [titles.index(title) for title in ("dataset", "backbone")]
+    trained_on = titles.index("trained on") if "trained on" in titles else None
+    groups: dict[tuple, list[list[str]]] = {}
+    for r in rows:
+        source = r[trained_on] if trained_on is not None else r[group_of[0]]
+        groups.setdefault((source,) + tuple(r[i] for i in group_of), []).append(
+            [r[i].replace(" ", NBSP) for i in shown])
+
     lines = ["Few-shot test results", "=====================", "", _protocol_line(summary), ""]
-    lines += [rule, line(titles), rule] + [line(r) for r in rows] + [rule, ""]
+    for (source, dataset, backbone), group in groups.items():
+        tested = dataset if source == dataset else f"trained on {source}, tested on {dataset}"
+        lines += _rst_table([titles[i] for i in shown], group, f"{tested}, {backbone}")
+    lines += [f"The episode interval and **seeds above {baseline}** of each row are in results/summary.md "
+              "and results/summary.csv; the verdicts below give each paired difference with its seeds.", ""]
     lines += [f"- {text}".replace("`", "``") for text in _explanation(baseline, _has_transfer(summary))] + [""]
     sentences = verdict_sentences(summary, baseline)
     if sentences:

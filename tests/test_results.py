@@ -459,6 +459,74 @@ def test_summary_rst_renders_without_docutils_errors(tree, tmp_path):
     assert "<table" in html and "Verdicts" in html and "points over 3 seeds" in html
 
 
+def _front_page_tables(rst: str) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(caption, column titles, body rows) of each table of the report's front page, as docutils reads it."""
+    from docutils import nodes
+    from docutils.core import publish_doctree
+
+    doctree = publish_doctree(rst, settings_overrides={"halt_level": 2, "report_level": 2})
+    tables = []
+    for table in doctree.findall(nodes.table):
+        caption = table.next_node(nodes.title).astext()
+        titles = [entry.astext() for entry in table.next_node(nodes.thead).findall(nodes.entry)]
+        rows = [[entry.astext() for entry in row.findall(nodes.entry)]
+                for row in table.next_node(nodes.tbody).findall(nodes.row)]
+        tables.append((caption, titles, rows))
+    return tables
+
+
+def _markdown_rows(markdown: str) -> list[list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_the_report_front_page_table_is_compact_and_never_wraps_a_number(tree):
+    """Snakemake's report gives the front page a 512 px column beside the workflow graph: the full
+    ten-column table overlapped the graph and broke "60.63 ± 5.29" over two lines (issue 18)."""
+    summary = build_summary(load_runs(tree[1]))
+    ((caption, titles, rows),) = _front_page_tables(summary_rst(summary))
+    # every row ran seeds 1-3, which the protocol line states: no seeds column, no dataset/backbone column
+    assert caption == "miniimagenet, resnet12"
+    assert titles == ["shot", "method", "accuracy (%)", "vs ft (pp)", "published (%)"]
+    # the same cells as summary.md, with every space inside a cell non-breaking
+    full = _markdown_rows(summary_markdown(summary))
+    md_titles = [line for line in summary_markdown(summary).splitlines() if line.startswith("|")][0]
+    keep = [[t.strip() for t in md_titles.strip("|").split("|")].index(t) for t in titles]
+    assert [[cell.replace("\u00a0", " ") for cell in row] for row in rows] == [[r[i] for i in keep] for r in full]
+    assert all(" " not in cell for row in rows for cell in row)
+    assert any("\u00a0±\u00a0" in cell for row in rows for cell in row)
+    assert "60.2\u00a0±\u00a01.8\u00a0[1]" in [row[-1] for row in rows]
+
+
+def test_the_front_page_shows_seeds_when_rows_ran_different_ones_and_a_table_per_pair(tmp_path):
+    uneven = build_summary(load_runs(_hand_runs(tmp_path, seeds=(1, 2, 3), ft_seeds=(1, 2))))
+    ((_, titles, rows),) = _front_page_tables(summary_rst(uneven))
+    assert titles == ["shot", "method", "seeds", "accuracy (%)", "vs ft (pp)", "published (%)"]
+    assert [row[:3] for row in rows] == [["1", "ft", "2"], ["1", "mtl", "3"]]
+    # transfer: one table per (trained on, tested on), in the summary's order, each row in exactly one
+    transfer = _summary(_transfer_runs(tmp_path / "transfer"))
+    tables = _front_page_tables(summary_rst(transfer))
+    assert [caption for caption, _, _ in tables] == [
+        "fc100, resnet12", "miniimagenet, resnet12", "trained on fc100, tested on my_parts, resnet12",
+        "trained on miniimagenet, tested on fc100, resnet12", "trained on miniimagenet, tested on my_parts, resnet12"]
+    assert sum(len(rows) for _, _, rows in tables) == len(transfer)
+
+
+def test_the_front_page_style_selects_the_section_summary_rst_writes(tree):
+    """rules/report/workflow.rst top-aligns the report's front page by the id of the summary's section:
+    renaming the section's title would silently cut the page's top off again in a short window."""
+    import re
+    from pathlib import Path
+
+    from docutils.core import publish_parts
+
+    front_page = (Path(__file__).resolve().parent.parent / "rules" / "report" / "workflow.rst").read_text()
+    (style,) = re.findall(r"<style>(.*?)</style>", front_page)
+    (section,) = re.findall(r":has\(#([\w-]+)\)", style)
+    html = publish_parts(summary_rst(build_summary(load_runs(tree[1]))), writer="html")["html_body"]
+    assert f'id="{section}"' in html
+
+
 # ----------------------------------------------------------------------------- plots
 def _tables(tree):
     runs = load_runs(tree[1])

@@ -9,6 +9,7 @@ skipped or failing. Now:
   when it has (``injected``: a truncated file, a filled disk, a config overlay that diverges) or
   that is checked once the test is over (``injected_if``: a kill through mtl/faults.py fires in a
   Snakemake job, which leaves a file behind);
+- a fault test that passes without its rows' injectors firing fails (in any run);
 - a recording run (``pytest --fault-record`` on every fault test; ``python -m tests.fault_record
   --run`` runs exactly those) writes RECORD: each test's outcome and the injectors that fired in
   it, and per row ``handled`` (its test passed AND its injector fired), ``failed`` (its test
@@ -99,9 +100,13 @@ def fault_status(row, test: dict) -> tuple[str, str]:
     row's injector fired in it; a test that passed without injecting proves nothing about the row."""
     if test["outcome"] in ("failed", "skipped"):
         return test["outcome"], test["reason"]
-    if row.injector not in test["injected"]:
-        return "failed", f"its test passed without injecting it: {row.injector!r} never fired"
+    if row.injector not in test["injected"]:  # (the run already failed such a test; kept for a record read alone)
+        return "failed", f"its test passed without injecting it: {not_fired([row.injector])}"
     return "handled", ""
+
+
+def not_fired(injectors: list[str]) -> str:
+    return f"{', '.join(map(repr, injectors))} never fired"
 
 
 # --------------------------------------------------------------------------- the recording run
@@ -155,6 +160,20 @@ class FaultRecorder:
             if item.nodeid in self.wanted:  # carried by the report (the channel pytest keeps across processes)
                 item.user_properties.append((INJECTED, fired))
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        """A fault test that passes without making each of its rows' faults happen fails, in every
+        run (CI's too), not only in a recording run: it no longer tries what the table says it does."""
+        report = yield
+        if call.when == "call" and report.passed and item.nodeid in self.wanted:
+            fired = dict(report.user_properties).get(INJECTED, [])
+            missing = [row.injector for row in self.faults if node_id(row) == item.nodeid and row.injector not in fired]
+            if missing:
+                report.outcome = "failed"
+                report.longrepr = (f"passed without injecting its fault table rows: {not_fired(missing)} (the "
+                                   f"helper that makes a fault happen records its injector; fired: {fired})")
+        return report
+
     def pytest_runtest_logreport(self, report) -> None:
         if report.nodeid not in self.wanted:
             return
@@ -186,7 +205,7 @@ class FaultRecorder:
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if self.said:
-            terminalreporter.write_line(f"fault record {self.said}")
+            terminalreporter.write_line(f"fault record: {self.said}")
 
     def record(self, seconds: float, config) -> dict:
         faults = []

@@ -11,6 +11,9 @@ from mtl.batching import CACHE_ENV
 from tests.slurm_cluster import SKIP_REASON, SlurmCluster, in_ci, local_slurm_cluster, slurm_tests_requested, why_unavailable
 from tests.workflow import use_inference_cache
 
+# Records what the fault tests tried (--fault-record) and which injectors fired in each.
+pytest_plugins = ["tests.fault_record"]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def session_inference_cache(tmp_path_factory) -> Path:

@@ -20,6 +20,7 @@ from mtl import gpu_slots
 from mtl.gpu_slots import (GPUBusyError, acquire_slot, claim_device, lock_path, parse_visible_devices,
                            visible_gpu_ids)
 from mtl.errors import MTLError
+from tests.fault_record import injected
 
 SLOTS = ["0", "1", "2"]
 CTX = multiprocessing.get_context("fork")
@@ -53,6 +54,8 @@ def holders(tmp_path):
             proc.start()
         started.extend(procs)
         slot_of = dict(got.get(timeout=WAIT) for _ in procs)  # pid -> slot id
+        if set(slot_of.values()) == set(SLOTS):
+            injected("every GPU slot held")  # a GPU job now has to wait (tests/test_faults.py's table)
         return procs, [slot_of[proc.pid] for proc in procs], release_file.touch
 
     yield start

@@ -14,9 +14,10 @@ name is damaged or holds NaN (what a rerun would trust), and that the final
 
 Faults of one stage are tried one after another in one folder, as a bad day on a cluster brings
 them, so the downstream rules run once per story, not once per fault (the suite must fit in
-minutes on two cores). FAULTS is the README's fault table, row by row:
+minutes on two cores). FAULTS is the fault table of FAULT_TABLE_DOC, row by row:
 `test_readme_fault_table_is_the_suite` keeps the two equal, `test_every_fault_has_its_test` ties
-each row to the test that tries it.
+each row to the test that tries it, and the count line under the table is the last recording run's
+(tests/fault_record.py: which tests passed, and whether each row's injector fired in its test).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import pytest
 import torch
 import yaml
 
+from tests.fault_record import FAULT_TABLE_DOC, injected, injected_if, node_id, read_record, stale_claims
 from tests.slurm_cluster import SlurmCluster, in_ci, run, run_workflow_on_slurm
 from tests.workflow import REPO, scenario_config, snakemake_command, snakemake_env
 
@@ -48,13 +50,16 @@ from tests.workflow import REPO, scenario_config, snakemake_command, snakemake_e
 
 @dataclass(frozen=True)
 class Fault:
-    """One row of the README's fault table; ``test`` names the test that tries it."""
+    """One row of the fault table; ``test`` names the test that tries it, ``injector`` what that test's
+    helper records (tests/fault_record.py) once it has made the fault happen: the row counts as
+    handled only when its test passed and its injector fired in it."""
 
     stage: str
     fault: str
     sees: str
     recovers: str
     test: str
+    injector: str
 
 
 KILLS = "test_session_killed_in_every_data_stage"
@@ -63,58 +68,83 @@ META = "test_meta_train_diverged_killed_stopped_and_out_of_disk"
 DAMAGED = "test_damaged_files_name_the_rule_that_rebuilds_them"
 FAULTS = [
     Fault("download", "SIGKILL of Snakemake and its jobs mid-export", "next run: `Directory cannot be locked`",
-          "`--unlock`, rerun: the half export is discarded", KILLS),
+          "`--unlock`, rerun: the half export is discarded", KILLS,
+          "MTL_FAULT_AT=digits.export#5=kill-all"),
     Fault("build_hdf5", "disk full while writing an HDF5 split", "log: `No space left to write data/<dataset>/train.h5`",
-          "free space, rerun", KILLS),
+          "free space, rerun", KILLS,
+          "full disk: run/data/digits"),
     Fault("build_hdf5", "SIGKILL of Snakemake and its jobs mid-write of an HDF5 split",
-          "locked, then incomplete files; no half `.h5` under its name", "`--unlock`, `--rerun-incomplete`", KILLS),
+          "locked, then incomplete files; no half `.h5` under its name", "`--unlock`, `--rerun-incomplete`", KILLS,
+          "MTL_FAULT_AT=write:val.h5=cut-all"),
     Fault("episodes", "SIGKILL of Snakemake and its jobs mid-write", "locked; no half `.npz` under its name",
-          "`--unlock`, rerun: the same episodes", KILLS),
+          "`--unlock`, rerun: the same episodes", KILLS,
+          "MTL_FAULT_AT=write:3way1shot.npz=cut-all"),
     Fault("evaluate", "SIGKILL of Snakemake and its jobs mid-write", "locked, then incomplete files",
-          "`--unlock`, `--rerun-incomplete`", KILLS),
+          "`--unlock`, `--rerun-incomplete`", KILLS,
+          "MTL_FAULT_AT=write:metrics.json=cut-all"),
     Fault("summarize", "disk full while writing the summary", "log: `No space left to write results/summary.csv`",
-          "free space, rerun", KILLS),
+          "free space, rerun", KILLS,
+          "full disk: run/results"),
     Fault("summarize", "SIGKILL of Snakemake and its jobs mid-write", "locked, then incomplete files",
-          "`--unlock`, `--rerun-incomplete`", KILLS),
-    Fault("pretrain", "SIGKILL mid-epoch", "`Error in rule pretrain`", "rerun resumes at the last epoch", PRETRAIN),
+          "`--unlock`, `--rerun-incomplete`", KILLS,
+          "MTL_FAULT_AT=write:summary.md=cut-all"),
+    Fault("pretrain", "SIGKILL mid-epoch", "`Error in rule pretrain`", "rerun resumes at the last epoch", PRETRAIN,
+          "MTL_FAULT_AT=pretrain.step#15=kill"),
     Fault("pretrain", "SIGTERM (time limit, preemption, `scancel`)",
           "log: `stopped by SIGTERM at epoch 2, step 5 of 12; <checkpoint> holds this point`",
-          "rerun resumes at that step", PRETRAIN),
+          "rerun resumes at that step", PRETRAIN,
+          "MTL_FAULT_AT=pretrain.step#5=term"),
     Fault("pretrain", "SIGKILL during the checkpoint write", "`Error in rule pretrain`",
-          "rerun resumes from the previous checkpoint (atomic rename)", PRETRAIN),
+          "rerun resumes from the previous checkpoint (atomic rename)", PRETRAIN,
+          "MTL_FAULT_AT=write:last.pt=cut"),
     Fault("pretrain", "disk full while writing the checkpoint", "log: `No space left to write checkpoints/.../last.pt`",
-          "free space, rerun: resumes from the previous checkpoint", PRETRAIN),
+          "free space, rerun: resumes from the previous checkpoint", PRETRAIN,
+          "full disk: run/checkpoints"),
     Fault("pretrain", "NaN/inf loss (lr 1e3)", "log: `pre-training diverged ...; lower pretrain.lr`",
-          "restore the lr, rerun; nothing NaN was saved", "test_pretrain_diverged_then_checkpoint_corrupt"),
+          "restore the lr, rerun; nothing NaN was saved", "test_pretrain_diverged_then_checkpoint_corrupt",
+          "config pretrain.lr=1000.0"),
     Fault("pretrain", "corrupt `last.pt`", "log: `checkpoint ... cannot be read`, `pretrain` rule, delete it",
-          "delete it, rerun: trains from scratch, same result", "test_pretrain_diverged_then_checkpoint_corrupt"),
+          "delete it, rerun: trains from scratch, same result", "test_pretrain_diverged_then_checkpoint_corrupt",
+          "truncated last.pt"),
     Fault("meta_train", "NaN/inf loss (inner-loop base_lr 1e38)", "log: `meta-training diverged ...; lower meta.base_lr`",
-          "restore the lr, rerun; no NaN model saved", META),
-    Fault("meta_train", "SIGKILL mid-epoch", "`Error in rule meta_train`", "rerun resumes at the last epoch", META),
+          "restore the lr, rerun; no NaN model saved", META,
+          "config meta.base_lr=1e+38"),
+    Fault("meta_train", "SIGKILL mid-epoch", "`Error in rule meta_train`", "rerun resumes at the last epoch", META,
+          "MTL_FAULT_AT=meta.step#8=kill"),
     Fault("meta_train", "SIGTERM mid-epoch, hard-task round in progress",
-          "log: `stopped by SIGTERM at epoch 2, step 3`", "rerun resumes at that step", META),
+          "log: `stopped by SIGTERM at epoch 2, step 3`", "rerun resumes at that step", META,
+          "MTL_FAULT_AT=meta.step#3=term"),
     Fault("meta_train", "disk full while writing `model.pt`", "log: `No space left to write .../model.pt`",
-          "free space, rerun: the finished checkpoint is reused", META),
+          "free space, rerun: the finished checkpoint is reused", META,
+          "full disk: run/results/digits/resnet12/seed1/mtl_ht/1shot"),
     Fault("meta_train", "corrupt `encoder.pt`", "log: `cannot read ...`, `pretrain` rule, delete it",
-          "delete it, rerun", DAMAGED),
+          "delete it, rerun", DAMAGED,
+          "truncated encoder.pt"),
     Fault("pretrain", "truncated HDF5 split", "log: `cannot open ... as HDF5`, `build_hdf5` rule, delete it",
-          "delete it, rerun", DAMAGED),
+          "delete it, rerun", DAMAGED,
+          "truncated train.h5"),
     Fault("evaluate", "corrupt `model.pt`", "log: `cannot read ...`, `meta_train` rule, delete it",
-          "delete it, rerun", DAMAGED),
+          "delete it, rerun", DAMAGED,
+          "truncated model.pt"),
     Fault("evaluate", "corrupt episodes `.npz`", "log: `episode file ... cannot be read`, `episodes` rule",
-          "delete it, rerun: the same episodes", DAMAGED),
+          "delete it, rerun: the same episodes", DAMAGED,
+          "truncated 3way1shot.npz"),
     Fault("build_hdf5", "your image folder: corrupt file, looping symlink, empty class, class < shot + query, "
           "non-image file; grey, RGBA, CMYK, 16-bit images", "one error listing every bad file and class; "
           "a warning listing the skipped files", "fix them all, rerun; odd modes converted (16-bit scaled, "
-          "not clipped)", "test_bad_image_folder_is_reported_whole"),
+          "not clipped)", "test_bad_image_folder_is_reported_whole",
+          "bad image folder"),
     Fault("any", "a second `snakemake` on the same folder while one runs",
           "`incomplete files` (the running job's), then with `--rerun-incomplete`: `Directory cannot be locked`",
-          "nothing deleted; the first run finishes with the same result", "test_second_snakemake_on_one_folder_is_refused"),
+          "nothing deleted; the first run finishes with the same result", "test_second_snakemake_on_one_folder_is_refused",
+          "MTL_FAULT_AT=pretrain.step#3=stall"),
     Fault("pretrain on Slurm", "`scontrol requeue` of the running job: SIGTERM, then requeued",
           "the job stops within a step", "Slurm reruns it, it resumes at that step; the workflow completes",
-          "test_slurm_requeue_resumes_pretrain"),
+          "test_slurm_requeue_resumes_pretrain",
+          "scontrol requeue"),
     Fault("GPU rules", "two GPU jobs racing for one GPU", "the second waits, naming the holder",
-          "it takes the GPU once the first ends", "tests/test_device.py::test_a_waiting_job_takes_the_slot_a_finished_job_frees"),
+          "it takes the GPU once the first ends", "tests/test_device.py::test_a_waiting_job_takes_the_slot_a_finished_job_frees",
+          "every GPU slot held"),
 ]
 
 # --------------------------------------------------------------------------- the baseline run
@@ -237,7 +267,9 @@ class Injection:
 def inject(tmp_path: Path, spec: str) -> Injection:
     folder = tmp_path / f"fault-{len(list(tmp_path.glob('fault-*')))}"
     folder.mkdir()
-    return Injection(spec, folder)
+    injection = Injection(spec, folder)
+    injected_if(f"MTL_FAULT_AT={spec}", lambda: injection.fired)  # the hook fires in a job, if the job gets there
+    return injection
 
 
 def snakemake(workdir: Path, *args: str, fault: Injection | None = None, config: Path | None = None,
@@ -247,6 +279,8 @@ def snakemake(workdir: Path, *args: str, fault: Injection | None = None, config:
     command = snakemake_command(workdir, None, *args, *ONE_THREAD)
     if config is not None:
         command += ["--configfile", str(workdir / "config.yaml"), str(config)]
+        for setting in flat_settings(yaml.safe_load(config.read_text())):
+            injected(f"config {setting}")
     proc = subprocess.Popen(command, env=snakemake_env(fault.env if fault else None), start_new_session=True,
                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -256,6 +290,17 @@ def snakemake(workdir: Path, *args: str, fault: Injection | None = None, config:
         output, _ = proc.communicate()
         raise AssertionError(f"snakemake ran past {timeout} s: {' '.join(command)}\n{output[-5000:]}") from None
     return Run(command, proc.returncode, output)
+
+
+def flat_settings(overlay: dict, prefix: str = "") -> list[str]:
+    """``{"meta": {"base_lr": 1e38}}`` -> ``["meta.base_lr=1e+38"]``."""
+    settings = []
+    for key, value in overlay.items():
+        if isinstance(value, dict):
+            settings += flat_settings(value, f"{prefix}{key}.")
+        else:
+            settings.append(f"{prefix}{key}={value}")
+    return settings
 
 
 LOCKED = "Directory cannot be locked"
@@ -389,6 +434,7 @@ def job_log(workdir: Path, rule: str) -> str:
 def truncate(path: Path) -> None:
     """Cut a file to half its size, as a copy interrupted outside our writers leaves it."""
     os.truncate(path, path.stat().st_size // 2)
+    injected(f"truncated {path.name}")
 
 
 # --------------------------------------------------------------------------- a full disk
@@ -397,9 +443,10 @@ def truncate(path: Path) -> None:
 class SmallDisk:
     """A tmpfs mounted over ``folder`` (what was there copied in), to be filled to the last byte."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, name: str):
         self.folder = folder
         self.filler = folder / ".filler"
+        self.name = name  # the injector it records when full
 
     def mount(self) -> bool:
         """Mount it; False (and the folder as it was) where this machine does not allow it."""
@@ -425,6 +472,7 @@ class SmallDisk:
         finally:
             os.close(fd)
         assert shutil.disk_usage(self.folder).free < 4096
+        injected(f"full disk: {self.name}")
 
     def free(self) -> None:
         self.filler.unlink()
@@ -434,13 +482,13 @@ class SmallDisk:
 
 
 @pytest.fixture
-def small_disk() -> Iterator:
+def small_disk(tmp_path) -> Iterator:
     """``small_disk(folder)`` -> a mounted SmallDisk, or None where tmpfs cannot be mounted (not root):
     the story then leaves its disk-full steps out and ends in a skip that says so (a failure in CI)."""
     mounted: list[SmallDisk] = []
 
     def make(folder: Path) -> SmallDisk | None:
-        disk = SmallDisk(folder)
+        disk = SmallDisk(folder, folder.relative_to(tmp_path).as_posix())
         if os.geteuid() == 0 and shutil.which("mount") and disk.mount():
             mounted.append(disk)
             return disk
@@ -700,6 +748,7 @@ def test_bad_image_folder_is_reported_whole(tmp_path):
     shutil.copy(odd / "a_grey.png", bad["small"] / "only.png")
     notes = root / "val" / "val_class_0" / "notes.txt"
     notes.write_text("not an image")
+    injected("bad image folder")
 
     work = tmp_path / "run"
     work.mkdir()
@@ -749,7 +798,8 @@ def test_slurm_requeue_resumes_pretrain(baseline, tmp_path, slurm_cluster: Slurm
         wait_for(lambda: stall.fired or not workflow.is_alive(), "pre-training to run on Slurm", timeout=600)
         assert stall.fired, finished["run"].explain()
         job = slurm_job_of("pretrain")
-        run(["scontrol", "requeue", job])
+        run(["scontrol", "requeue", job])  # raises unless Slurm took it
+        injected("scontrol requeue")
         # Slurm holds a requeued job back (BeginTime, about two minutes); let it start when it is
         # pending again, as an administrator would: the wait is Slurm's, not ours to test.
         wait_for(lambda: slurm_job_state(job) == "PENDING", "the requeued job to be pending", timeout=120)
@@ -788,16 +838,24 @@ def test_every_fault_has_its_test():
         if not callable((vars(source) if source else globals()).get(name)):
             missing.append(fault.test)
     assert not missing, f"fault rows without a test: {missing}"
+    # Two rows of one test with the same injector could not be told apart in the record.
+    injectors = [(node_id(fault), fault.injector) for fault in FAULTS]
+    assert len(set(injectors)) == len(injectors), f"rows sharing a test and an injector: {injectors}"
 
 
 def readme_table() -> str:
-    """The README's fault table as FAULTS renders it, with the count line under it."""
+    """The fault table as FAULTS renders it (the count line under it comes from the record)."""
     lines = ["| stage | fault | what the user sees | what recovers | test |", "|---|---|---|---|---|"]
     lines += [f"| {f.stage} | {f.fault} | {f.sees} | {f.recovers} | `{f.test.replace('tests/', '')}` |" for f in FAULTS]
-    lines += ["", f"{len(FAULTS)} faults tried, {len(FAULTS)} handled, 0 lost."]
     return "\n".join(lines)
 
 
 def test_readme_fault_table_is_the_suite():
-    readme = (REPO / "docs" / "faults.md").read_text()
-    assert readme_table() in readme, f"docs/faults.md's fault table differs from tests/test_faults.py; it should read:\n{readme_table()}"
+    doc = (REPO / FAULT_TABLE_DOC).read_text()
+    assert readme_table() in doc, f"{FAULT_TABLE_DOC}'s fault table differs from tests/test_faults.py; it should read:\n{readme_table()}"
+
+
+def test_the_doc_claims_no_more_than_the_recorded_run():
+    """The count line under the table is the last recording run's, and that run tried this table."""
+    problems = stale_claims((REPO / FAULT_TABLE_DOC).read_text(), read_record(), FAULTS)
+    assert not problems, "\n".join(problems)

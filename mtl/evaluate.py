@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtl.config import check_value
 from mtl.data.episodes import load_episodes
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import EvalTransform
@@ -63,10 +64,16 @@ def evaluate(
     ``batch_size``: images per forward pass of the embedding (choose it with mtl.batching).
     ``protocol`` holds what the episode file does not fix: dataset, backbone, and the training
     ``seed`` of the run (it also seeds the fresh learners' initialisation). ``ft_steps``/``ft_lr``
-    replace the registry's budget of a fresh learner (benchmarks); None keeps it. They do not
-    apply to ``proto`` and ``lr`` (no steps: ``lr`` fits to convergence).
+    replace the registry's budget of a fresh learner (benchmarks); None keeps it, other values are
+    held to the bounds of the inner loop they replace (``meta.update_step``, ``meta.base_lr``). They do
+    not apply to ``proto`` and ``lr`` (no steps: ``lr`` fits to convergence).
     """
     test_time = get_method(method).test_time
+    # checked, not `or`-ed with the default: a 0 must be refused, never silently become 100
+    if ft_steps is not None:
+        ft_steps = check_value(ft_steps, "meta.update_step", name="ft_steps")
+    if ft_lr is not None:
+        ft_lr = check_value(ft_lr, "meta.base_lr", name="ft_lr")
     if "seed" not in protocol:
         raise ConfigError("evaluate: protocol must name the training seed of the run ('seed')")
     dev = select_device(device)
@@ -79,7 +86,8 @@ def evaluate(
     if init is not None:  # the inner loop the initialisation was meta-learned for
         steps, lr = info["update_step"], info["base_lr"]
     else:
-        steps, lr = ft_steps or test_time.steps, ft_lr or test_time.lr
+        steps = test_time.steps if ft_steps is None else ft_steps
+        lr = test_time.lr if ft_lr is None else ft_lr
     # The learner's initialisation is part of the training chain: it follows the training seed.
     generator = torch.Generator().manual_seed(int(protocol["seed"]))
     if test_time.finetune is not None:

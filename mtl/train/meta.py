@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mtl.config import check_section, schema_defaults
 from mtl.data.episodes import EpisodeSampler
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
@@ -70,34 +71,34 @@ RESUMABLE_KEYS = ("epochs",)
 _AUGMENT_STREAM = 0x4D54  # seeds the per-epoch augmentation generator
 
 
+#: The ``meta`` defaults as rules/config.schema.yaml states them (the PyTorch reference's).
+_DEFAULTS = schema_defaults("meta")
+
+
 @dataclass
 class MetaConfig:
-    """Meta-train settings: the config's ``meta`` keys, with the PyTorch reference's defaults."""
+    """Meta-train settings: the config's ``meta`` keys; defaults and bounds are the schema's (:mod:`mtl.config`)."""
 
-    epochs: int = 100  # reference max_epoch
-    episodes_per_epoch: int = 100  # outer steps per epoch (reference num_batch)
-    meta_lr: float = 1.0e-4  # Adam on scale/shift AND BN gamma/beta (reference meta_lr1)
-    learner_lr: float = 1.0e-3  # Adam on the learner init (reference meta_lr2)
-    step_size: int = 10  # StepLR period in epochs
-    gamma: float = 0.5  # StepLR factor
-    base_lr: float = 0.01  # inner-loop SGD learning rate
-    update_step: int = 100  # inner-loop SGD steps (reference: train = val = test = 100)
-    first_order: bool = True  # reference: inner-loop gradients are constants
-    meta_batch: int = 1  # tasks whose query losses are averaged per outer step (reference 1); hard
-    # tasks count as tasks here: see HardTaskConfig for how the two groupings interact
+    epochs: int = _DEFAULTS["epochs"]  # reference max_epoch
+    episodes_per_epoch: int = _DEFAULTS["episodes_per_epoch"]  # outer steps per epoch (reference num_batch)
+    meta_lr: float = _DEFAULTS["meta_lr"]  # Adam on scale/shift AND BN gamma/beta (reference meta_lr1)
+    learner_lr: float = _DEFAULTS["learner_lr"]  # Adam on the learner init (reference meta_lr2)
+    step_size: int = _DEFAULTS["step_size"]  # StepLR period in epochs
+    gamma: float = _DEFAULTS["gamma"]  # StepLR factor
+    base_lr: float = _DEFAULTS["base_lr"]  # inner-loop SGD learning rate
+    update_step: int = _DEFAULTS["update_step"]  # inner-loop SGD steps (reference: train = val = test = 100)
+    first_order: bool = _DEFAULTS["first_order"]  # reference: inner-loop gradients are constants
+    # tasks whose query losses are averaged per outer step (reference 1); hard tasks count as tasks
+    # here: see HardTaskConfig for how the two groupings interact
+    meta_batch: int = _DEFAULTS["meta_batch"]
     hard_tasks: HardTaskConfig = field(default_factory=HardTaskConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.hard_tasks, dict):
             self.hard_tasks = HardTaskConfig.from_dict(self.hard_tasks)
-        for name in ("epochs", "episodes_per_epoch", "step_size", "meta_batch"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"meta.{name} must be >= 1, got {getattr(self, name)!r}")
-        if int(self.update_step) < 0:
-            raise ConfigError(f"meta.update_step must be >= 0, got {self.update_step!r}")
-        for name in ("meta_lr", "learner_lr", "base_lr", "gamma"):
-            if not float(getattr(self, name)) > 0:
-                raise ConfigError(f"meta.{name} must be a positive number, got {getattr(self, name)!r}")
+        values = {name: value for name, value in vars(self).items() if name != "hard_tasks"}
+        for name, value in check_section(values, "meta").items():
+            setattr(self, name, value)
 
     @classmethod
     def from_dict(cls, values: dict | None) -> MetaConfig:

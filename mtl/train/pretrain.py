@@ -50,7 +50,8 @@ from mtl import distributed
 from mtl.batching import inference_batch_size
 from mtl.data.episodes import EpisodeSampler, EpisodeSet
 from mtl.data.hdf5 import HDF5Split
-from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
+from mtl.config import check_section, schema_defaults
+from mtl.data.transforms import EvalTransform, TrainTransform
 from mtl.device import autocast, grad_scaler, select_device
 from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
 from mtl.faults import fault_point
@@ -71,30 +72,30 @@ VAL_STEPS, VAL_LR = 100, 0.01  # reference pre-train validation learner
 RESUMABLE_CHANGES = ("epochs", "num_workers", "gpus")
 
 
-def _default_normalize() -> dict:
-    return {"mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
+#: The ``pretrain`` defaults as rules/config.schema.yaml states them (the reference's recipe).
+_DEFAULTS = schema_defaults("pretrain")
 
 
 @dataclass
 class PretrainConfig:
-    """The config.yaml ``pretrain`` block; defaults are the reference's."""
+    """The config.yaml ``pretrain`` block; defaults and bounds are the schema's (:mod:`mtl.config`)."""
 
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    step_size: int = 30  # epochs between LR drops
-    gamma: float = 0.2  # LR factor at each drop
-    val_shot: int = 1  # shot of the validation episodes
-    val_every: int = 1  # validate every N epochs (and always after the last one)
-    augment: bool = True
-    num_workers: int = 2  # DataLoader processes reading the HDF5 split (per training process)
-    normalize: dict = field(default_factory=_default_normalize)
+    epochs: int = _DEFAULTS["epochs"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    lr: float = _DEFAULTS["lr"]
+    momentum: float = _DEFAULTS["momentum"]
+    nesterov: bool = _DEFAULTS["nesterov"]
+    weight_decay: float = _DEFAULTS["weight_decay"]
+    step_size: int = _DEFAULTS["step_size"]  # epochs between LR drops
+    gamma: float = _DEFAULTS["gamma"]  # LR factor at each drop
+    val_shot: int = _DEFAULTS["val_shot"]  # shot of the validation episodes
+    val_every: int = _DEFAULTS["val_every"]  # validate every N epochs (and always after the last one)
+    augment: bool = _DEFAULTS["augment"]
+    num_workers: int = _DEFAULTS["num_workers"]  # DataLoader processes reading the HDF5 split (per training process)
+    normalize: dict = field(default_factory=lambda: schema_defaults("pretrain")["normalize"])
     # Training processes (one GPU each) that mtl.distributed.launch starts; `pretrain` itself
     # trains in whatever process group it runs in, with the same result for any count.
-    gpus: int = 1
+    gpus: int = _DEFAULTS["gpus"]
 
     @classmethod
     def from_dict(cls, values: dict | None) -> PretrainConfig:
@@ -104,30 +105,9 @@ class PretrainConfig:
         return config
 
     def validate(self) -> None:
-        minimum = {"epochs": 0, "num_workers": 0}
-        for name in ("epochs", "batch_size", "step_size", "val_shot", "val_every", "num_workers", "gpus"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum.get(name, 1):
-                raise ConfigError(f"pretrain.{name} must be an integer >= {minimum.get(name, 1)}, got {value!r}")
-            setattr(self, name, int(value))
-        for name in ("lr", "momentum", "weight_decay", "gamma"):
-            value = getattr(self, name)
-            try:
-                number = float(value)  # YAML reads 5e-4 (no dot) as a string
-            except (TypeError, ValueError):
-                number = float("nan")
-            if isinstance(value, bool) or not math.isfinite(number) or number < 0:
-                raise ConfigError(f"pretrain.{name} must be a non-negative number, got {value!r}")
-            setattr(self, name, number)
-        for name in ("nesterov", "augment"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"pretrain.{name} must be true or false, got {getattr(self, name)!r}")
-        norm = self.normalize
-        if (not isinstance(norm, dict) or set(norm) != {"mean", "std"}
-                or any(len(norm[k]) != 3 for k in norm) or min(norm["std"]) <= 0):
-            raise ConfigError("pretrain.normalize must be {mean: [3 numbers], std: [3 positive numbers]}, "
-                              f"got {norm!r}")
-        self.normalize = {k: [float(v) for v in norm[k]] for k in ("mean", "std")}
+        """Every value checked against the schema's type and bounds (YAML's ``5e-4`` string becomes a float)."""
+        for name, value in check_section(dataclasses.asdict(self), "pretrain").items():
+            setattr(self, name, value)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -546,8 +546,8 @@ def bench_evaluation(name: str, settings: Settings, run: Run, trainer: MetaTrain
     def one_pass() -> tuple[float, float, int, np.ndarray]:
         sync(device)
         start = time.perf_counter()
-        features, support, query = embed_episodes(encoder, images, arrays, transform, batch_size=batch_size,
-                                                  device=device)
+        features, support, query = embed_episodes(encoder, images, arrays, transform,
+                                                  inference_batch_size=batch_size, device=device)
         sync(device)
         embedded = time.perf_counter()
         accuracies = evaluate_episodes(features, (support, query), WAY, SHOT, QUERY, init=init,

@@ -127,7 +127,7 @@ def main() -> None:
         per_episode_protocol(encoder, split, episodes.support, episodes.query, transform, device, 2, way,
                              batch_size=base_batch)
         batched, t_batched = timed(lambda: evaluate_encoder(
-            encoder, split, episodes, transform, way, shot, query, batch_size=batch_size, device=device,
+            encoder, split, episodes, transform, way, shot, query, inference_batch_size=batch_size, device=device,
             generator=torch.Generator().manual_seed(0)))
         n_base = min(args.baseline_episodes, args.episodes)
         baseline, t_base = timed(lambda: per_episode_protocol(

@@ -11,8 +11,9 @@ processes, each in the default process group (NCCL on GPUs, gloo on the CPU):
 
 With N = 1 none of this happens: the function runs in this process, as it always has.
 
-Each worker dies with its launcher (a killed run leaves no orphans that keep writing), claims its
-device like any GPU job (:func:`mtl.device.claim_device`), sends its stdout/stderr to the run's log
+Each worker dies with its launcher (a killed run leaves no orphans that keep writing), opens its
+job like any GPU job (:func:`mtl.jobs.open_gpu_job`: threads, its own device, the inference batch
+size measured on it), sends its stdout/stderr to the run's log
 with a ``[rank r/N]`` prefix on every logging line, and calls the function. Training code stays
 one loop: it asks :func:`rank`, :func:`world_size`, :func:`is_main`, takes its part of each batch
 with :func:`shard`, and waits at :func:`barrier` while rank 0 validates and writes.
@@ -20,7 +21,9 @@ with :func:`shard`, and waits at :func:`barrier` while rank 0 validates and writ
 Example (what workflow_scripts/pretrain.py does)::
 
     launch(pretrain, {"train_h5": ..., "config": {...}}, processes=2, device="auto", threads=4,
-           log_path="logs/pretrain.log")   # two processes of 4 CPU threads, one GPU each
+           inference_batch="auto", backbone={"name": "resnet12", "width": 1.0, "image_size": None},
+           cache_dir="results/.cache", log_path="logs/pretrain.log")
+    # two processes of 4 CPU threads, one GPU each, each with the inference batch size of its GPU
 """
 from __future__ import annotations
 
@@ -211,34 +214,37 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
 
 # ----------------------------------------------------------------------------- launching
 def launch(target: Callable, kwargs: dict, *, processes: int = 1, device: str = "auto",
-           threads: int | None = None, log_path: str | os.PathLike | None = None,
+           threads: int | None = None, inference_batch: int | str | None = None, backbone: dict | None = None,
+           cache_dir: str | os.PathLike | None = None, log_path: str | os.PathLike | None = None,
            launcher: str = "auto"):
     """Call ``target(**kwargs, device=<device>)`` in ``processes`` processes; return its result
     (one process) or None (several: read what rank 0 wrote).
 
-    ``device``: the config's device preference; each process claims one device with
-    :func:`mtl.device.claim_device` (one GPU each). ``threads``: torch CPU threads of each process
-    (None: torch's default in one process, 1 in workers). ``log_path``: where workers write (appending,
+    Each process opens its job with :func:`mtl.jobs.open_gpu_job`: it claims one device (one GPU
+    each) for the config's ``device`` preference, sets ``threads`` torch CPU threads (None: torch's
+    default in one process, 1 in workers) and, given ``inference_batch`` (with ``backbone`` and
+    ``cache_dir``, as open_gpu_job takes them), resolves the inference batch size on its own device
+    and passes it to ``target`` as ``inference_batch_size`` too. ``log_path``: where workers write (appending,
     rank-prefixed); None leaves their output on this process's stdout/stderr. ``launcher``:
     "torchrun" (this machine), "srun" (inside a Slurm batch job: one torchrun agent per node), or
     "auto": srun inside a Slurm job that is not already within a job step, else torchrun.
     ``target`` must be importable by name and ``kwargs`` JSON-serialisable: workers are new
     processes.
     """
-    from mtl.device import claim_device
+    from mtl.jobs import open_gpu_job
 
     processes = _check_processes(processes)
     if processes > 1 and ":" in str(device):
         raise ConfigError(f"device: {device} pins one GPU, but {processes} training processes need one GPU each; "
                           "use device: auto or cuda (each process then claims a free GPU), or pretrain.gpus: 1.")
+    inference = {"inference_batch": inference_batch, "backbone": None if backbone is None else dict(backbone),
+                 "cache_dir": None if cache_dir is None else str(cache_dir)}
     if processes == 1:
-        if threads:
-            torch.set_num_threads(int(threads))
-        with claim_device(device) as claimed:
-            return target(**kwargs, device=claimed)
+        with open_gpu_job(threads=threads, device=device, **inference) as job:
+            return target(**kwargs, **job.arguments())
     launcher = choose_launcher(launcher)
     spec = {"target": f"{target.__module__}:{target.__qualname__}", "kwargs": kwargs, "device": device,
-            "threads": int(threads or 1),
+            "threads": int(threads or 1), "inference": inference,
             "log": None if log_path is None else str(Path(log_path).resolve())}
     json.dumps(spec)  # fail here, not in N workers, when kwargs cannot travel
     log.info("launching %d workers with %s (%d CPU thread(s) each)", processes, launcher, spec["threads"])
@@ -375,24 +381,24 @@ def _free_port() -> int:
 # ----------------------------------------------------------------------------- the worker process
 def worker_main(spec_json: str) -> None:
     """Entry point of one worker (``python -m mtl.distributed worker SPEC``, started by torchrun)."""
-    from mtl.device import claim_device
+    from mtl.jobs import open_gpu_job
     from mtl.logs import log_worker_to_file
 
     _die_with_parent()
     spec = json.loads(spec_json)
     global_rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     log_worker_to_file(spec["log"], f"rank {global_rank}/{world}")
-    torch.set_num_threads(int(spec["threads"]))
     module_name, _, function_name = spec["target"].partition(":")
     target = getattr(importlib.import_module(module_name), function_name)
-    with claim_device(spec["device"]) as device:
+    with open_gpu_job(threads=spec["threads"], device=spec["device"], **spec.get("inference", {})) as job:
+        device = job.device
         backend = "nccl" if device.type == "cuda" else "gloo"
         log.info("worker pid %d on %s: %s, backend %s", os.getpid(), socket.gethostname(), device, backend)
         # Bind NCCL to the claimed GPU where this torch can (its barrier then needs no guess).
         bind = device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, **({"device_id": device} if bind else {}))
         try:
-            target(**spec["kwargs"], device=device)
+            target(**spec["kwargs"], **job.arguments())
         finally:
             dist.destroy_process_group()
 

@@ -41,7 +41,7 @@ from mtl.methods import LOGISTIC, PROTOTYPE, get_method
 from mtl.models import load_encoder_file
 from mtl.models.encoder_io import ENCODER_PRODUCER, MODEL_PRODUCER
 from mtl.results import write_episode_results
-from mtl.train.learner import DEFAULT_EMBED_BATCH, embed_episodes, evaluate_episodes
+from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, embed_episodes, evaluate_episodes
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,12 @@ def evaluate(
     protocol: dict,
     ft_steps: int | None = None,
     ft_lr: float | None = None,
-    batch_size: int = DEFAULT_EMBED_BATCH,
+    inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
     device: str = "auto",
 ) -> dict:
     """Score ``method`` on the fixed episodes and write ``episodes_out`` (CSV) and ``metrics_out`` (JSON).
 
-    ``batch_size``: images per forward pass of the embedding (choose it with mtl.batching).
+    ``inference_batch_size``: images per forward pass of the embedding (mtl.jobs.open_gpu_job resolves it).
     ``protocol`` holds what the episode file does not fix: dataset, backbone, and the training
     ``seed`` of the run (it also seeds the fresh learners' initialisation). ``ft_steps``/``ft_lr``
     replace the registry's budget of a fresh learner (benchmarks); None keeps it, other values are
@@ -94,12 +94,12 @@ def evaluate(
         accuracies = finetune_accuracies(
             encoder, split, (episodes.support, episodes.query), transform, way, shot, n_query,
             scope=test_time.finetune, steps=steps, lr=lr, encoder_lr=test_time.encoder_lr, generator=generator,
-            device=dev, batch_size=batch_size, progress=True,
+            device=dev, inference_batch_size=inference_batch_size, progress=True,
         )
     else:
         features, support, query = embed_episodes(
-            encoder, split, (episodes.support, episodes.query), transform, batch_size=batch_size, device=dev,
-            progress=True,
+            encoder, split, (episodes.support, episodes.query), transform,
+            inference_batch_size=inference_batch_size, device=dev, progress=True,
         )
         if test_time.learner == PROTOTYPE:
             accuracies = nearest_mean_accuracies(features, support, query, way, shot, n_query)

@@ -18,6 +18,7 @@ from mtl.config import coerce_config, coerce_strings, section_schema
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD
 from mtl.errors import ConfigError
 from mtl.evaluate import evaluate
+from mtl.jobs import open_gpu_job
 from mtl.train.hard_tasks import HardTaskConfig
 from mtl.train.meta import MetaConfig, meta_train
 from mtl.train.pretrain import PretrainConfig, pretrain
@@ -93,9 +94,9 @@ def test_the_code_defaults_are_the_schema_defaults():
     assert meta == defaults["meta"]
     # the settings the workflow passes the library, when the library's callers pass none
     assert parse_setting(defaults["inference"]["batch_size"]) is None and AUTO == defaults["inference"]["batch_size"]
-    for function in (evaluate, pretrain, meta_train, run_prediction):
+    for function in (open_gpu_job, evaluate, pretrain, meta_train, run_prediction):
         assert inspect.signature(function).parameters["device"].default == defaults["device"], function
-    assert inspect.signature(run_prediction).parameters["batch_size"].default == AUTO
+    assert inspect.signature(run_prediction).parameters["inference_batch"].default == AUTO
     signature = inspect.signature(pretrain).parameters
     for key in ("way", "query", "val_episodes"):
         assert signature[key].default == defaults["protocol"][key], key

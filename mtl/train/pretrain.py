@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mtl import distributed
-from mtl.batching import inference_batch_size
 from mtl.data.episodes import EpisodeSampler, EpisodeSet
 from mtl.data.hdf5 import HDF5Split
 from mtl.config import check_section, schema_defaults
@@ -62,7 +61,7 @@ from mtl.train.stop import (ignore_stop_signals, note_stop_elsewhere, raise_if_s
                             stop_requested)
 from mtl.results import mean_ci95
 from mtl.tracking import open_tracker
-from mtl.train.learner import DEFAULT_EMBED_BATCH, evaluate_encoder
+from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, evaluate_encoder
 
 log = logging.getLogger(__name__)
 
@@ -149,24 +148,22 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, backbone: dict,
              config: PretrainConfig | dict, way: int = 5, shot: int | None = None, query: int = 15,
              val_episodes: int = 600, seed: int = 1, device: str = "auto",
-             inference_batch: int | str = DEFAULT_EMBED_BATCH, inference_cache: str | None = None,
+             inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
              tensorboard_dir: str | Path | None = None) -> Path:
     """Pre-train an encoder on ``train_h5``, select it on ``val_h5`` episodes, write ``encoder_out``.
 
     ``backbone``: {name, width, image_size (None = native)}. ``shot``: validation shot, default
     ``config.val_shot``. Writes ``history_out`` (CSV, one row per epoch) and keeps resume state in
-    ``checkpoint_dir/last.pt``. ``inference_batch``: images per forward pass of the validation
-    embedding, an integer or "auto" (probed on this process's device and cached in
-    ``inference_cache``, see mtl.batching; resolved here because each training process claims its
-    own device). ``tensorboard_dir``: where rank 0 writes each epoch's scalars for TensorBoard
-    (:mod:`mtl.tracking`; None: nowhere). Returns ``encoder_out``.
+    ``checkpoint_dir/last.pt``. ``inference_batch_size``: images per forward pass of the validation
+    embedding (:func:`mtl.distributed.launch` resolves it in each training process, on the device
+    that process claims). ``tensorboard_dir``: where rank 0 writes each epoch's scalars for
+    TensorBoard (:mod:`mtl.tracking`; None: nowhere). Returns ``encoder_out``.
     """
     config = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
     config.validate()
     device = select_device(device)
-    batch_size = inference_batch_size(inference_batch, backbone, device, cache_dir=inference_cache)
     run = _Run(train_h5, val_h5, backbone, config, way, config.val_shot if shot is None else shot,
-               query, val_episodes, seed, device, Path(checkpoint_dir), batch_size)
+               query, val_episodes, seed, device, Path(checkpoint_dir), inference_batch_size)
     run.resume_or_start()
     run.write_history(history_out)
     epochs = tqdm(range(run.next_epoch, config.epochs + 1), desc="pretrain", unit="epoch",
@@ -380,7 +377,7 @@ class _Run:
         """Fresh linear learner per fixed val episode on frozen eval-mode features (seeded init)."""
         accs = evaluate_encoder(self.model.encoder, self.val, self.val_set, self.eval_transform, self.way,
                                 self.shot, self.query, steps=VAL_STEPS, lr=VAL_LR,
-                                batch_size=self.inference_batch_size, device=self.device,
+                                inference_batch_size=self.inference_batch_size, device=self.device,
                                 generator=torch.Generator().manual_seed(self.seed))
         return mean_ci95(accs)
 

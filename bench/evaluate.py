@@ -125,7 +125,7 @@ def run_evaluate(model: Path, split_path: Path, episodes: Path, out_dir: Path, d
         _, seconds, load = timed(lambda: mtl.evaluate.evaluate(
             "ft", model, split_path, episodes, episodes_out=csv, metrics_out=out_dir / "metrics.json",
             protocol={"dataset": "bench", "backbone": "resnet12", "seed": SEED}, ft_steps=STEPS, ft_lr=LR,
-            batch_size=batch_size, device=str(device)), device)
+            inference_batch_size=batch_size, device=str(device)), device)
     accuracies = np.loadtxt(csv, delimiter=",", skiprows=1)[:, 1]
     return accuracies, seconds, load, dict(profile)
 

@@ -260,7 +260,7 @@ def bench_evaluation(name: str, settings: Settings, run: Run, trainer: MetaTrain
 
     def one_pass() -> tuple[float, float, int, np.ndarray]:
         (features, support, query), embed_s = context.timed(lambda: embed_episodes(
-            encoder, images, arrays, transform, batch_size=batch_size, device=device), device)
+            encoder, images, arrays, transform, inference_batch_size=batch_size, device=device), device)
         accuracies, adapt_s = context.timed(lambda: evaluate_episodes(
             features, (support, query), WAY, SHOT, QUERY, init=init, steps=UPDATE_STEP, lr=BASE_LR), device)
         return embed_s, adapt_s, len(features), accuracies

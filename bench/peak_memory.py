@@ -301,7 +301,7 @@ def step_meta_train(a: dict, probe: _Probe) -> dict:
     start = time.perf_counter()
     meta_train(a["train"], a["val"], a["encoder"], model_out=out / "model.pt", history_out=out / "meta_history.csv",
                checkpoint_dir=out / "meta_ckpt", config=MetaConfig(epochs=1, episodes_per_epoch=a["episodes"]),
-               way=5, shot=a["shot"], query=15, val_episodes=a["val_episodes"], seed=1, hard_tasks=False,
+               way=5, shot=a["shot"], query=15, val_episodes=a["val_episodes"], seed=1, method="mtl",
                device="cpu")
     return {"call_s": round(time.perf_counter() - start, 1)}
 

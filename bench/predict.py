@@ -96,7 +96,8 @@ def main() -> None:
             both = np.concatenate([support.images, queries])
             floor = best_of(args.repeats, lambda: [embed(m.backbone, both, m.transform, batch, device)
                                                    for m in ensemble.models])
-            spent = best_of(args.repeats, lambda: ensemble.predict(support, queries, batch_size=batch, device=device))
+            spent = best_of(args.repeats, lambda: ensemble.predict(support, queries, inference_batch_size=batch,
+                                                                   device=device))
             context.figure(f"{count} seed(s): predict {spent:.1f} s ({args.images / spent:,.0f} query images/s); "
                            f"embedding passes alone {floor:.1f} s; ratio {spent / floor:.2f}x (goal <= 1.3x)")
         if args.from_files:
@@ -106,7 +107,7 @@ def main() -> None:
             query_dir.mkdir()
             for k, image in enumerate(queries):
                 Image.fromarray(image).save(query_dir / f"{k:05d}.png")
-            spent = best_of(args.repeats, lambda: ensemble.predict(support, query_dir, batch_size=batch,
+            spent = best_of(args.repeats, lambda: ensemble.predict(support, query_dir, inference_batch_size=batch,
                                                                    device=device))
             context.figure(f"{args.seeds} seed(s), queries decoded from PNG files: {spent:.1f} s "
                            f"({args.images / spent:,.0f} query images/s)")

@@ -110,7 +110,7 @@ def main() -> None:
         per_episode_protocol(encoder, split, episodes.support, episodes.query, transform, device, 2, way,
                              batch_size=base_batch)
         batched, t_batched = context.timed(lambda: evaluate_encoder(
-            encoder, split, episodes, transform, way, shot, query, batch_size=batch_size, device=device,
+            encoder, split, episodes, transform, way, shot, query, inference_batch_size=batch_size, device=device,
             generator=torch.Generator().manual_seed(0)), device)
         n_base = min(args.baseline_episodes, args.episodes)
         baseline, t_base = context.timed(lambda: per_episode_protocol(

@@ -34,7 +34,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         written = run_prediction(args.model, args.support, args.query, args.out, device=args.device,
-                                 batch_size=args.batch_size, threads=args.threads)
+                                 inference_batch=args.batch_size, threads=args.threads)
     except MTLError as error:  # a message the user can act on, not a traceback
         print(f"mtl-predict: {error}", file=sys.stderr)
         return 2
@@ -42,23 +42,23 @@ def predict_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_prediction(models, support, query, out, *, device="auto", batch_size="auto", threads=None,
+def run_prediction(models, support, query, out, *, device="auto", inference_batch="auto", threads=None,
                    cache_dir=None, expected_backbone=None):
-    """Load the models, predict, write the CSV atomically; returns its path."""
-    import torch
+    """Load the models, predict, write the CSV atomically; returns its path.
 
-    from mtl.batching import inference_batch_size
-    from mtl.device import select_device
+    ``device``, ``inference_batch`` ("auto" or an integer), ``threads``, ``cache_dir``: the job's
+    opening, as the workflow's (:func:`mtl.jobs.open_gpu_job`), for the models' own backbone.
+    """
+    from mtl.jobs import open_gpu_job
     from mtl.predict import load_models, write_predictions
 
-    if threads:
-        torch.set_num_threads(int(threads))
     ensemble = load_models(models, expected_backbone=expected_backbone)
-    dev = select_device(device)
     first = ensemble.models[0]
     backbone = {**first.info["backbone"], "image_size": first.image_size}
-    size = inference_batch_size(batch_size, backbone, dev, cache_dir=cache_dir)
-    write_predictions(ensemble, support, query, out, batch_size=size, device=dev)
+    with open_gpu_job(threads=threads, device=device, inference_batch=inference_batch, backbone=backbone,
+                      cache_dir=cache_dir) as job:
+        write_predictions(ensemble, support, query, out, inference_batch_size=job.inference_batch_size,
+                          device=job.device)
     return out
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtl.config import check_value
 from mtl.data.episodes import load_episodes, relabel
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import EvalTransform
@@ -41,7 +42,7 @@ from mtl.models import load_encoder_file
 from mtl.models.encoder_io import ENCODER_PRODUCER, MODEL_PRODUCER
 from mtl.results import write_episode_results
 from mtl.rng import Purpose, torch_stream
-from mtl.train.learner import DEFAULT_EMBED_BATCH, embed_episodes, evaluate_episodes
+from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, embed_episodes, evaluate_episodes
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +57,24 @@ def evaluate(
     protocol: dict,
     ft_steps: int | None = None,
     ft_lr: float | None = None,
-    batch_size: int = DEFAULT_EMBED_BATCH,
+    inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
     device: str = "auto",
 ) -> dict:
     """Score ``method`` on the fixed episodes and write ``episodes_out`` (CSV) and ``metrics_out`` (JSON).
 
-    ``batch_size``: images per forward pass of the embedding (choose it with mtl.batching).
+    ``inference_batch_size``: images per forward pass of the embedding (mtl.jobs.open_gpu_job resolves it).
     ``protocol`` holds what the episode file does not fix: dataset, backbone, and the training
     ``seed`` of the run (it also seeds the fresh learners' initialisation). ``ft_steps``/``ft_lr``
-    replace the registry's budget of a fresh learner (benchmarks); None keeps it. They do not
-    apply to ``proto`` and ``lr`` (no steps: ``lr`` fits to convergence).
+    replace the registry's budget of a fresh learner (benchmarks); None keeps it, other values are
+    held to the bounds of the inner loop they replace (``meta.update_step``, ``meta.base_lr``). They do
+    not apply to ``proto`` and ``lr`` (no steps: ``lr`` fits to convergence).
     """
     test_time = get_method(method).test_time
+    # checked, not `or`-ed with the default: a 0 must be refused, never silently become 100
+    if ft_steps is not None:
+        ft_steps = check_value(ft_steps, "meta.update_step", name="ft_steps")
+    if ft_lr is not None:
+        ft_lr = check_value(ft_lr, "meta.base_lr", name="ft_lr")
     if "seed" not in protocol:
         raise ConfigError("evaluate: protocol must name the training seed of the run ('seed')")
     dev = select_device(device)
@@ -80,19 +87,20 @@ def evaluate(
     if init is not None:  # the inner loop the initialisation was meta-learned for
         steps, lr = info["update_step"], info["base_lr"]
     else:
-        steps, lr = ft_steps or test_time.steps, ft_lr or test_time.lr
+        steps = test_time.steps if ft_steps is None else ft_steps
+        lr = test_time.lr if ft_lr is None else ft_lr
     # The learner's initialisation is part of the training chain: it follows the training seed.
     generator = torch_stream(protocol["seed"], Purpose.TEST_LEARNERS)
     if test_time.finetune is not None:
         accuracies = finetune_accuracies(
             encoder, split, (episodes.support, episodes.query), transform, way, shot, n_query,
             scope=test_time.finetune, steps=steps, lr=lr, encoder_lr=test_time.encoder_lr, generator=generator,
-            device=dev, batch_size=batch_size, progress=True,
+            device=dev, inference_batch_size=inference_batch_size, progress=True,
         )
     else:
         features, support, query = embed_episodes(
-            encoder, split, (episodes.support, episodes.query), transform, batch_size=batch_size, device=dev,
-            progress=True,
+            encoder, split, (episodes.support, episodes.query), transform,
+            inference_batch_size=inference_batch_size, device=dev, progress=True,
         )
         if test_time.learner == PROTOTYPE:
             accuracies = nearest_mean_accuracies(features, support, query, way, shot, n_query)

@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, vmap
 from mtl.data.episodes import relabel
 from mtl.methods import ALL, LAST
 from mtl.models.backbone import Backbone, encoder_part
-from mtl.train.learner import DEFAULT_EMBED_BATCH, embed, embed_episodes, episode_accuracy, fresh_init
+from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, embed, embed_episodes, episode_accuracy, fresh_init
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def finetune_accuracies(backbone: Backbone, images, episodes: tuple[np.ndarray, 
                         way: int, shot: int, query: int, *, scope: str, steps: int, lr: float,
                         encoder_lr: float, generator: torch.Generator | None = None,
                         device: torch.device | str = "cpu", chunk: int | None = None,
-                        batch_size: int = DEFAULT_EMBED_BATCH, progress: bool = False) -> np.ndarray:
+                        inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
+                        progress: bool = False) -> np.ndarray:
     """Per-episode query accuracies (E,) float64 of test-time fine-tuning (see the module docstring).
 
     ``episodes`` = (support (E, way*shot), query (E, way*query)) image indices into ``images``,
@@ -167,7 +168,7 @@ def finetune_accuracies(backbone: Backbone, images, episodes: tuple[np.ndarray, 
                       disable=None if progress else True):
         inputs, s_idx, q_idx = embed_episodes(trunk, images, (support[start:start + chunk],
                                                                query_idx[start:start + chunk]),
-                                              transform, batch_size=batch_size, device=device)
+                                              transform, inference_batch_size=inference_batch_size, device=device)
         weight, bias = fresh_init(len(s_idx), way, backbone.out_dim, generator=generator, device=device)
         params, weight, bias = adapt_on_support(backbone, scope, inputs[torch.as_tensor(s_idx, device=device)],
                                                 support_y, weight, bias, steps=steps, lr=lr,

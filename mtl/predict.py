@@ -36,7 +36,7 @@ from mtl.methods import FRESH, LOGISTIC, META_LEARNED, PROTOTYPE
 from mtl.model_file import read_model_file
 from mtl.models import inference_copy
 from mtl.rng import Purpose, torch_stream
-from mtl.train.learner import DEFAULT_EMBED_BATCH, adapt_linear, embed_batch, fresh_init, linear_logits
+from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, adapt_linear, embed_batch, fresh_init, linear_logits
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +65,25 @@ class FewShotModel:
         return (f"FewShotModel({self.method}, trained on {self.trained_on}, {self.shot}-shot, seed {self.seed}, "
                 f"{self.info['backbone']['name']} width {self.info['backbone']['width']})")
 
-    def adapt(self, support: SupportSet, *, batch_size: int = DEFAULT_EMBED_BATCH,
+    def adapt(self, support: SupportSet, *, inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
               device: torch.device | str = "cpu") -> AdaptedClassifier:
         """The classifier this model's method builds from ``support`` (see the module docstring)."""
-        return AdaptedClassifier(self, support, batch_size=batch_size, device=torch.device(device))
+        return AdaptedClassifier(self, support, inference_batch_size=inference_batch_size,
+                                 device=torch.device(device))
 
-    def predict(self, support, query, *, batch_size: int = DEFAULT_EMBED_BATCH,
+    def predict(self, support, query, *, inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
                 device: torch.device | str = "cpu") -> Prediction:
         """Probabilities of every query image; ``support``/``query`` as in :meth:`SeedEnsemble.predict`."""
-        return SeedEnsemble([self]).predict(support, query, batch_size=batch_size, device=device)
+        return SeedEnsemble([self]).predict(support, query, inference_batch_size=inference_batch_size,
+                                            device=device)
 
 
 class AdaptedClassifier:
     """One model adapted to one support set: ``probabilities(images)`` for any batch of queries."""
 
-    def __init__(self, model: FewShotModel, support: SupportSet, *, batch_size: int, device: torch.device):
-        self.model, self.device, self.batch_size = model, device, batch_size
+    def __init__(self, model: FewShotModel, support: SupportSet, *, inference_batch_size: int,
+                 device: torch.device):
+        self.model, self.device, self.inference_batch_size = model, device, inference_batch_size
         self.n_classes = len(support.class_names)
         test_time = model.info["test_time"]
         self.kind, self.scope = test_time["learner"], test_time["finetune"]
@@ -110,8 +113,9 @@ class AdaptedClassifier:
             raise ConfigError(f"{model.path}: unknown test-time learner {self.kind!r}; upgrade mtl-fewshot")
 
     def _embed(self, images: np.ndarray) -> torch.Tensor:
-        chunks = [embed_batch(self.embedder, images[start:start + self.batch_size], self.model.transform,
-                              self.device) for start in range(0, len(images), self.batch_size)]
+        step = self.inference_batch_size
+        chunks = [embed_batch(self.embedder, images[start:start + step], self.model.transform, self.device)
+                  for start in range(0, len(images), step)]
         return torch.cat(chunks)
 
     def _learner_init(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +199,7 @@ class SeedEnsemble:
     def __repr__(self) -> str:
         return f"SeedEnsemble(seeds {[m.seed for m in self.models]} of {self.models[0]!r})"
 
-    def predict(self, support, query, *, batch_size: int = DEFAULT_EMBED_BATCH,
+    def predict(self, support, query, *, inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
                 device: torch.device | str = "cpu") -> Prediction:
         """Adapt every model to ``support`` once, then classify ``query`` in batches.
 
@@ -205,8 +209,9 @@ class SeedEnsemble:
         size = self.models[0].stored_image_size
         if not isinstance(support, SupportSet):
             support = read_support_folder(support, size)
-        adapted = [model.adapt(support, batch_size=batch_size, device=device) for model in self.models]
-        files, chunks = _query_stream(query, size, batch_size)
+        adapted = [model.adapt(support, inference_batch_size=inference_batch_size, device=device)
+                   for model in self.models]
+        files, chunks = _query_stream(query, size, inference_batch_size)
         per_model: list[list[torch.Tensor]] = [[] for _ in adapted]
         for images in chunks:
             for out, classifier in zip(per_model, adapted):
@@ -215,8 +220,10 @@ class SeedEnsemble:
                           [str(m.path) for m in self.models])
 
 
-def _query_stream(query, image_size: int, batch_size: int) -> tuple[list[Path] | None, Iterable[np.ndarray]]:
-    step = max(batch_size, 256)  # query images decoded / held per chunk: a whole number of passes or more
+def _query_stream(query, image_size: int,
+                  inference_batch_size: int) -> tuple[list[Path] | None, Iterable[np.ndarray]]:
+    # query images decoded / held per chunk: a whole number of passes or more
+    step = max(inference_batch_size, 256)
     if isinstance(query, (str, Path)):
         files = list_query_folder(query)
         return files, read_query_chunks(files, image_size, chunk=step)
@@ -267,14 +274,15 @@ def choose_run(summary: pd.DataFrame, trained_on: str, support_counts: Sequence[
     return method, int(shot)
 
 
-def write_predictions(ensemble: SeedEnsemble, support, query, out_csv, *, batch_size: int = DEFAULT_EMBED_BATCH,
+def write_predictions(ensemble: SeedEnsemble, support, query, out_csv, *,
+                      inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
                       device: torch.device | str = "cpu") -> Prediction:
     """Predict and write ``out_csv`` (one row per query image, :meth:`Prediction.table`) atomically:
     any bad input stops it before anything is written under that name."""
     from mtl.io import atomic_path
 
-    log.info("predicting with %r, batch %d on %s", ensemble, batch_size, device)
-    prediction = ensemble.predict(support, query, batch_size=batch_size, device=device)
+    log.info("predicting with %r, batch %d on %s", ensemble, inference_batch_size, device)
+    prediction = ensemble.predict(support, query, inference_batch_size=inference_batch_size, device=device)
     table = prediction.table()
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False)
@@ -287,7 +295,7 @@ def write_predictions(ensemble: SeedEnsemble, support, query, out_csv, *, batch_
 def predict_with_trained_models(model_files: Sequence, support, query, out_csv, *, trained_on: str,
                                 method: str | None = None, shot: int | None = None, summary_csv=None,
                                 expected_backbone: Mapping | None = None,
-                                batch_size: int = DEFAULT_EMBED_BATCH,
+                                inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
                                 device: torch.device | str = "cpu") -> Prediction:
     """The workflow's prediction: among ``model_files`` (exported models of ``trained_on``), the seeds
     of ``method`` and ``shot``; either left None is chosen from ``summary_csv`` (:func:`choose_run`)."""
@@ -310,4 +318,5 @@ def predict_with_trained_models(model_files: Sequence, support, query, out_csv, 
     if not chosen:
         raise ConfigError(f"no exported model of {trained_on} {method} {shot}-shot among {len(headers)} files")
     ensemble = load_models(chosen, expected_backbone=expected_backbone)
-    return write_predictions(ensemble, support_set, query, out_csv, batch_size=batch_size, device=device)
+    return write_predictions(ensemble, support_set, query, out_csv, inference_batch_size=inference_batch_size,
+                             device=device)

@@ -24,6 +24,16 @@ SHOTS = config["protocol"]["shots"]
 # Where the measured inference batch size is cached per machine, model and image size
 # (mtl/batching.py); a disposable record, kept outside every rule's outputs.
 INFERENCE_CACHE = "results/.cache"
+# How every job that runs torch opens (mtl/jobs.py): the configured thread count, not Snakemake's
+# (scaled to --cores), since the numbers must not depend on --cores; a claimed device; the inference
+# batch size of the configured backbone on that device.
+GPU_JOB = {
+    "threads": config["threads"],
+    "device": config["device"],
+    "inference_batch": config["inference"]["batch_size"],
+    "backbone": config["backbone"],
+    "cache_dir": INFERENCE_CACHE,
+}
 # Training seeds: each replicates the whole training chain as its own jobs (a wildcard, not a loop
 # in a script), so Snakemake spreads the replicates over cores, GPUs and cluster nodes.
 SEEDS = config["protocol"]["seeds"]
@@ -95,20 +105,6 @@ def dataset_build_options(wildcards):
         "image_size": entry["image_size"],
         "min_images_per_class": largest_shot + config["protocol"]["query"],
     }
-
-
-def is_hard_task_method(wildcards):
-    return method_registry.get_method(wildcards.method).meta.hard_tasks
-
-
-def get_meta_scope(wildcards):
-    """Where the method meta-learns scales/shifts: all blocks, or the last one."""
-    return method_registry.get_method(wildcards.method).meta.scope
-
-
-def get_meta_config(wildcards):
-    """config.yaml's `meta` block with the arm's fixed settings (second order, meta-batch)."""
-    return method_registry.meta_settings(wildcards.method, config["meta"])
 
 
 def training_wildcards(wildcards):
@@ -257,7 +253,8 @@ def get_model_settings(wildcards):
         "data": config["data"][wildcards.dataset],
     }
     if method.meta_trained:
-        settings["meta"] = get_meta_config(wildcards)
+        # config.yaml's `meta` with the arm's fixed settings (second order, meta-batch)
+        settings["meta"] = method_registry.meta_settings(method.name, config["meta"])
     return settings
 
 

@@ -42,11 +42,7 @@ rule evaluate:
         mem_mb=6000,
     params:
         protocol=get_run_protocol,
-        torch_threads=config["threads"],
-        device=config["device"],
-        backbone=config["backbone"],
-        inference_batch=config["inference"]["batch_size"],
-        inference_cache=INFERENCE_CACHE,
+        gpu_job=GPU_JOB,
     script:
         "../workflow_scripts/evaluate.py"
 

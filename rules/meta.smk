@@ -25,14 +25,9 @@ rule meta_train:
     params:
         checkpoint_dir="checkpoints/{dataset}/{backbone}/seed{seed}/{method}/{shot}shot",
         seed=get_training_seed,
-        torch_threads=config["threads"],
-        config=get_meta_config,
+        # meta_train applies the method's arm (scope, hard tasks, fixed keys: mtl/methods.py)
+        config=config["meta"],
         protocol=config["protocol"],
-        hard_tasks=is_hard_task_method,
-        scope=get_meta_scope,
-        device=config["device"],
-        backbone=config["backbone"],
-        inference_batch=config["inference"]["batch_size"],
-        inference_cache=INFERENCE_CACHE,
+        gpu_job=GPU_JOB,
     script:
         "../workflow_scripts/meta_train.py"

@@ -43,11 +43,7 @@ rule predict:
         trained_on=get_predict_dataset,
         method=PREDICT["method"],
         shot=PREDICT["shot"],
-        torch_threads=config["threads"],
-        device=config["device"],
-        backbone=config["backbone"],
-        inference_batch=config["inference"]["batch_size"],
-        inference_cache=INFERENCE_CACHE,
+        gpu_job=GPU_JOB,
     script:
         "../workflow_scripts/predict.py"
 

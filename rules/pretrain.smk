@@ -27,13 +27,9 @@ rule pretrain:
         # Resume state lives outside the declared outputs: Snakemake deletes those on failure.
         checkpoint_dir="checkpoints/{dataset}/{backbone}/seed{seed}/pretrain",
         seed=get_training_seed,
-        torch_threads=config["threads"],
-        backbone=config["backbone"],
         config=config["pretrain"],
         protocol=config["protocol"],
-        device=config["device"],
-        inference_batch=config["inference"]["batch_size"],
-        inference_cache=INFERENCE_CACHE,
+        gpu_job=GPU_JOB,
     script:
         "../workflow_scripts/pretrain.py"
 

@@ -329,9 +329,9 @@ def embed_batch_sizes(monkeypatch):
 
     seen, original = [], learner.embed
 
-    def spy(encoder, images, transform, batch_size=64, *args, **kwargs):
-        seen.append(batch_size)
-        return original(encoder, images, transform, batch_size, *args, **kwargs)
+    def spy(encoder, images, transform, inference_batch_size=64, *args, **kwargs):
+        seen.append(inference_batch_size)
+        return original(encoder, images, transform, inference_batch_size, *args, **kwargs)
 
     monkeypatch.setattr(learner, "embed", spy)
     return seen
@@ -354,16 +354,17 @@ def test_every_inference_pass_uses_the_given_batch_size_with_the_same_results(tm
         out = tmp_path / f"batch{batch}"
         embed_batch_sizes.clear()
         encoder = pretrain(train, val, encoder_out=out / "encoder.pt", history_out=out / "pretrain.csv",
-                           checkpoint_dir=out / "ckpt", device="cpu", inference_batch=batch,
+                           checkpoint_dir=out / "ckpt", device="cpu", inference_batch_size=batch,
                            backbone={"name": "resnet12", "width": 0.125, "image_size": 16},
                            config=PretrainConfig.from_dict({"epochs": 1, "batch_size": 16, "num_workers": 0}),
                            **protocol)
         meta_train(train, val, encoder, model_out=out / "model.pt", history_out=out / "meta.csv",
-                   checkpoint_dir=out / "mckpt", shot=1, hard_tasks=False, device="cpu", inference_batch_size=batch,
+                   checkpoint_dir=out / "mckpt", shot=1, method="mtl", device="cpu", inference_batch_size=batch,
                    config=MetaConfig.from_dict({"epochs": 1, "episodes_per_epoch": 1, "update_step": 5}),
                    **protocol)
         evaluate("ft", encoder, val, episodes, episodes_out=out / "episodes.csv", metrics_out=out / "metrics.json",
-                 protocol={"dataset": "toy", "backbone": "resnet12", "seed": 0}, batch_size=batch, device="cpu")
+                 protocol={"dataset": "toy", "backbone": "resnet12", "seed": 0}, inference_batch_size=batch,
+                 device="cpu")
         assert embed_batch_sizes == [batch] * 3  # pre-train validation, meta-validation, meta-test
         results[batch] = [[row[key] for row in csv.DictReader(open(out / name)) for key in keys]
                           for name, keys in (("pretrain.csv", ["val_acc"]), ("meta.csv", ["val_acc"]),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mtl.data.episodes import load_episodes, write_test_episodes
 from mtl.data.hdf5 import HDF5Split, write_split
 from mtl.data.transforms import EvalTransform
-from mtl.errors import DataError
+from mtl.errors import ConfigError, DataError
 from mtl.evaluate import evaluate
 from mtl.io import atomic_torch_save
 from mtl.logistic import LOGISTIC_SETTINGS
@@ -96,11 +96,11 @@ def per_episode_accuracies(encoder, split_path, episodes_path, init, steps, lr, 
 TRAINING_SEED = 7  # seeds the ft learner's initialisation; the episodes were drawn with seed 3
 
 
-def run_evaluate(folder, method, model, split_path, episodes_path):
+def run_evaluate(folder, method, model, split_path, episodes_path, **kwargs):
     return evaluate(
         method, model, split_path, episodes_path,
         episodes_out=folder / f"{method}.csv", metrics_out=folder / f"{method}.json",
-        protocol={"dataset": "toy", "backbone": "resnet12", "seed": TRAINING_SEED}, device="cpu",
+        protocol={"dataset": "toy", "backbone": "resnet12", "seed": TRAINING_SEED}, device="cpu", **kwargs,
     )
 
 
@@ -116,6 +116,20 @@ def test_ft_equals_the_per_episode_protocol(test_split):
     run_evaluate(folder, "ft", model, split_path, episodes_path)
     expected = per_episode_accuracies(encoder, split_path, episodes_path, None, steps=100, lr=0.01, seed=TRAINING_SEED)
     np.testing.assert_allclose(episode_column(folder, "ft"), expected, atol=1e-5)
+
+
+def test_a_fresh_learner_budget_replaced_is_used_and_held_to_the_inner_loop_bounds(test_split, tmp_path):
+    """ft_steps/ft_lr replace the registry's 100 steps at 0.01; a 0 is refused, never read as "keep 100"."""
+    folder, split_path, episodes_path = test_split
+    encoder, model = plain_encoder(folder)
+    run_evaluate(tmp_path, "ft", model, split_path, episodes_path, ft_steps=20, ft_lr=0.05)
+    expected = per_episode_accuracies(encoder, split_path, episodes_path, None, steps=20, lr=0.05, seed=TRAINING_SEED)
+    np.testing.assert_allclose(episode_column(tmp_path, "ft"), expected, atol=1e-5)
+    for bad, message in (({"ft_steps": 0}, "ft_steps must be an integer >= 1, got 0"),
+                         ({"ft_lr": 0.0}, "ft_lr must be a number > 0, got 0.0")):
+        with pytest.raises(ConfigError, match=message):
+            run_evaluate(tmp_path / "bad", "ft", model, split_path, episodes_path, **bad)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_mtl_with_folded_scales_equals_the_per_episode_protocol(test_split):

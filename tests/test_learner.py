@@ -136,10 +136,11 @@ def test_embed_batches_in_eval_mode_and_restores_mode():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(10, 20, 20, 3), dtype=np.uint8)
     encoder, transform = MeanColour().train(), EvalTransform(16)
-    feats = embed(encoder, images, transform, batch_size=3, device="cpu")
+    feats = embed(encoder, images, transform, inference_batch_size=3, device="cpu")
     assert feats.shape == (10, 3) and feats.dtype == torch.float32 and not feats.requires_grad
     assert encoder.training and encoder.bn.num_batches_tracked.item() == 0
-    picked = embed(encoder, images, transform, batch_size=4, device="cpu", indices=np.array([9, 2]))
+    picked = embed(encoder, images, transform, inference_batch_size=4, device="cpu",
+                   indices=np.array([9, 2]))
     torch.testing.assert_close(picked, feats[[9, 2]])
     labels = np.repeat(np.arange(5), 2)
     support, query = np.arange(0, 10, 2)[None], np.arange(1, 10, 2)[None]

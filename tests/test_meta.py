@@ -16,6 +16,7 @@ from mtl.errors import CheckpointError, ConfigError, MTLError
 from mtl.models import build_backbone, freeze_for_meta, load_encoder, meta_parameters, save_encoder
 from mtl.models.ss_conv import SSConv2d
 from mtl.rng import Purpose
+from mtl.train.checkpoint import load_checkpoint
 from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound
 from mtl.train.meta import MetaConfig, MetaTrainer, TaskStream, meta_train, task_query_loss, train_epoch
 from mtl.train.stop import Stopped
@@ -53,7 +54,7 @@ def tiny_config(**overrides) -> MetaConfig:
 
 def run(data, out, **kwargs):
     args = {"config": tiny_config(), "way": WAY, "shot": SHOT, "query": QUERY, "val_episodes": 4, "seed": 3,
-            "hard_tasks": False, "device": "cpu", **kwargs}
+            "method": "mtl", "device": "cpu", **kwargs}
     return meta_train(data["train"], data["val"], data["encoder"], model_out=out / "model.pt",
                       history_out=out / "history.csv", checkpoint_dir=out / "ckpt", **args)
 
@@ -231,7 +232,7 @@ def test_training_tasks_are_not_the_validation_episodes(data, tmp_path, monkeypa
 
 def test_hard_task_meta_train_runs_hard_tasks(data, tmp_path):
     config = tiny_config(episodes_per_epoch=3, hard_tasks={"normal_tasks": 2, "hard_tasks": 1})
-    out = run(data, tmp_path, config=config, hard_tasks=True)
+    out = run(data, tmp_path, config=config, method="mtl_ht")
     assert torch.load(out, weights_only=True)["protocol"]["method"] == "mtl_ht"
     assert read_history(tmp_path / "history.csv")[0]["hard_tasks"] == "1"  # normal, normal, hard
 
@@ -239,6 +240,19 @@ def test_hard_task_meta_train_runs_hard_tasks(data, tmp_path):
 def test_meta_batch_averages_several_tasks_and_second_order_runs(data, tmp_path):
     run(data, tmp_path, config=tiny_config(meta_batch=2, first_order=False))
     assert np.isfinite(float(read_history(tmp_path / "history.csv")[0]["meta_loss"]))
+
+
+def test_the_method_decides_the_scope_and_the_keys_its_arm_fixes(data, tmp_path):
+    """meta_train reads its method's arm in the registry (mtl/methods.py), not the caller: mtl_last
+    learns scales/shifts of the last block only, mtl_2nd_order trains second order whatever the
+    config says, and a method that is not meta-trained is refused."""
+    last = torch.load(run(data, tmp_path / "last", method="mtl_last"), weights_only=True)
+    assert last["protocol"] == {"way": WAY, "shot": SHOT, "query": QUERY, "seed": 3, "method": "mtl_last",
+                                "scope": "last"}
+    run(data, tmp_path / "second", method="mtl_2nd_order", config=tiny_config(first_order=True))
+    assert load_checkpoint(tmp_path / "second" / "ckpt" / "last.pt")["config"]["first_order"] is False
+    with pytest.raises(ConfigError, match="'ft' is not meta-trained"):
+        run(data, tmp_path / "ft", method="ft")
 
 
 def test_resume_continues_from_saved_epoch(data, tmp_path, caplog):
@@ -260,11 +274,11 @@ def test_sigterm_inside_a_hard_task_round_resumes_exactly(data, tmp_path, monkey
     monkeypatch.setenv("MTL_FAULT_AT", "meta.step#6=term")
     monkeypatch.setenv("MTL_FAULT_DIR", str(tmp_path))
     with pytest.raises(Stopped, match=r"meta-training stopped by SIGTERM at epoch 2, step 2; .*last.pt holds"):
-        run(data, tmp_path / "a", config=config, hard_tasks=True)
+        run(data, tmp_path / "a", config=config, method="mtl_ht")
     with caplog.at_level(logging.INFO, logger="mtl.train.meta"):
-        run(data, tmp_path / "a", config=config, hard_tasks=True)
+        run(data, tmp_path / "a", config=config, method="mtl_ht")
     assert "resuming from epoch 2, step 2 " in caplog.text
-    run(data, tmp_path / "b", config=config, hard_tasks=True)
+    run(data, tmp_path / "b", config=config, method="mtl_ht")
     resumed = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
     straight = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
     assert all(torch.equal(resumed["state_dict"][k], v) for k, v in straight["state_dict"].items())
@@ -299,7 +313,7 @@ def test_missing_encoder_names_the_pretrain_rule(data, tmp_path):
     with pytest.raises(CheckpointError, match="pretrain"):
         meta_train(data["train"], data["val"], tmp_path / "nope.pt", model_out=tmp_path / "m.pt",
                    history_out=tmp_path / "h.csv", checkpoint_dir=tmp_path / "c", config=tiny_config(), way=WAY,
-                   shot=SHOT, query=QUERY, val_episodes=2, seed=0, hard_tasks=False, device="cpu")
+                   shot=SHOT, query=QUERY, val_episodes=2, seed=0, method="mtl", device="cpu")
 
 
 # --------------------------------------------------------------------------- config

@@ -81,7 +81,8 @@ def test_a_saved_episode_written_as_folders_gets_evaluates_predictions(trained, 
     seed = 7
     metrics = evaluate(method, folder / ("model.pt" if method == "mtl" else "encoder.pt"), split, episodes,
                        episodes_out=tmp_path / "episodes.csv", metrics_out=tmp_path / "metrics.json",
-                       protocol={"dataset": "toy", "backbone": "resnet12", "seed": seed}, batch_size=1)
+                       protocol={"dataset": "toy", "backbone": "resnet12", "seed": seed},
+                       inference_batch_size=1)
     assert metrics["episodes"] == EPISODES
     per_episode = pd.read_csv(tmp_path / "episodes.csv")["accuracy"].to_numpy()
     model = load_model(exported(folder, method, seed=seed))
@@ -90,7 +91,7 @@ def test_a_saved_episode_written_as_folders_gets_evaluates_predictions(trained, 
     for index in checked:
         support, query, truth = write_episode(split, episodes, index, tmp_path / f"episode{index}")
         # one image per pass in both: the same kernels, so the same features (see test_workflow_predict)
-        prediction = model.predict(support, query, batch_size=1)
+        prediction = model.predict(support, query, inference_batch_size=1)
         assert prediction.class_names == [f"c{p}" for p in range(WAY)]
         # evaluate stores float32 fractions of the WAY * QUERY queries: compare counts of correct ones
         assert (prediction.predicted == truth).sum() == round(per_episode[index] * WAY * QUERY), (method, index)
@@ -131,8 +132,8 @@ def test_the_ensemble_is_the_mean_of_the_seeds_probabilities(trained, tmp_path):
     folder, split, episodes = trained
     support, query, _ = write_episode(split, episodes, 1, tmp_path)
     paths = [exported(folder, "ft", seed=s) for s in (1, 2, 3)]
-    ensemble = load_models(paths).predict(support, query, batch_size=8)
-    singles = [load_model(p).predict(support, query, batch_size=8).probabilities for p in paths]
+    ensemble = load_models(paths).predict(support, query, inference_batch_size=8)
+    singles = [load_model(p).predict(support, query, inference_batch_size=8).probabilities for p in paths]
     assert ensemble.per_model.shape == (3, WAY * QUERY, WAY)
     np.testing.assert_allclose(ensemble.probabilities, np.mean(singles, axis=0), rtol=0, atol=1e-12)
     assert not np.allclose(singles[0], singles[1]), "seeds start their learners differently"
@@ -156,7 +157,8 @@ def test_any_number_of_classes_and_unequal_counts(trained, tmp_path, method):
             pixels = (rng.integers(0, 60, (STORED, STORED, 3)) + 60 * c).astype(np.uint8)
             Image.fromarray(pixels).save(tmp_path / "support" / name / f"{k}.png")
     queries = (rng.integers(0, 250, (7, 30, 30, 3))).astype(np.uint8)  # any size: resized as the data was
-    prediction = load_model(exported(folder, method)).predict(tmp_path / "support", queries, batch_size=8)
+    model = load_model(exported(folder, method))
+    prediction = model.predict(tmp_path / "support", queries, inference_batch_size=8)
     assert prediction.probabilities.shape == (7, 4)
     np.testing.assert_allclose(prediction.probabilities.sum(axis=1), 1.0, atol=1e-6)
 
@@ -307,5 +309,5 @@ def test_support_and_query_are_embedded_in_batches(trained, tmp_path, monkeypatc
     real = mtl.predict.embed_batch
     monkeypatch.setattr(mtl.predict, "embed_batch", lambda model, images, *a, **k: (sizes.append(len(images)),
                                                                                    real(model, images, *a, **k))[1])
-    load_model(exported(folder, "ft")).predict(support, query, batch_size=4)
+    load_model(exported(folder, "ft")).predict(support, query, inference_batch_size=4)
     assert sizes == [4, 2, 4, 4, 4], sizes

@@ -18,9 +18,9 @@ if snakemake.config["tracking"]["tensorboard"]:
     require_tensorboard()  # now, not in each training process
     w = snakemake.wildcards
     tensorboard_dir = f"tensorboard/{w.dataset}/{w.backbone}/seed{w.seed}/pretrain"
-# config.gpus processes (torchrun here, srun in a Slurm job), each claiming its own device; one
-# process runs here. The thread count is the configured one, not Snakemake's (scaled to --cores):
-# numbers must not depend on --cores. The inference batch is probed on the claimed device (cached).
+# config.gpus processes (torchrun here, srun in a Slurm job), each opening its own job (threads,
+# device, inference batch size: mtl/jobs.py); one process runs here.
+gpu_job = dict(snakemake.params.gpu_job)
 launch(
     pretrain,
     {
@@ -29,18 +29,15 @@ launch(
         "encoder_out": snakemake.output.encoder,
         "history_out": snakemake.output.history,
         "checkpoint_dir": snakemake.params.checkpoint_dir,
-        "backbone": dict(snakemake.params.backbone),
+        "backbone": dict(gpu_job["backbone"]),
         "config": config.to_dict(),
         "way": protocol["way"],
         "query": protocol["query"],
         "val_episodes": protocol["val_episodes"],
         "seed": snakemake.params.seed,
-        "inference_batch": snakemake.params.inference_batch,
-        "inference_cache": snakemake.params.inference_cache,
         "tensorboard_dir": tensorboard_dir,
     },
     processes=config.gpus,
-    device=snakemake.params.device,
-    threads=snakemake.params.torch_threads,
     log_path=snakemake.log[0],
+    **gpu_job,
 )

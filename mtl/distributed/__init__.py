@@ -12,8 +12,9 @@ function in N worker processes, each in the default process group (NCCL on GPUs,
 With N = 1 none of this happens: the function runs in this process, as it always has.
 
 Each worker (:mod:`mtl.distributed.worker`, ``python -m mtl.distributed worker SPEC``) dies with
-its launcher (a killed run leaves no orphans that keep writing), claims its device like any GPU
-job (:func:`mtl.gpu_slots.claim_device`), sends its stdout/stderr to the run's log with a
+its launcher (a killed run leaves no orphans that keep writing), opens its job like any GPU
+job (:func:`mtl.jobs.open_gpu_job`: threads, its own device, the inference
+batch size measured on it), sends its stdout/stderr to the run's log with a
 ``[rank r/N]`` prefix on every logging line, and calls the function. Training code stays one
 loop: it asks :mod:`mtl.distributed.ranks` for its rank, the world size and whether it is the
 main process, takes its part of each batch with ``shard``, waits at ``barrier`` while rank 0
@@ -29,5 +30,7 @@ Example (what workflow_scripts/pretrain.py does)::
     from mtl.distributed.launch import launch
 
     launch(pretrain, {"train_h5": ..., "config": {...}}, processes=2, device="auto", threads=4,
-           log_path="logs/pretrain.log")   # two processes of 4 CPU threads, one GPU each
+           inference_batch="auto", backbone={"name": "resnet12", "width": 1.0, "image_size": None},
+           cache_dir="results/.cache", log_path="logs/pretrain.log")
+    # two processes of 4 CPU threads, one GPU each, each with the inference batch size of its GPU
 """

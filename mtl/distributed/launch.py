@@ -14,7 +14,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 
 from mtl.errors import ConfigError, MTLError
 
@@ -26,34 +25,37 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def launch(target: Callable, kwargs: dict, *, processes: int = 1, device: str = "auto",
-           threads: int | None = None, log_path: str | os.PathLike | None = None,
+           threads: int | None = None, inference_batch: int | str | None = None, backbone: dict | None = None,
+           cache_dir: str | os.PathLike | None = None, log_path: str | os.PathLike | None = None,
            launcher: str = "auto"):
     """Call ``target(**kwargs, device=<device>)`` in ``processes`` processes; return its result
     (one process) or None (several: read what rank 0 wrote).
 
-    ``device``: the config's device preference; each process claims one device with
-    :func:`mtl.gpu_slots.claim_device` (one GPU each). ``threads``: torch CPU threads of each process
-    (None: torch's default in one process, 1 in workers). ``log_path``: where workers write (appending,
+    Each process opens its job with :func:`mtl.jobs.open_gpu_job`: it claims one device (one GPU
+    each) for the config's ``device`` preference, sets ``threads`` torch CPU threads (None: torch's
+    default in one process, 1 in workers) and, given ``inference_batch`` (with ``backbone`` and
+    ``cache_dir``, as open_gpu_job takes them), resolves the inference batch size on its own device
+    and passes it to ``target`` as ``inference_batch_size`` too. ``log_path``: where workers write (appending,
     rank-prefixed); None leaves their output on this process's stdout/stderr. ``launcher``:
     "torchrun" (this machine), "srun" (inside a Slurm batch job: one torchrun agent per node), or
     "auto": srun inside a Slurm job that is not already within a job step, else torchrun.
     ``target`` must be importable by name and ``kwargs`` JSON-serialisable: workers are new
     processes.
     """
-    from mtl.gpu_slots import claim_device
+    from mtl.jobs import open_gpu_job
 
     processes = _check_processes(processes)
     if processes > 1 and ":" in str(device):
         raise ConfigError(f"device: {device} pins one GPU, but {processes} training processes need one GPU each; "
                           "use device: auto or cuda (each process then claims a free GPU), or pretrain.gpus: 1.")
+    inference = {"inference_batch": inference_batch, "backbone": None if backbone is None else dict(backbone),
+                 "cache_dir": None if cache_dir is None else str(cache_dir)}
     if processes == 1:
-        if threads:
-            torch.set_num_threads(int(threads))
-        with claim_device(device) as claimed:
-            return target(**kwargs, device=claimed)
+        with open_gpu_job(threads=threads, device=device, **inference) as job:
+            return target(**kwargs, **job.arguments())
     launcher = choose_launcher(launcher)
     spec = {"target": f"{target.__module__}:{target.__qualname__}", "kwargs": kwargs, "device": device,
-            "threads": int(threads or 1),
+            "threads": int(threads or 1), "inference": inference,
             "log": None if log_path is None else str(Path(log_path).resolve())}
     json.dumps(spec)  # fail here, not in N workers, when kwargs cannot travel
     log.info("launching %d workers with %s (%d CPU thread(s) each)", processes, launcher, spec["threads"])

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 
-import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
@@ -23,24 +22,24 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 def worker_main(spec_json: str) -> None:
     """Entry point of one worker (``python -m mtl.distributed worker SPEC``, started by torchrun)."""
-    from mtl.gpu_slots import claim_device
+    from mtl.jobs import open_gpu_job
     from mtl.logs import log_worker_to_file
 
     _die_with_parent()
     spec = json.loads(spec_json)
     global_rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     log_worker_to_file(spec["log"], f"rank {global_rank}/{world}")
-    torch.set_num_threads(int(spec["threads"]))
     module_name, _, function_name = spec["target"].partition(":")
     target = getattr(importlib.import_module(module_name), function_name)
-    with claim_device(spec["device"]) as device:
+    with open_gpu_job(threads=spec["threads"], device=spec["device"], **spec.get("inference", {})) as job:
+        device = job.device
         backend = "nccl" if device.type == "cuda" else "gloo"
         log.info("worker pid %d on %s: %s, backend %s", os.getpid(), socket.gethostname(), device, backend)
         # Bind NCCL to the claimed GPU where this torch can (its barrier then needs no guess).
         bind = device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, **({"device_id": device} if bind else {}))
         try:
-            target(**spec["kwargs"], device=device)
+            target(**spec["kwargs"], **job.arguments())
         finally:
             dist.destroy_process_group()
 

@@ -25,11 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mtl.config import check_section, schema_defaults, section_schema
 from mtl.data.episodes import Episode, pick_shots, split_support_query
 from mtl.errors import ConfigError, DataError, check_known_keys
 from mtl.rng import Purpose, stream
 
-FILL_MODES = ("random", "skip")
+FILL_MODES = tuple(section_schema("meta.hard_tasks")["properties"]["fill"]["enum"])
+#: The ``meta.hard_tasks`` defaults as rules/config.schema.yaml states them (reasons below).
+_DEFAULTS = schema_defaults("meta.hard_tasks")
 
 
 @dataclass
@@ -60,21 +63,14 @@ class HardTaskConfig:
     the failure set is cleared at every epoch start, so a resumed run draws the same tasks.
     """
 
-    enabled: bool = False
-    normal_tasks: int = 5
-    hard_tasks: int = 1
-    fill: str = "random"
+    enabled: bool = False  # not a config key: the method (mtl.methods) decides
+    normal_tasks: int = _DEFAULTS["normal_tasks"]
+    hard_tasks: int = _DEFAULTS["hard_tasks"]
+    fill: str = _DEFAULTS["fill"]
 
     def __post_init__(self) -> None:
-        if self.normal_tasks < 1 or self.hard_tasks < 1:
-            raise ConfigError(
-                f"meta.hard_tasks: normal_tasks and hard_tasks must be >= 1, "
-                f"got normal_tasks={self.normal_tasks}, hard_tasks={self.hard_tasks}"
-            )
-        if self.fill not in FILL_MODES:
-            raise ConfigError(
-                f"Unknown value '{self.fill}' for meta.hard_tasks.fill. Valid values are {set(FILL_MODES)}"
-            )
+        for name, value in check_section(vars(self), "meta.hard_tasks").items():
+            setattr(self, name, value)
 
     @classmethod
     def from_dict(cls, values: dict | None) -> HardTaskConfig:

@@ -30,9 +30,9 @@ from mtl.device import autocast
 from mtl.models import inference_copy
 
 MEMORY_BUDGET_BYTES = 256 * 2**20  # bound on gathered features per evaluation chunk
-# Images per forward pass when the caller passes no measured size (the workflow always passes one,
-# from mtl.batching.inference_batch_size): small batches keep activations in a CPU's caches.
-DEFAULT_EMBED_BATCH = 64
+# Images per forward pass of an inference pass when the caller passes no measured size (the
+# workflow always passes one, from mtl.jobs.open_gpu_job): small batches keep activations in a CPU's caches.
+DEFAULT_INFERENCE_BATCH_SIZE = 64
 
 
 # ----------------------------------------------------------------------------- init
@@ -125,7 +125,8 @@ def episode_accuracy(query_feats: torch.Tensor, query_targets: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- features
-def embed(encoder: torch.nn.Module, images, transform: Callable, batch_size: int = DEFAULT_EMBED_BATCH,
+def embed(encoder: torch.nn.Module, images, transform: Callable,
+          inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
           device: torch.device | str | None = None, *, indices: np.ndarray | None = None,
           amp: bool = True, progress: bool = False) -> torch.Tensor:
     """Features of a set of images, (N, D) float32 on ``device``: eval-mode BN, no autograd.
@@ -135,21 +136,21 @@ def embed(encoder: torch.nn.Module, images, transform: Callable, batch_size: int
     ``indices`` in the order given. Runs an :func:`~mtl.models.inference_copy` of ``encoder``
     (scales and BN folded into the convs, channels_last), so ``encoder`` itself, its train/eval
     mode included, is never touched; the features equal ``encoder.eval()``'s to float rounding
-    whatever the ``batch_size`` (tests/test_batching.py). Pick ``batch_size`` per device with
-    :func:`mtl.batching.inference_batch_size`.
+    whatever the ``inference_batch_size`` (tests/test_batching.py), images per forward pass; pick it
+    per device with :func:`mtl.batching.inference_batch_size`.
     """
     from tqdm import tqdm
 
     if not callable(transform):
-        raise TypeError("embed(encoder, images, transform, batch_size=64, device=None, *, indices=None): "
+        raise TypeError("embed(encoder, images, transform, inference_batch_size=64, device=None, *, indices=None): "
                         f"transform must be callable, got {type(transform).__name__}; pass indices= by keyword")
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     total = len(images) if indices is None else len(indices)
     model = inference_copy(encoder)
     chunks = []
-    starts = range(0, total, batch_size)
+    starts = range(0, total, inference_batch_size)
     for start in tqdm(starts, desc="embed", leave=False, disable=None if progress else True):
-        batch = _read_batch(images, indices, start, start + batch_size)
+        batch = _read_batch(images, indices, start, start + inference_batch_size)
         chunks.append(embed_batch(model, batch, transform, device, amp=amp))
     if not chunks:
         raise ValueError("embed() got no images")
@@ -217,7 +218,7 @@ def evaluate_episodes(features_by_index: torch.Tensor, episodes, way: int, shot:
 
 
 def embed_episodes(encoder: torch.nn.Module, images, episodes, transform: Callable, *,
-                   batch_size: int = DEFAULT_EMBED_BATCH,
+                   inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
                    device: torch.device | str | None = None, amp: bool = True,
                    progress: bool = False) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Embed every image used by any episode exactly once.
@@ -227,7 +228,8 @@ def embed_episodes(encoder: torch.nn.Module, images, episodes, transform: Callab
     """
     support, query = _episode_arrays(episodes)
     used, inverse = np.unique(np.concatenate([support.ravel(), query.ravel()]), return_inverse=True)
-    feats = embed(encoder, images, transform, batch_size, device, indices=used, amp=amp, progress=progress)
+    feats = embed(encoder, images, transform, inference_batch_size, device, indices=used, amp=amp,
+                  progress=progress)
     remapped_support = inverse[:support.size].reshape(support.shape)
     remapped_query = inverse[support.size:].reshape(query.shape)
     return feats, remapped_support, remapped_query
@@ -235,11 +237,12 @@ def embed_episodes(encoder: torch.nn.Module, images, episodes, transform: Callab
 
 def evaluate_encoder(encoder: torch.nn.Module, images, episodes, transform: Callable, way: int, shot: int,
                      query: int, *, init=None, steps: int = 100, lr: float = 0.01,
-                     batch_size: int = DEFAULT_EMBED_BATCH,
+                     inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
                      device: torch.device | str | None = None, generator: torch.Generator | None = None,
                      amp: bool = True, progress: bool = False) -> np.ndarray:
     """Per-episode query accuracies of a frozen encoder: embed each used image once, adapt all."""
-    feats, support, query_idx = embed_episodes(encoder, images, episodes, transform, batch_size=batch_size,
-                                               device=device, amp=amp, progress=progress)
+    feats, support, query_idx = embed_episodes(encoder, images, episodes, transform,
+                                               inference_batch_size=inference_batch_size, device=device, amp=amp,
+                                               progress=progress)
     return evaluate_episodes(feats, (support, query_idx), way, shot, query, init=init, steps=steps, lr=lr,
                              generator=generator)

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mtl.config import check_section, schema_defaults
 from mtl.data.episodes import EpisodeSampler, relabel
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
@@ -54,6 +55,7 @@ from mtl.device import autocast, grad_scaler, select_device
 from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
 from mtl.faults import fault_point
 from mtl.io import atomic_path, atomic_torch_save, file_sha256
+from mtl.methods import get_method, meta_settings
 from mtl.models import fold_scales, freeze_for_meta, load_encoder_file
 from mtl.rng import Purpose, torch_stream
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -61,7 +63,7 @@ from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, failure_class
 from mtl.train.stop import raise_if_stop_requested, stop_on_signals, stop_requested
 from mtl.results import mean_ci95
 from mtl.tracking import open_tracker
-from mtl.train.learner import DEFAULT_EMBED_BATCH, adapt_linear, embed_episodes, evaluate_episodes
+from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, adapt_linear, embed_episodes, evaluate_episodes
 
 log = logging.getLogger(__name__)
 
@@ -70,34 +72,34 @@ HISTORY_COLUMNS = ("epoch", "meta_loss", "train_acc", "val_acc", "val_ci95", "lr
 RESUMABLE_KEYS = ("epochs",)
 
 
+#: The ``meta`` defaults as rules/config.schema.yaml states them (the PyTorch reference's).
+_DEFAULTS = schema_defaults("meta")
+
+
 @dataclass
 class MetaConfig:
-    """Meta-train settings: the config's ``meta`` keys, with the PyTorch reference's defaults."""
+    """Meta-train settings: the config's ``meta`` keys; defaults and bounds are the schema's (:mod:`mtl.config`)."""
 
-    epochs: int = 100  # reference max_epoch
-    episodes_per_epoch: int = 100  # outer steps per epoch (reference num_batch)
-    meta_lr: float = 1.0e-4  # Adam on scale/shift AND BN gamma/beta (reference meta_lr1)
-    learner_lr: float = 1.0e-3  # Adam on the learner init (reference meta_lr2)
-    step_size: int = 10  # StepLR period in epochs
-    gamma: float = 0.5  # StepLR factor
-    base_lr: float = 0.01  # inner-loop SGD learning rate
-    update_step: int = 100  # inner-loop SGD steps (reference: train = val = test = 100)
-    first_order: bool = True  # reference: inner-loop gradients are constants
-    meta_batch: int = 1  # tasks whose query losses are averaged per outer step (reference 1); hard
-    # tasks count as tasks here: see HardTaskConfig for how the two groupings interact
+    epochs: int = _DEFAULTS["epochs"]  # reference max_epoch
+    episodes_per_epoch: int = _DEFAULTS["episodes_per_epoch"]  # outer steps per epoch (reference num_batch)
+    meta_lr: float = _DEFAULTS["meta_lr"]  # Adam on scale/shift AND BN gamma/beta (reference meta_lr1)
+    learner_lr: float = _DEFAULTS["learner_lr"]  # Adam on the learner init (reference meta_lr2)
+    step_size: int = _DEFAULTS["step_size"]  # StepLR period in epochs
+    gamma: float = _DEFAULTS["gamma"]  # StepLR factor
+    base_lr: float = _DEFAULTS["base_lr"]  # inner-loop SGD learning rate
+    update_step: int = _DEFAULTS["update_step"]  # inner-loop SGD steps (reference: train = val = test = 100)
+    first_order: bool = _DEFAULTS["first_order"]  # reference: inner-loop gradients are constants
+    # tasks whose query losses are averaged per outer step (reference 1); hard tasks count as tasks
+    # here: see HardTaskConfig for how the two groupings interact
+    meta_batch: int = _DEFAULTS["meta_batch"]
     hard_tasks: HardTaskConfig = field(default_factory=HardTaskConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.hard_tasks, dict):
             self.hard_tasks = HardTaskConfig.from_dict(self.hard_tasks)
-        for name in ("epochs", "episodes_per_epoch", "step_size", "meta_batch"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"meta.{name} must be >= 1, got {getattr(self, name)!r}")
-        if int(self.update_step) < 0:
-            raise ConfigError(f"meta.update_step must be >= 0, got {self.update_step!r}")
-        for name in ("meta_lr", "learner_lr", "base_lr", "gamma"):
-            if not float(getattr(self, name)) > 0:
-                raise ConfigError(f"meta.{name} must be a positive number, got {getattr(self, name)!r}")
+        values = {name: value for name, value in vars(self).items() if name != "hard_tasks"}
+        for name, value in check_section(values, "meta").items():
+            setattr(self, name, value)
 
     @classmethod
     def from_dict(cls, values: dict | None) -> MetaConfig:
@@ -378,7 +380,7 @@ def check_finite_loss(loss: float, config: MetaConfig, epoch: int, step: int) ->
 
 
 def validate(trainer: MetaTrainer, val_split, episodes, transform,
-             batch_size: int = DEFAULT_EMBED_BATCH) -> np.ndarray:
+             inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE) -> np.ndarray:
     """Per-episode validation accuracies from the meta-learned init, (E,) float.
 
     Eval-mode BN, scales folded into the convs, every image used by the episodes embedded once
@@ -386,7 +388,8 @@ def validate(trainer: MetaTrainer, val_split, episodes, transform,
     """
     plain = fold_scales(trainer.model).eval()
     arrays = (np.stack([e.support for e in episodes]), np.stack([e.query for e in episodes]))
-    features, support, query = embed_episodes(plain, val_split, arrays, transform, batch_size=batch_size,
+    features, support, query = embed_episodes(plain, val_split, arrays, transform,
+                                              inference_batch_size=inference_batch_size,
                                               device=trainer.device)
     init = (trainer.weight.detach(), trainer.bias.detach())
     return evaluate_episodes(features, (support, query), trainer.way, trainer.shot, trainer.query, init=init,
@@ -394,17 +397,17 @@ def validate(trainer: MetaTrainer, val_split, episodes, transform,
 
 
 # --------------------------------------------------------------------------- entry point
-def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkpoint_dir,
-               config: MetaConfig, way: int, shot: int, query: int, val_episodes: int, seed: int,
-               hard_tasks: bool, device: str = "auto", scope: str = "all", method: str | None = None,
-               inference_batch_size: int = DEFAULT_EMBED_BATCH,
+def meta_train(train_h5, val_h5, encoder_path, *, method: str, model_out, history_out, checkpoint_dir,
+               config: MetaConfig | dict, way: int, shot: int, query: int, val_episodes: int, seed: int,
+               device: str = "auto", inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
                tensorboard_dir: str | Path | None = None) -> Path:
-    """Meta-train the pre-trained encoder at ``encoder_path``; write ``model_out`` and ``history_out``.
+    """Meta-train ``method`` from the encoder at ``encoder_path``; write ``model_out`` and ``history_out``.
 
-    ``hard_tasks`` switches the HT meta-batch on (method ``mtl_ht``) and overrides
-    ``config.hard_tasks.enabled``. ``scope`` is where scales/shifts are learned (``all`` or ``last``,
-    see :func:`mtl.models.freeze_for_meta`); ``method`` is the name recorded in the model file
-    (default ``mtl``/``mtl_ht``). Resumes from ``checkpoint_dir/last.pt`` when present (a longer
+    ``method``: a meta-trained entry of :mod:`mtl.methods`, whose arm decides what ``config`` (the
+    config's ``meta`` block) does not: where scales/shifts are learned (``scope``, see
+    :func:`mtl.models.freeze_for_meta`), the hard-task meta-batch (``config.hard_tasks.enabled``),
+    and the ``meta`` keys it fixes (second order, meta-batch). The name is recorded in the model
+    file. Resumes from ``checkpoint_dir/last.pt`` when present (a longer
     ``epochs`` continues a finished shorter run); any other config, protocol, backbone or encoder
     change is refused with a CheckpointError, since silently mixing two runs would corrupt results.
     Outputs are written once, at the end: the best-validation model and the full history.
@@ -412,7 +415,10 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
     ``tensorboard_dir``: where each epoch's scalars are written for TensorBoard (:mod:`mtl.tracking`;
     None: nowhere).
     """
-    config = with_hard_tasks(config, hard_tasks)
+    values = config.to_dict() if isinstance(config, MetaConfig) else dict(config or {})
+    settings = meta_settings(method, values)  # refuses a method that is not meta-trained
+    arm = get_method(method).meta
+    config, scope = with_hard_tasks(settings, arm.hard_tasks), arm.scope
     if int(val_episodes) < 1:
         raise ConfigError(f"protocol.val_episodes must be >= 1 (meta-validation picks the best epoch), "
                           f"got {val_episodes!r}")
@@ -421,8 +427,7 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
     model, encoder_meta = load_encoder_file(encoder_path, ss=True)
     image_size = int(encoder_meta.get("image_size") or model.native_size)
     mean, std = normalize_stats(encoder_meta.get("normalize"))
-    protocol = {"way": way, "shot": shot, "query": query, "seed": seed, "scope": scope,
-                "method": method or ("mtl_ht" if config.hard_tasks.enabled else "mtl")}
+    protocol = {"way": way, "shot": shot, "query": query, "seed": seed, "scope": scope, "method": method}
     identity = run_identity(model, config, protocol, val_episodes, image_size, Path(encoder_path))
 
     trainer = MetaTrainer(model, way=way, shot=shot, query=query, config=config, device=device,
@@ -434,7 +439,8 @@ def meta_train(train_h5, val_h5, encoder_path, *, model_out, history_out, checkp
         "transform": TrainTransform(image_size, mean, std),
         "indices_by_class": train_split.indices_by_class() if config.hard_tasks.enabled else None,
     }
-    val = {"split": val_split, "transform": EvalTransform(image_size, mean, std), "batch_size": inference_batch_size,
+    val = {"split": val_split, "transform": EvalTransform(image_size, mean, std),
+           "inference_batch_size": inference_batch_size,
            "episodes": EpisodeSampler(val_split.labels, way, shot, query, seed,
                                       purpose=Purpose.VALIDATION_EPISODES).sample(val_episodes)}
 
@@ -535,7 +541,8 @@ def run_epoch(trainer: MetaTrainer, epoch: int, run: dict, data: dict, val: dict
     stats = train_epoch(trainer, data["split"], data["sampler"], data["transform"], epoch=epoch, seed=seed,
                         hard_config=trainer.config.hard_tasks, indices_by_class=data["indices_by_class"],
                         resume=partial if partial and partial["epoch"] == epoch else None, on_stop=on_stop)
-    val_acc, val_ci = mean_ci95(validate(trainer, val["split"], val["episodes"], val["transform"], val["batch_size"]))
+    val_acc, val_ci = mean_ci95(validate(trainer, val["split"], val["episodes"], val["transform"],
+                                         val["inference_batch_size"]))
     trainer.scheduler.step()
     if val_acc > run["best"]["val_acc"]:
         run["best"] = {"val_acc": val_acc, "epoch": epoch + 1,

@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mtl.batching import inference_batch_size
+from mtl.config import check_section, schema_defaults
 from mtl.data.episodes import EpisodeSampler, EpisodeSet
 from mtl.data.hdf5 import HDF5Split
-from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
+from mtl.data.transforms import EvalTransform, TrainTransform
 from mtl.device import autocast, grad_scaler, select_device
 from mtl.distributed import ranks
 from mtl.distributed.sync_bn import wrap_for_training
@@ -63,7 +63,7 @@ from mtl.train.stop import (ignore_stop_signals, note_stop_elsewhere, raise_if_s
                             stop_requested)
 from mtl.results import mean_ci95
 from mtl.tracking import open_tracker
-from mtl.train.learner import DEFAULT_EMBED_BATCH, evaluate_encoder
+from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, evaluate_encoder
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +73,30 @@ VAL_STEPS, VAL_LR = 100, 0.01  # reference pre-train validation learner
 RESUMABLE_CHANGES = ("epochs", "num_workers", "gpus")
 
 
-def _default_normalize() -> dict:
-    return {"mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)}
+#: The ``pretrain`` defaults as rules/config.schema.yaml states them (the reference's recipe).
+_DEFAULTS = schema_defaults("pretrain")
 
 
 @dataclass
 class PretrainConfig:
-    """The config.yaml ``pretrain`` block; defaults are the reference's."""
+    """The config.yaml ``pretrain`` block; defaults and bounds are the schema's (:mod:`mtl.config`)."""
 
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    step_size: int = 30  # epochs between LR drops
-    gamma: float = 0.2  # LR factor at each drop
-    val_shot: int = 1  # shot of the validation episodes
-    val_every: int = 1  # validate every N epochs (and always after the last one)
-    augment: bool = True
-    num_workers: int = 2  # DataLoader processes reading the HDF5 split (per training process)
-    normalize: dict = field(default_factory=_default_normalize)
+    epochs: int = _DEFAULTS["epochs"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    lr: float = _DEFAULTS["lr"]
+    momentum: float = _DEFAULTS["momentum"]
+    nesterov: bool = _DEFAULTS["nesterov"]
+    weight_decay: float = _DEFAULTS["weight_decay"]
+    step_size: int = _DEFAULTS["step_size"]  # epochs between LR drops
+    gamma: float = _DEFAULTS["gamma"]  # LR factor at each drop
+    val_shot: int = _DEFAULTS["val_shot"]  # shot of the validation episodes
+    val_every: int = _DEFAULTS["val_every"]  # validate every N epochs (and always after the last one)
+    augment: bool = _DEFAULTS["augment"]
+    num_workers: int = _DEFAULTS["num_workers"]  # DataLoader processes reading the HDF5 split (per training process)
+    normalize: dict = field(default_factory=lambda: schema_defaults("pretrain")["normalize"])
     # Training processes (one GPU each) that mtl.distributed.launch starts; `pretrain` itself
     # trains in whatever process group it runs in, with the same result for any count.
-    gpus: int = 1
+    gpus: int = _DEFAULTS["gpus"]
 
     @classmethod
     def from_dict(cls, values: dict | None) -> PretrainConfig:
@@ -106,30 +106,9 @@ class PretrainConfig:
         return config
 
     def validate(self) -> None:
-        minimum = {"epochs": 0, "num_workers": 0}
-        for name in ("epochs", "batch_size", "step_size", "val_shot", "val_every", "num_workers", "gpus"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum.get(name, 1):
-                raise ConfigError(f"pretrain.{name} must be an integer >= {minimum.get(name, 1)}, got {value!r}")
-            setattr(self, name, int(value))
-        for name in ("lr", "momentum", "weight_decay", "gamma"):
-            value = getattr(self, name)
-            try:
-                number = float(value)  # YAML reads 5e-4 (no dot) as a string
-            except (TypeError, ValueError):
-                number = float("nan")
-            if isinstance(value, bool) or not math.isfinite(number) or number < 0:
-                raise ConfigError(f"pretrain.{name} must be a non-negative number, got {value!r}")
-            setattr(self, name, number)
-        for name in ("nesterov", "augment"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"pretrain.{name} must be true or false, got {getattr(self, name)!r}")
-        norm = self.normalize
-        if (not isinstance(norm, dict) or set(norm) != {"mean", "std"}
-                or any(len(norm[k]) != 3 for k in norm) or min(norm["std"]) <= 0):
-            raise ConfigError("pretrain.normalize must be {mean: [3 numbers], std: [3 positive numbers]}, "
-                              f"got {norm!r}")
-        self.normalize = {k: [float(v) for v in norm[k]] for k in ("mean", "std")}
+        """Every value checked against the schema's type and bounds (YAML's ``5e-4`` string becomes a float)."""
+        for name, value in check_section(dataclasses.asdict(self), "pretrain").items():
+            setattr(self, name, value)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,24 +150,22 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, backbone: dict,
              config: PretrainConfig | dict, way: int = 5, shot: int | None = None, query: int = 15,
              val_episodes: int = 600, seed: int = 1, device: str = "auto",
-             inference_batch: int | str = DEFAULT_EMBED_BATCH, inference_cache: str | None = None,
+             inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
              tensorboard_dir: str | Path | None = None) -> Path:
     """Pre-train an encoder on ``train_h5``, select it on ``val_h5`` episodes, write ``encoder_out``.
 
     ``backbone``: {name, width, image_size (None = native)}. ``shot``: validation shot, default
     ``config.val_shot``. Writes ``history_out`` (CSV, one row per epoch) and keeps resume state in
-    ``checkpoint_dir/last.pt``. ``inference_batch``: images per forward pass of the validation
-    embedding, an integer or "auto" (probed on this process's device and cached in
-    ``inference_cache``, see mtl.batching; resolved here because each training process claims its
-    own device). ``tensorboard_dir``: where rank 0 writes each epoch's scalars for TensorBoard
-    (:mod:`mtl.tracking`; None: nowhere). Returns ``encoder_out``.
+    ``checkpoint_dir/last.pt``. ``inference_batch_size``: images per forward pass of the validation
+    embedding (:func:`mtl.distributed.launch` resolves it in each training process, on the device
+    that process claims). ``tensorboard_dir``: where rank 0 writes each epoch's scalars for
+    TensorBoard (:mod:`mtl.tracking`; None: nowhere). Returns ``encoder_out``.
     """
     config = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
     config.validate()
     device = select_device(device)
-    batch_size = inference_batch_size(inference_batch, backbone, device, cache_dir=inference_cache)
     run = _Run(train_h5, val_h5, backbone, config, way, config.val_shot if shot is None else shot,
-               query, val_episodes, seed, device, Path(checkpoint_dir), batch_size)
+               query, val_episodes, seed, device, Path(checkpoint_dir), inference_batch_size)
     run.resume_or_start()
     run.write_history(history_out)
     epochs = tqdm(range(run.next_epoch, config.epochs + 1), desc="pretrain", unit="epoch",
@@ -402,7 +379,7 @@ class _Run:
         """Fresh linear learner per fixed val episode on frozen eval-mode features (seeded init)."""
         accs = evaluate_encoder(self.model.encoder, self.val, self.val_set, self.eval_transform, self.way,
                                 self.shot, self.query, steps=VAL_STEPS, lr=VAL_LR,
-                                batch_size=self.inference_batch_size, device=self.device,
+                                inference_batch_size=self.inference_batch_size, device=self.device,
                                 generator=torch_stream(self.seed, Purpose.VALIDATION_LEARNERS))
         return mean_ci95(accs)
 

@@ -349,7 +349,7 @@ def step_gen_results(a: dict, probe: _Probe) -> dict:
     """Synthetic results tree: every run summarize reads, with 600-episode CSVs and 100-epoch histories."""
     import numpy as np
 
-    from mtl.results import write_episode_results
+    from mtl.results.runs import write_episode_results
 
     root, rng = Path(a["root"]), np.random.default_rng(0)
     files = {"metrics": [], "episodes": [], "histories": []}
@@ -362,7 +362,8 @@ def step_gen_results(a: dict, probe: _Probe) -> dict:
             for method in ("ft", "proto", "mtl", "mtl_ht"):
                 run = root / dataset / "resnet12" / method / f"{shot}shot"
                 protocol = {"dataset": dataset, "backbone": "resnet12", "method": method, "way": 5, "shot": shot,
-                            "query": 15, "seed": 1, "episodes_file": f"{dataset}/{shot}.npz", "episodes_sha256": sha}
+                            "query": 15, "seed": 1, "episode_seed": 1, "episodes_file": f"{dataset}/{shot}.npz",
+                            "episodes_sha256": sha}
                 write_episode_results(run / "episodes.csv", run / "metrics.json",
                                       rng.integers(20, 70, 600) / 75.0, protocol)
                 files["metrics"].append(str(run / "metrics.json"))
@@ -383,13 +384,14 @@ def _write_history(path: Path, header: str, rng) -> None:
 
 
 def step_summarize(a: dict, probe: _Probe) -> dict:
-    from mtl.results import summarize_runs
+    from mtl.report import summarize_runs
 
     probe.imports_done()
     root = Path(a["root"])
     files = json.loads((root / "files.json").read_text())
     summarize_runs(files["metrics"], files["episodes"], files["histories"], csv_out=root / "summary.csv",
-                   md_out=root / "summary.md", accuracy_plot=root / "accuracy.png", history_plot=root / "training.png")
+                   per_seed_csv_out=root / "summary_per_seed.csv", md_out=root / "summary.md",
+                   accuracy_plot=root / "accuracy.png", history_plot=root / "training.png")
     return {}
 
 

@@ -13,7 +13,8 @@ tables (accuracy, difference to ft, difference to mtl), arms as rows, dataset x 
 ``snakemake ablation`` scores in-domain runs only. Transfer runs given here (trained on one dataset,
 tested on another) are kept apart, never mixed with the target's in-domain runs: they get their own
 columns ``<trained_on>_to_<dataset>_<shot>shot_<field>``, paired with ft and mtl trained on the same
-dataset, after the in-domain columns, and no paper figure.
+dataset, after the in-domain columns, and no paper figure. The paper's figures are those of
+:mod:`mtl.published`, which the summary quotes too.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ import pandas as pd
 from mtl.errors import ConfigError
 from mtl.io import atomic_path
 from mtl.methods import NAMES, get_method
-from mtl.results import (
-    NOT_MEASURED, ROW_KEY, SEED_INTERVAL, TRAINED_ON, build_summary, is_transfer, load_runs, reference_for,
-)
+from mtl.published import paper_figure
+from mtl.results.runs import ROW_KEY, TRAINED_ON, is_transfer, load_runs
+from mtl.results.tables import build_summary
+from mtl.stats import NOT_MEASURED, SEED_INTERVAL
 
 log = logging.getLogger(__name__)
 
@@ -40,32 +42,6 @@ GROUP_FIELDS = (
     "diff_vs_mtl", "diff_vs_mtl_ci95", "seeds_paired_with_mtl", "seeds_above_mtl",
     "paper_accuracy", "paper_source",
 )
-
-_FT_ROWS_SOURCE = (
-    "Sun et al., CVPR 2019, Table 1 (ablation), row {row}, miniImageNet 5-way 1-shot, as quoted in the "
-    "authors' repository (github.com/yaoyao-liu/meta-transfer-learning, issue #24; the authors answered "
-    "without correcting the figures). We could not read the table itself or its FC100/5-shot cells. The "
-    "paper's FT rows may update these parameters during meta-training (the authors point to Sec. 5.3 of "
-    "arXiv:1910.03648); our arm fine-tunes at test time only, so the comparison is indicative"
-)
-#: The MTL paper's ablation figures we could verify, per arm: {(dataset, shot): (accuracy %, source)}.
-#: 5-way only. ``mtl`` and ``mtl_ht`` take the published figures of :data:`mtl.results.REFERENCE_ACCURACIES`.
-PAPER_ABLATION: dict[str, dict[tuple[str, int], tuple[float, str]]] = {
-    "ft": {("miniimagenet", 1): (55.9, _FT_ROWS_SOURCE.format(row="FT θ"))},
-    "ft_last": {("miniimagenet", 1): (57.2, _FT_ROWS_SOURCE.format(row="FT [Θ4; θ]"))},
-    "ft_all": {("miniimagenet", 1): (58.3, _FT_ROWS_SOURCE.format(row="FT [Θ; θ]"))},
-}
-
-
-def paper_figure(arm: str, dataset: str, shot: int, way: int) -> tuple[float, str] | None:
-    """(accuracy %, source) the paper reports for this arm and cell, or None."""
-    if int(way) != 5:
-        return None
-    key = (str(dataset).lower(), int(shot))
-    if key in PAPER_ABLATION.get(arm, {}):
-        return PAPER_ABLATION[arm][key]
-    reference = reference_for(arm, dataset, shot, way)
-    return None if reference is None else (reference[0], reference[2])
 
 
 def ablation_long(runs: Sequence) -> pd.DataFrame:

@@ -40,7 +40,7 @@ from mtl.logistic import LOGISTIC_SETTINGS, logistic_accuracies
 from mtl.methods import LOGISTIC, PROTOTYPE, get_method
 from mtl.models import load_encoder_file
 from mtl.models.encoder_io import ENCODER_PRODUCER, MODEL_PRODUCER
-from mtl.results import write_episode_results
+from mtl.results.runs import write_episode_results
 from mtl.rng import Purpose, torch_stream
 from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, embed_episodes, evaluate_episodes
 

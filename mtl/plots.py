@@ -1,7 +1,7 @@
 """The report's plots: per-seed test accuracies with the across-seed interval, and training curves
 as a band over seeds. Matplotlib's object API on the Agg canvas (no pyplot, no GUI state).
 
-Inputs are the tables of :mod:`mtl.results` and the ``history.csv`` files of the training rules,
+Inputs are the tables of :mod:`mtl.results.tables` and the ``history.csv`` files of the training rules,
 whose paths name the run: ``results/<dataset>/<backbone>/seed<N>/pretrain/history.csv`` and
 ``results/<dataset>/<backbone>/seed<N>/<method>/<shot>shot/history.csv``.
 """
@@ -16,7 +16,8 @@ import pandas as pd
 
 from mtl.errors import DataError, MTLError
 from mtl.io import atomic_path
-from mtl.results import SEED_INTERVAL, TRAINED_ON, read_csv_table
+from mtl.results.runs import TRAINED_ON, read_csv_table
+from mtl.stats import SEED_INTERVAL
 
 LOSS_COLUMNS = ("train_loss", "meta_loss", "loss")
 _SEED_PART = re.compile(r"seed(\d+)$")

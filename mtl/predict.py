@@ -307,7 +307,7 @@ def predict_with_trained_models(model_files: Sequence, support, query, out_csv, 
         raise ConfigError(f"the models of {trained_on} were trained on images of several sizes {sorted(sizes)}")
     support_set = read_support_folder(support, sizes.pop())
     if method is None or shot is None:
-        from mtl.results import read_csv_table
+        from mtl.results.runs import read_csv_table
 
         summary = read_csv_table(summary_csv, "summary", "run the workflow (snakemake) first")
         method, shot = choose_run(summary, trained_on, support_set.counts(), method=method, shot=shot)

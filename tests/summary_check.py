@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy.stats import t
 
-from mtl.results import verdict
+from mtl.stats import verdict
 
 #: summary.csv and summary_per_seed.csv hold values rounded to 2 decimals.
 ROUNDING = 0.005

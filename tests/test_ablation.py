@@ -7,9 +7,10 @@ import math
 import pandas as pd
 import pytest
 
-from mtl.ablation import PAPER_ABLATION, write_ablation
+from mtl.ablation import write_ablation
 from mtl.errors import ConfigError
-from mtl.results import write_episode_results
+from mtl.published import PAPER_ABLATION
+from mtl.results.runs import write_episode_results
 
 T_975_1DOF = 12.706204736174698  # Student t quantile 0.975 with 1 degree of freedom (two seeds)
 SHA = "a" * 64

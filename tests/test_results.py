@@ -1,10 +1,12 @@
-"""mtl.results and mtl.plots: interval formulas, paired differences, the across-seed summary, verdicts,
-the summary files and the report plots."""
+"""mtl.stats, mtl.results, mtl.plots and mtl.report: interval formulas, paired differences, the
+across-seed summary, verdicts, the summary files, the report plots and the summarize step."""
 from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,25 +14,29 @@ import pytest
 
 from mtl.errors import ConfigError, DataError, MTLError
 from mtl.plots import history_run, plot_accuracies, plot_histories
+from mtl.report import summarize_runs
 from mtl.results import (
-    INTERVAL_FORMULA,
-    NOT_MEASURED,
-    SEED_INTERVAL,
     build_summary,
-    ci95,
     load_runs,
-    paired_difference,
     per_seed_table,
-    summarize_accuracies,
     summary_markdown,
     summary_rst,
-    t_interval,
-    verdict,
     verdict_sentences,
     write_episode_results,
     write_summary,
 )
+from mtl.stats import (
+    INTERVAL_FORMULA,
+    NOT_MEASURED,
+    SEED_INTERVAL,
+    ci95,
+    paired_difference,
+    summarize_accuracies,
+    t_interval,
+    verdict,
+)
 
+ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["ft", "proto", "mtl", "mtl_ht"]
 N_EPISODES = 40
 
@@ -80,6 +86,26 @@ def tree(tmp_path):
 
 def _summary(pairs):
     return build_summary(load_runs(pairs))
+
+
+# ----------------------------------------------------------------------------- layers
+#: What importing each layer must not load. Training imports mtl.stats for its validation interval
+#: and must not pay seconds of pandas and scipy imports for it; the tables must work without the
+#: plots (and matplotlib), which sit above them with the summarize step.
+NOT_LOADED_BY = {
+    "mtl.stats": ("pandas", "matplotlib", "scipy", "mtl.results"),
+    "mtl.results": ("matplotlib", "mtl.plots", "mtl.report"),
+    "mtl.plots": ("mtl.report",),
+}
+
+
+@pytest.mark.parametrize("module", NOT_LOADED_BY)
+def test_a_layer_loads_nothing_above_it(module):
+    forbidden = NOT_LOADED_BY[module]
+    code = f"import sys, {module}; print(sorted(m for m in {forbidden!r} if m in sys.modules))"
+    # a fresh interpreter: this one has loaded everything already
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", f"importing {module} loads {result.stdout.strip()}"
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -537,6 +563,25 @@ def test_plot_accuracies_writes_png(tree, tmp_path):
     pytest.importorskip("matplotlib")
     path = plot_accuracies(*_tables(tree), tmp_path / "plots" / "accuracy.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_summarize_runs_writes_every_output_of_the_summarize_step(tree, tmp_path):
+    pytest.importorskip("matplotlib")
+    root, pairs = tree
+    history = _history(root / "fc100/resnet12/seed1/pretrain/history.csv", np.arange(1, 4),
+                       train_loss=[2.0, 1.5, 1.2], val_acc=[0.4, 0.5, 0.55])
+    out = tmp_path / "summary"
+    names = dict(csv_out="summary.csv", per_seed_csv_out="summary_per_seed.csv", md_out="summary.md",
+                 rst_out="summary.rst", accuracy_plot="accuracy.png", history_plot="history.png")
+    summary = summarize_runs([m for m, _ in pairs], [e for _, e in pairs], [history],
+                             **{key: out / name for key, name in names.items()})
+    assert sorted(p.name for p in out.iterdir()) == sorted(names.values())
+    written = pd.read_csv(out / "summary.csv")
+    assert list(written["method"]) == list(summary["method"]) and len(written) == 2 * len(METHODS)
+    assert (out / "summary.md").read_text() == summary_markdown(summary)
+    assert (out / "summary.rst").read_text() == summary_rst(summary)
+    assert len(pd.read_csv(out / "summary_per_seed.csv")) == len(pairs)
+    assert all((out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for png in ("accuracy.png", "history.png"))
 
 
 def _history(path, epochs, **columns):

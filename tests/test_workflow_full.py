@@ -14,7 +14,7 @@ import yaml
 
 from mtl.batching import CACHE_FILE, CANDIDATES
 from mtl.data.hdf5 import HDF5Split
-from mtl.results import SEED_INTERVAL
+from mtl.stats import SEED_INTERVAL
 from tests.summary_check import assert_summary_matches_per_seed
 from tests.workflow import REPO, SCENARIOS, inference_cache, job_counts, run_snakemake, scenario_config
 

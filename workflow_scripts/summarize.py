@@ -3,7 +3,7 @@ from mtl.logs import log_to_file
 
 log_to_file(snakemake.log[0])
 
-from mtl.results import summarize_runs
+from mtl.report import summarize_runs
 
 summarize_runs(
     list(snakemake.input.metrics),

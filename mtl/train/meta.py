@@ -61,7 +61,7 @@ from mtl.rng import Purpose, torch_stream
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, failure_class
 from mtl.train.stop import raise_if_stop_requested, stop_on_signals, stop_requested
-from mtl.results import mean_ci95
+from mtl.stats import mean_ci95
 from mtl.tracking import open_tracker
 from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, adapt_linear, embed_episodes, evaluate_episodes
 

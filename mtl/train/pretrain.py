@@ -61,7 +61,7 @@ from mtl.rng import Purpose, stream, stream_seed, torch_stream
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from mtl.train.stop import (ignore_stop_signals, note_stop_elsewhere, raise_if_stop_requested, stop_on_signals,
                             stop_requested)
-from mtl.results import mean_ci95
+from mtl.stats import mean_ci95
 from mtl.tracking import open_tracker
 from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, evaluate_encoder
 

@@ -24,7 +24,7 @@ bench did before issue 13: the eval-mode model as it is, one batch of 80 per epi
 and reports every ratio and their median.
 
 Part 2, ``--big-episodes`` (10,000) episodes: embedding every image of the split once with
-`mtl.train.learner.embed` (the same HDF5 read path and batch size as `evaluate`), then the full
+`mtl.base_learner.embed` (the same HDF5 read path and batch size as `evaluate`), then the full
 `evaluate("ft", ...)`; the target is evaluate <= 1.3x the embedding pass. Each `evaluate` call is
 profiled by wrapping the functions it calls (library code is not changed), so the report shows
 where its non-embedding time goes; the 10,000-episode sampling (`write_test_episodes`, the
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import mtl.evaluate
-import mtl.train.learner
+import mtl.base_learner
 from mtl.batching import inference_batch_size
 from mtl.data.episodes import load_episodes, write_test_episodes
 from mtl.data.hdf5 import HDF5Split
@@ -63,12 +63,12 @@ PROFILED = (
     (mtl.evaluate, "_load_for_method", "load model"),
     (mtl.evaluate, "load_episodes", "load + check episode file (sha256)"),
     (mtl.evaluate, "embed_episodes", "embed_episodes"),
-    (mtl.train.learner, "embed", "  embed (read + transform + forward)"),
+    (mtl.base_learner, "embed", "  embed (read + transform + forward)"),
     (HDF5Split, "get_images", "    HDF5 reads"),
     (mtl.evaluate, "evaluate_episodes", "evaluate_episodes"),
-    (mtl.train.learner, "adapt_linear", "  adapt_linear (100 SGD steps, all episodes)"),
-    (mtl.train.learner, "fresh_init", "    fresh_init (kaiming draws, one per episode)"),
-    (mtl.train.learner, "episode_accuracy", "  episode_accuracy"),
+    (mtl.base_learner, "adapt_linear", "  adapt_linear (100 SGD steps, all episodes)"),
+    (mtl.base_learner, "fresh_init", "    fresh_init (kaiming draws, one per episode)"),
+    (mtl.base_learner, "episode_accuracy", "  episode_accuracy"),
     (mtl.evaluate, "write_episode_results", "write episodes.csv + metrics.json"),
 )
 
@@ -135,7 +135,7 @@ def run_evaluate(model: Path, split_path: Path, episodes: Path, out_dir: Path, d
 # ----------------------------------------------------------------------------- parts
 def warm_up(encoder, split: HDF5Split, transform, device: torch.device, batch_size: int) -> None:
     """Two untimed batches (kernel selection, allocator), of evaluate's embedding batch size."""
-    mtl.train.learner.embed(encoder, split, transform, batch_size, device,
+    mtl.base_learner.embed(encoder, split, transform, batch_size, device,
                             indices=np.arange(min(2 * batch_size, len(split))))
 
 
@@ -191,7 +191,7 @@ def part2(args, tmp: Path, split_path: Path, model: Path, device: torch.device, 
     split = HDF5Split(split_path)
     transform = EvalTransform(SIZE)
     warm_up(encoder, split, transform, device, batch_size)
-    feats, t_embed, load_e = timed(lambda: mtl.train.learner.embed(
+    feats, t_embed, load_e = timed(lambda: mtl.base_learner.embed(
         encoder, split, transform, batch_size, device, indices=np.arange(len(split))), device)
     split.close()
     accs, t_eval, load_v, profile = run_evaluate(model, split_path, episodes_path, tmp / "part2", device, batch_size)

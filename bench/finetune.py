@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from mtl.finetune import adapt_on_support
 from mtl.models import build_backbone
-from mtl.train.learner import fresh_init
+from mtl.base_learner import fresh_init
 
 
 def batched(encoder, scope, inputs, targets, way, steps) -> float:

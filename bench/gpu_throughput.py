@@ -50,7 +50,7 @@ try:
     from mtl.device import autocast, autocast_dtype, grad_scaler, select_device
     from mtl.errors import MTLError
     from mtl.models import PretrainClassifier, build_backbone, fold_scales
-    from mtl.train.learner import embed_episodes, evaluate_episodes
+    from mtl.base_learner import embed_episodes, evaluate_episodes
     from mtl.train.meta import MetaConfig, MetaTrainer, train_epoch
 except ImportError as exc:  # e.g. h5py or tqdm missing on a bare GPU machine
     sys.exit(f"gpu_throughput: cannot import the mtl library ({exc}); install the project's requirements "

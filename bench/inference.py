@@ -8,7 +8,7 @@
 Random 84x84 uint8 images, random-weight encoders with non-trivial BatchNorm statistics, eval
 mode, CPU unless ``--device``. Every figure is printed with the machine and load beside it.
 
-- sizes: images/s of `mtl.train.learner.embed` per batch size, in two orders (large to small,
+- sizes: images/s of `mtl.base_learner.embed` per batch size, in two orders (large to small,
   then small to large: warm-up and load drift show up as a disagreement), for the model `embed`
   runs now ("fast": `inference_copy`, i.e. scales and BN folded, channels_last) and for the plain
   eval-mode model it ran before ("plain": NCHW, BN as a layer), at the same sizes.
@@ -36,7 +36,7 @@ from torch import nn
 from mtl.batching import BatchSizeCache, inference_batch_size
 from mtl.data.transforms import EvalTransform
 from mtl.models import build_backbone, fold_batchnorm, inference_copy
-from mtl.train.learner import embed
+from mtl.base_learner import embed
 
 SIZES = (512, 256, 128, 80, 64, 32, 16, 8, 4)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mtl.logistic import LOGISTIC_SETTINGS, logistic_accuracies, logistic_probabilities
-from mtl.train.learner import evaluate_episodes
+from mtl.base_learner import evaluate_episodes
 
 CLASSES, PER_CLASS = 20, 600
 

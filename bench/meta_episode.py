@@ -6,7 +6,7 @@
 
 Both steps start from the same SS backbone, learner init and Adam state and see the same images:
   ours:      mtl.train.meta.MetaTrainer (query embedded with autograd, support under no_grad,
-             batched analytic inner loop from mtl.train.learner, first-order), then Adam.
+             batched analytic inner loop from mtl.base_learner, first-order), then Adam.
   reference: the PyTorch reference's meta_forward: support AND query embedded with autograd, inner
              loop of update_step autograd.grad calls (create_graph=False), query CE backward, Adam.
 The first step of each is checked to give the same meta-gradient and the same updated meta

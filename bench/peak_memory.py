@@ -331,7 +331,7 @@ def step_learner(a: dict, probe: _Probe) -> dict:
     import numpy as np
 
     from mtl.data.episodes import EpisodeSampler
-    from mtl.train.learner import evaluate_episodes
+    from mtl.base_learner import evaluate_episodes
 
     labels = np.repeat(np.arange(20), a["images"] // 20)
     episodes = EpisodeSampler(labels, 5, a["shot"], 15, 1).sample(a["episodes"])

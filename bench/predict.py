@@ -27,7 +27,7 @@ from mtl.io import atomic_torch_save
 from mtl.model_file import export_model
 from mtl.models import build_backbone, save_encoder
 from mtl.predict import load_models
-from mtl.train.learner import embed
+from mtl.base_learner import embed
 
 NORMALIZE = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 

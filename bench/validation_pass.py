@@ -4,7 +4,7 @@ Synthetic split (16 classes x 600 images, 84x84, like miniImageNet's val split),
 reduced width (default 0.25: the full width is ~16x the CPU time), 600 5-way 1-shot 15-query
 episodes, fresh linear learner (100 SGD steps, lr 0.01) per episode, as in pre-train validation.
 
-- batched: `mtl.train.learner.evaluate_encoder` -- embed the distinct images used by any episode
+- batched: `mtl.base_learner.evaluate_encoder` -- embed the distinct images used by any episode
   once, then adapt all 600 learners together (`evaluate_episodes`).
 - per-episode (reference protocol): for each episode read its 80 images, embed them, adapt one
   learner with autograd (100 steps). Its cost is linear in the number of episodes, so on a CPU
@@ -37,7 +37,7 @@ from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import EvalTransform
 from mtl.device import autocast
 from mtl.models import build_backbone, inference_copy
-from mtl.train.learner import embed_batch, evaluate_encoder
+from mtl.base_learner import embed_batch, evaluate_encoder
 
 
 def per_episode_protocol(encoder, split, support: np.ndarray, query: np.ndarray, transform, device, count: int,

@@ -8,7 +8,7 @@ the size is measured, not assumed:
 
 - :func:`probe_rates` times a few sizes, smallest first, on a fresh copy of the backbone
   (random weights: the cost does not depend on their values) through the real embedding path
-  (:func:`mtl.train.learner.embed_batch`), sweeping up within a time budget (default 1.5 s),
+  (:func:`mtl.base_learner.embed_batch`), sweeping up within a time budget (default 1.5 s),
   then once more down (so warm-up cannot favour the sizes timed last);
 - :func:`pick_batch_size` takes the smallest size within 5% of the best rate. On a CPU the probe's
   few passes over the same images can flatter a large batch (seen on an idle 2-core Xeon: 64 at
@@ -139,7 +139,7 @@ def embedding_probe(backbone: str, width: float, image_size: int, device: torch.
     """``run_batch(size)``: embed ``size`` random images with a fresh backbone, as `embed` does."""
     from mtl.data.transforms import EvalTransform
     from mtl.models import build_backbone, inference_copy
-    from mtl.train.learner import embed_batch
+    from mtl.base_learner import embed_batch
 
     model = inference_copy(build_backbone(backbone, width=width).to(device))
     transform = EvalTransform(image_size)

@@ -3,7 +3,7 @@
 The encoder is fixed at meta-test, so the features of an image are the same in every episode
 that uses it. We embed the images the episodes touch once (scales folded into the conv weights,
 eval-mode BN), then adapt all episodes' base learners together in one batched computation
-(:func:`mtl.train.learner.evaluate_episodes`). The per-episode protocol of the reference embeds
+(:func:`mtl.base_learner.evaluate_episodes`). The per-episode protocol of the reference embeds
 support and query of every episode again; both give the same per-episode accuracies.
 
 Methods (entries of :mod:`mtl.methods`, which states each one's test-time adaptation and budget):
@@ -42,7 +42,7 @@ from mtl.models import load_encoder_file
 from mtl.models.encoder_io import ENCODER_PRODUCER, MODEL_PRODUCER
 from mtl.results.runs import write_episode_results
 from mtl.rng import Purpose, torch_stream
-from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, embed_episodes, evaluate_episodes
+from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, embed_episodes, evaluate_episodes
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from mtl.stop_signals import stop_requested
+
 FAULT_ENV = "MTL_FAULT_AT"
 FAULT_DIR_ENV = "MTL_FAULT_DIR"
 ACTIONS = ("kill", "kill-all", "term", "cut", "cut-all", "stall")
@@ -91,8 +93,6 @@ def _fire(action: str, path) -> None:
 
 
 def _stall(release: Path) -> None:
-    from mtl.train.stop import stop_requested  # lazy: keep this module free of imports
-
     deadline = time.monotonic() + STALL_LIMIT_S
     while not release.exists() and not stop_requested() and time.monotonic() < deadline:
         time.sleep(0.1)

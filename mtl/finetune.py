@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, vmap
 from mtl.data.episodes import relabel
 from mtl.methods import ALL, LAST
 from mtl.models.backbone import Backbone, encoder_part
-from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, embed, embed_episodes, episode_accuracy, fresh_init
+from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, embed, embed_episodes, episode_accuracy, fresh_init
 
 log = logging.getLogger(__name__)
 

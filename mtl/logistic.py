@@ -151,7 +151,7 @@ def logistic_accuracies(features: torch.Tensor, support: np.ndarray, query: np.n
 
     ``features[i]`` is the feature of image i; ``support`` (E, way*shot) and ``query`` (E, way*n_query)
     index it, class-major (the first ``shot`` support images are class 0, ...), as
-    :func:`mtl.train.learner.embed_episodes` returns them. A query counts as correct when its
+    :func:`mtl.base_learner.embed_episodes` returns them. A query counts as correct when its
     most probable class is its own.
 
     Cost (``bench/logistic.py``, bench/RESULTS.md): 600 episodes of 5-way 5-shot 15-query on

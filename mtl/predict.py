@@ -36,7 +36,7 @@ from mtl.methods import FRESH, LOGISTIC, META_LEARNED, PROTOTYPE
 from mtl.model_file import read_model_file
 from mtl.models import inference_copy
 from mtl.rng import Purpose, torch_stream
-from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, adapt_linear, embed_batch, fresh_init, linear_logits
+from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, adapt_linear, embed_batch, fresh_init, linear_logits
 
 log = logging.getLogger(__name__)
 

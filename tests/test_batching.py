@@ -29,7 +29,7 @@ from mtl.batching import (
 from mtl.data.transforms import EvalTransform
 from mtl.errors import ConfigError
 from mtl.models import build_backbone, inference_copy
-from mtl.train.learner import embed
+from mtl.base_learner import embed
 
 # Measured max |difference| / max |feature| (CPU, 1 and 2 threads): 3e-7 - 5e-7 between batch
 # sizes and between the folded channels_last copy and the plain eval-mode model. 1e-5 leaves 20x.
@@ -325,7 +325,7 @@ def colour_split(path, split, classes, per_class, seed):
 @pytest.fixture
 def embed_batch_sizes(monkeypatch):
     """The batch size of every `embed` call (all inference passes go through it)."""
-    import mtl.train.learner as learner
+    import mtl.base_learner as learner
 
     seen, original = [], learner.embed
 

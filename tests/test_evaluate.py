@@ -18,7 +18,7 @@ from mtl.io import atomic_torch_save
 from mtl.logistic import LOGISTIC_SETTINGS
 from mtl.models import build_backbone, save_encoder
 from mtl.rng import Purpose, torch_stream
-from mtl.train.learner import fresh_init
+from mtl.base_learner import fresh_init
 
 WAY, SHOT, QUERY, EPISODES, SIZE = 3, 2, 4, 12, 16
 NORMALIZE = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}

@@ -23,7 +23,7 @@ from mtl.finetune import (
     query_features,
 )
 from mtl.models import build_backbone, save_encoder
-from mtl.train.learner import evaluate_encoder, fresh_init
+from mtl.base_learner import evaluate_encoder, fresh_init
 
 WAY, SHOT, QUERY, EPISODES, SIZE = 3, 2, 3, 5, 16
 NORMALIZE = {"mean": [0.5] * 3, "std": [0.25] * 3}

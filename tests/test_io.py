@@ -9,7 +9,7 @@ import pytest
 
 from mtl.faults import fault_point, parse_spec
 from mtl.io import DiskFullError, atomic_path
-from mtl.train.stop import stop_on_signals, stop_requested
+from mtl.stop_signals import stop_on_signals, stop_requested
 
 
 def test_atomic_path_renames_on_success_and_leaves_nothing_on_failure(tmp_path):

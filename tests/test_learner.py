@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mtl.stats import mean_ci95
-from mtl.train.learner import adapt_linear, embed, episode_accuracy, evaluate_encoder, evaluate_episodes
+from mtl.base_learner import adapt_linear, embed, episode_accuracy, evaluate_encoder, evaluate_episodes
 
 WAY, SHOT, QUERY, DIM, E = 5, 2, 3, 12, 7
 

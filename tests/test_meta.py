@@ -19,7 +19,7 @@ from mtl.rng import Purpose
 from mtl.train.checkpoint import load_checkpoint
 from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound
 from mtl.train.meta import MetaConfig, MetaTrainer, TaskStream, meta_train, task_query_loss, train_epoch
-from mtl.train.stop import Stopped
+from mtl.stop_signals import Stopped
 
 WAY, SHOT, QUERY, SIZE = 3, 1, 2, 16
 

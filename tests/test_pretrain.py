@@ -11,7 +11,7 @@ from mtl.data.hdf5 import write_split
 from mtl.errors import CheckpointError, ConfigError
 from mtl.models import load_encoder
 from mtl.train.pretrain import PretrainConfig, epoch_batches, lr_at, pretrain
-from mtl.train.stop import Stopped
+from mtl.stop_signals import Stopped
 
 BACKBONE = {"name": "resnet12", "width": 0.125, "image_size": 16}
 

@@ -60,10 +60,10 @@ from mtl.models import fold_scales, freeze_for_meta, load_encoder_file
 from mtl.rng import Purpose, torch_stream
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, failure_class
-from mtl.train.stop import raise_if_stop_requested, stop_on_signals, stop_requested
+from mtl.stop_signals import raise_if_stop_requested, stop_on_signals, stop_requested
 from mtl.stats import mean_ci95
 from mtl.tracking import open_tracker
-from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, adapt_linear, embed_episodes, evaluate_episodes
+from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, adapt_linear, embed_episodes, evaluate_episodes
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def init_learner(way: int, dim: int, device: torch.device | str = "cpu", *,
 def adapt_learner(support_feats, support_targets, weight, bias, *, steps: int, lr: float, first_order: bool):
     """Adapted learner (W_T (way, D), b_T (way,)) from the meta-learned init (weight, bias).
 
-    Uses the shared batched base learner (:func:`mtl.train.learner.adapt_linear`, analytic
+    Uses the shared batched base learner (:func:`mtl.base_learner.adapt_linear`, analytic
     gradients). First-order: ``W_T = W_0 + const`` (inner-loop gradients are constants, computed
     without a tape): the query loss reaches W_0 through an identity and the support features not
     at all, as with the reference. Second-order: the loop runs on the tape, differentiable in the

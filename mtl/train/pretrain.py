@@ -11,7 +11,7 @@ Resume: ``checkpoint_dir/last.pt`` is replaced atomically after every epoch (mod
 RNG, next epoch, best score and weights, history). A rerun with the same settings continues
 where it stopped; ``epochs`` may grow between runs. On SIGTERM/SIGINT (a scheduler's time limit or
 preemption, Ctrl-C) the run saves its exact place inside the epoch after the current step and
-stops (:mod:`mtl.train.stop`); the rerun continues from that step. Shuffling and augmentation of epoch e are
+stops (:mod:`mtl.stop_signals`); the rerun continues from that step. Shuffling and augmentation of epoch e are
 seeded by (seed, e), and the learning rate is a pure function of the epoch, so a resumed run
 trains exactly as an uninterrupted one would (up to GPU non-determinism).
 
@@ -59,11 +59,11 @@ from mtl.io import atomic_path
 from mtl.models import PretrainClassifier, build_backbone, save_encoder
 from mtl.rng import Purpose, stream, stream_seed, torch_stream
 from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from mtl.train.stop import (ignore_stop_signals, note_stop_elsewhere, raise_if_stop_requested, stop_on_signals,
+from mtl.stop_signals import (ignore_stop_signals, note_stop_elsewhere, raise_if_stop_requested, stop_on_signals,
                             stop_requested)
 from mtl.stats import mean_ci95
 from mtl.tracking import open_tracker
-from mtl.train.learner import DEFAULT_INFERENCE_BATCH_SIZE, evaluate_encoder
+from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, evaluate_encoder
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from mtl.data.episodes import EpisodeSampler
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
 from mtl.device import autocast, autocast_dtype
 from mtl.models import build_backbone, meta_parameters
-from mtl.train.learner import evaluate_episodes
+from mtl.base_learner import evaluate_episodes
 from mtl.train.meta import MetaConfig, MetaTrainer, task_query_loss
 
 pytestmark = [

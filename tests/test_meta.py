@@ -17,8 +17,8 @@ from mtl.models import build_backbone, freeze_for_meta, load_encoder, meta_param
 from mtl.models.ss_conv import SSConv2d
 from mtl.rng import Purpose
 from mtl.train.checkpoint import load_checkpoint
-from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound
-from mtl.train.meta import MetaConfig, MetaTrainer, TaskStream, meta_train, task_query_loss, train_epoch
+from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, TaskStream
+from mtl.train.meta import MetaConfig, MetaTrainer, meta_train, task_query_loss, train_epoch
 from mtl.stop_signals import Stopped
 
 WAY, SHOT, QUERY, SIZE = 3, 1, 2, 16

@@ -1,1 +1,1 @@
-"""Training: the shared linear base learner, checkpoints, pre-training and meta-training."""
+"""Training: the trainers (pre-training, meta-training, its hard-task meta-batch) on a shared run skeleton and its checkpoints."""

@@ -250,3 +250,46 @@ class HardTaskRound:
         self.failures = []
         self.pending = []
         self.built = False
+
+
+class TaskStream:
+    """Tasks of one epoch in order: ordinary episodes, with hard tasks interleaved when HT is on.
+
+    Ordinary task j of epoch e is ``sampler.episode(e * tasks_per_epoch + j)``, so the stream is a
+    pure function of (seed, epoch) and a resumed epoch sees the tasks it would have seen.
+    """
+
+    def __init__(self, sampler, epoch: int, tasks_per_epoch: int, hard_round: HardTaskRound | None):
+        self.sampler = sampler
+        self.first_index = epoch * tasks_per_epoch
+        self.normal_count = 0
+        self.hard_round = hard_round
+        self.hard_count = 0
+        self._kind = None
+
+    def next(self):
+        """(kind, Episode) of the next task; call :meth:`done` with its query predictions after."""
+        kind = self.hard_round.next_kind() if self.hard_round is not None else "normal"
+        if kind == "hard":
+            episode = self.hard_round.pop_hard()
+            self.hard_count += 1
+        else:
+            episode = self.sampler.episode(self.first_index + self.normal_count)
+            self.normal_count += 1
+        self._kind = kind
+        return kind, episode
+
+    def done(self, episode, predictions: np.ndarray, targets: np.ndarray) -> None:
+        """Record an ordinary task's failure class (HT only)."""
+        if self.hard_round is not None and self._kind == "normal":
+            self.hard_round.record(failure_class(predictions, targets, episode.classes))
+
+    def state(self) -> dict:
+        """Where the stream stands between two tasks, as plain values (for a mid-epoch checkpoint)."""
+        return {"normal_count": self.normal_count, "hard_count": self.hard_count,
+                "hard_round": self.hard_round.state() if self.hard_round is not None else None}
+
+    def load_state(self, state: dict) -> None:
+        self.normal_count, self.hard_count = int(state["normal_count"]), int(state["hard_count"])
+        if self.hard_round is not None:
+            self.hard_round.load_state(state["hard_round"])

@@ -33,10 +33,7 @@ last residual block only). The ablation arms of :mod:`mtl.methods` are these opt
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
-import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,23 +44,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, adapt_linear, embed_episodes, evaluate_episodes
 from mtl.config import check_section, schema_defaults
 from mtl.data.episodes import EpisodeSampler, relabel
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalTransform, TrainTransform
 from mtl.device import autocast, grad_scaler, select_device
-from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
+from mtl.errors import ConfigError, MTLError, check_known_keys
 from mtl.faults import fault_point
-from mtl.io import atomic_path, atomic_torch_save, file_sha256
+from mtl.io import atomic_torch_save, file_sha256
 from mtl.methods import get_method, meta_settings
 from mtl.models import fold_scales, freeze_for_meta, load_encoder_file
 from mtl.rng import Purpose, torch_stream
-from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, failure_class
-from mtl.stop_signals import raise_if_stop_requested, stop_on_signals, stop_requested
 from mtl.stats import mean_ci95
-from mtl.tracking import open_tracker
-from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, adapt_linear, embed_episodes, evaluate_episodes
+from mtl.train.hard_tasks import HardTaskConfig, HardTaskRound, TaskStream
+from mtl.train.run import TrainingRun, check_finite, fit, stop_agreed
 
 log = logging.getLogger(__name__)
 
@@ -171,50 +166,6 @@ def task_query_loss(model: nn.Module, weight, bias, support_x, query_x, *, way: 
     return loss, logits
 
 
-# --------------------------------------------------------------------------- the task stream
-class TaskStream:
-    """Tasks of one epoch in order: ordinary episodes, with hard tasks interleaved when HT is on.
-
-    Ordinary task j of epoch e is ``sampler.episode(e * tasks_per_epoch + j)``, so the stream is a
-    pure function of (seed, epoch) and a resumed epoch sees the tasks it would have seen.
-    """
-
-    def __init__(self, sampler, epoch: int, tasks_per_epoch: int, hard_round: HardTaskRound | None):
-        self.sampler = sampler
-        self.first_index = epoch * tasks_per_epoch
-        self.normal_count = 0
-        self.hard_round = hard_round
-        self.hard_count = 0
-        self._kind = None
-
-    def next(self):
-        """(kind, Episode) of the next task; call :meth:`done` with its query predictions after."""
-        kind = self.hard_round.next_kind() if self.hard_round is not None else "normal"
-        if kind == "hard":
-            episode = self.hard_round.pop_hard()
-            self.hard_count += 1
-        else:
-            episode = self.sampler.episode(self.first_index + self.normal_count)
-            self.normal_count += 1
-        self._kind = kind
-        return kind, episode
-
-    def done(self, episode, predictions: np.ndarray, targets: np.ndarray) -> None:
-        """Record an ordinary task's failure class (HT only)."""
-        if self.hard_round is not None and self._kind == "normal":
-            self.hard_round.record(failure_class(predictions, targets, episode.classes))
-
-    def state(self) -> dict:
-        """Where the stream stands between two tasks, as plain values (for a mid-epoch checkpoint)."""
-        return {"normal_count": self.normal_count, "hard_count": self.hard_count,
-                "hard_round": self.hard_round.state() if self.hard_round is not None else None}
-
-    def load_state(self, state: dict) -> None:
-        self.normal_count, self.hard_count = int(state["normal_count"]), int(state["hard_count"])
-        if self.hard_round is not None:
-            self.hard_round.load_state(state["hard_round"])
-
-
 # --------------------------------------------------------------------------- helpers
 def normalize_stats(normalize) -> tuple[list[float], list[float]]:
     """(mean, std) from the encoder's ``normalize`` entry; the reference statistics when absent."""
@@ -226,13 +177,6 @@ def normalize_stats(normalize) -> tuple[list[float], list[float]]:
     return list(mean), list(std)
 
 
-def write_history(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def clone_state(model: nn.Module, weight, bias) -> dict:
     """CPU copy of everything meta-train changes plus the frozen weights (the full SS state)."""
     return {
@@ -242,14 +186,43 @@ def clone_state(model: nn.Module, weight, bias) -> dict:
 
 
 # --------------------------------------------------------------------------- the trainer
+@dataclass
+class MetaData:
+    """What one meta-train run reads: its training tasks and its fixed validation episodes."""
+
+    split: HDF5Split
+    sampler: EpisodeSampler
+    transform: TrainTransform
+    indices_by_class: dict | None  # where hard tasks are filled from (HT only)
+    val_split: HDF5Split
+    val_episodes: list
+    val_transform: EvalTransform
+    inference_batch_size: int  # images per forward pass of the validation embedding (see mtl.batching)
+    seed: int
+
+    @classmethod
+    def open(cls, train_h5, val_h5, *, way: int, shot: int, query: int, val_episodes: int, seed: int,
+             image_size: int, mean, std, hard_tasks: bool,
+             inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE) -> MetaData:
+        split, val_split = open_split(train_h5), open_split(val_h5)
+        sampler = EpisodeSampler(split.labels, way, shot, query, seed, purpose=Purpose.TRAIN_EPISODES)
+        val_sampler = EpisodeSampler(val_split.labels, way, shot, query, seed, purpose=Purpose.VALIDATION_EPISODES)
+        return cls(split=split, sampler=sampler, transform=TrainTransform(image_size, mean, std),
+                   indices_by_class=split.indices_by_class() if hard_tasks else None, val_split=val_split,
+                   val_episodes=val_sampler.sample(val_episodes), val_transform=EvalTransform(image_size, mean, std),
+                   inference_batch_size=int(inference_batch_size), seed=int(seed))
+
+
 class MetaTrainer:
     """Holds the model, learner init, optimiser and data of one meta-train run.
 
-    ``meta_train`` drives it epoch by epoch; tests and benchmarks use its pieces directly.
+    :func:`meta_train` runs it on :mod:`mtl.train.run`'s skeleton (`run_epoch` needs ``data``);
+    tests and benchmarks use its pieces directly: the step (`task_forward_backward`,
+    `optimizer_step`) and the epoch (:func:`train_epoch`).
     """
 
     def __init__(self, model, *, way, shot, query, config: MetaConfig, device, image_size, mean, std,
-                 seed: int | None = None, scope: str = "all"):
+                 seed: int | None = None, scope: str = "all", data: MetaData | None = None):
         self.model = model.to(device)
         self.params = freeze_for_meta(self.model, scope)
         self.way, self.shot, self.query = way, shot, query
@@ -268,6 +241,44 @@ class MetaTrainer:
         self._autocast = lambda: autocast(self.device)
         self.image_size = image_size
         self.mean, self.std = mean, std
+        self.data = data
+
+    # ---- the skeleton's interface (mtl.train.run.Trainer)
+    def run_epoch(self, epoch: int, resume: dict | None = None, on_stop=None) -> dict:
+        """Train epoch ``epoch`` (1-based), validate, step the schedule; the history row."""
+        if self.data is None:
+            raise ValueError("MetaTrainer.run_epoch needs the run's data: MetaTrainer(..., data=MetaData.open(...))")
+        lr, data = self.lr, self.data
+        stats = train_epoch(self, data.split, data.sampler, data.transform, epoch=epoch - 1, seed=data.seed,
+                            hard_config=self.config.hard_tasks, indices_by_class=data.indices_by_class,
+                            resume=resume, on_stop=on_stop)
+        val_acc, val_ci = mean_ci95(self.validate())
+        self.scheduler.step()
+        return {"epoch": epoch, "meta_loss": stats["meta_loss"], "train_acc": stats["train_acc"],
+                "val_acc": val_acc, "val_ci95": val_ci, "lr": lr, "hard_tasks": stats["hard_tasks"]}
+
+    def validate(self) -> np.ndarray:
+        """Per-episode validation accuracies from the meta-learned init, (E,) float.
+
+        Eval-mode BN, scales folded into the convs, every image used by the episodes embedded once
+        without autograd; all episodes adapt in one batched computation (``evaluate_episodes``).
+        """
+        data = self.data
+        plain = fold_scales(self.model).eval()
+        arrays = (np.stack([e.support for e in data.val_episodes]), np.stack([e.query for e in data.val_episodes]))
+        features, support, query = embed_episodes(plain, data.val_split, arrays, data.val_transform,
+                                                  inference_batch_size=data.inference_batch_size, device=self.device)
+        init = (self.weight.detach(), self.bias.detach())
+        return evaluate_episodes(features, (support, query), self.way, self.shot, self.query, init=init,
+                                 steps=self.config.update_step, lr=self.config.base_lr)
+
+    def keep(self) -> dict:
+        return clone_state(self.model, self.weight, self.bias)
+
+    def scalars(self, row: dict) -> dict[str, float]:
+        tasks = self.config.episodes_per_epoch * self.config.meta_batch  # hard tasks included
+        return {"train/loss": row["meta_loss"], "train/accuracy": row["train_acc"], "val/accuracy": row["val_acc"],
+                "lr": row["lr"], "throughput/episodes_per_s": tasks / row["seconds"]}
 
     # ---- one task / one outer step
     def task_forward_backward(self, support_x, query_x, loss_scale: float = 1.0):
@@ -326,13 +337,13 @@ def _load_images(split, episode, transform, device, generator=None):
 
 def train_epoch(trainer: MetaTrainer, split, sampler, transform, *, epoch: int, seed: int,
                 hard_config: HardTaskConfig | None, indices_by_class=None, resume: dict | None = None,
-                on_stop: Callable[[dict], None] | None = None) -> dict:
+                on_stop: Callable[[dict, str], None] | None = None) -> dict:
     """One epoch of ``episodes_per_epoch`` outer steps; returns mean loss/accuracy and hard-task count.
 
-    ``resume``: the place a stopped epoch saved (see ``on_stop``), to continue after its last step.
-    ``on_stop(place)``: called after the step during which SIGTERM/SIGINT arrived, with the place
-    reached (step, task stream, augmentation generator, running statistics); it saves a checkpoint
-    and ends the run.
+    ``epoch``: 0-based (it fixes the tasks and the augmentation). ``resume``: the place a stopped
+    epoch saved (see ``on_stop``), to continue after its last step. ``on_stop(place, where)``: called
+    after the step during which SIGTERM/SIGINT arrived, with the place reached (step, task stream,
+    augmentation generator, running statistics); it saves a checkpoint and ends the run.
     """
     config = trainer.config
     tasks_per_epoch = config.episodes_per_epoch * config.meta_batch
@@ -356,44 +367,20 @@ def train_epoch(trainer: MetaTrainer, split, sampler, transform, *, epoch: int, 
             _, episode = stream.next()
             support_x, query_x = _load_images(split, episode, transform, trainer.device, generator)
             loss, predictions = trainer.task_forward_backward(support_x, query_x, 1.0 / config.meta_batch)
-            check_finite_loss(loss, trainer.config, epoch, step)
+            check_finite(loss, what="meta-training", where=f"at epoch {epoch + 1}, step {step + 1}",
+                         quantity="query loss", advice=f"lower meta.meta_lr (now {config.meta_lr}), meta.learner_lr "
+                         f"(now {config.learner_lr}) or meta.base_lr (now {config.base_lr})")
             stream.done(episode, predictions, query_targets)
             losses.append(loss)
             accuracies.append(float((predictions == query_targets).mean()))
         trainer.optimizer_step()
         steps.set_postfix(loss=f"{np.mean(losses):.3f}", acc=f"{np.mean(accuracies):.3f}")
         fault_point("meta.step")
-        if on_stop is not None and stop_requested():
+        if on_stop is not None and stop_agreed(trainer.device):
             on_stop({"step": step + 1, "stream": stream.state(), "generator": generator.get_state(),
-                     "losses": losses, "accuracies": accuracies})
+                     "losses": losses, "accuracies": accuracies}, f"at epoch {epoch + 1}, step {step + 1}")
     return {"meta_loss": float(np.mean(losses)), "train_acc": float(np.mean(accuracies)),
             "hard_tasks": stream.hard_count}
-
-
-def check_finite_loss(loss: float, config: MetaConfig, epoch: int, step: int) -> None:
-    """A NaN/inf query loss poisons every weight it reaches: stop before it is applied or saved."""
-    if not math.isfinite(loss):
-        raise MTLError(
-            f"meta-training diverged at epoch {epoch + 1}, step {step + 1} (query loss {loss}); lower "
-            f"meta.meta_lr (now {config.meta_lr}), meta.learner_lr (now {config.learner_lr}) or meta.base_lr "
-            f"(now {config.base_lr}) and rerun. Nothing from this epoch was saved.")
-
-
-def validate(trainer: MetaTrainer, val_split, episodes, transform,
-             inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE) -> np.ndarray:
-    """Per-episode validation accuracies from the meta-learned init, (E,) float.
-
-    Eval-mode BN, scales folded into the convs, every image used by the episodes embedded once
-    without autograd; all episodes adapt in one batched computation (``evaluate_episodes``).
-    """
-    plain = fold_scales(trainer.model).eval()
-    arrays = (np.stack([e.support for e in episodes]), np.stack([e.query for e in episodes]))
-    features, support, query = embed_episodes(plain, val_split, arrays, transform,
-                                              inference_batch_size=inference_batch_size,
-                                              device=trainer.device)
-    init = (trainer.weight.detach(), trainer.bias.detach())
-    return evaluate_episodes(features, (support, query), trainer.way, trainer.shot, trainer.query, init=init,
-                             steps=trainer.config.update_step, lr=trainer.config.base_lr)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -430,54 +417,21 @@ def meta_train(train_h5, val_h5, encoder_path, *, method: str, model_out, histor
     protocol = {"way": way, "shot": shot, "query": query, "seed": seed, "scope": scope, "method": method}
     identity = run_identity(model, config, protocol, val_episodes, image_size, Path(encoder_path))
 
+    data = MetaData.open(train_h5, val_h5, way=way, shot=shot, query=query, val_episodes=val_episodes, seed=seed,
+                         image_size=image_size, mean=mean, std=std, hard_tasks=config.hard_tasks.enabled,
+                         inference_batch_size=inference_batch_size)
     trainer = MetaTrainer(model, way=way, shot=shot, query=query, config=config, device=device,
-                          image_size=image_size, mean=mean, std=std, seed=seed, scope=scope)
-    train_split, val_split = open_split(train_h5), open_split(val_h5)
-    data = {
-        "split": train_split,
-        "sampler": EpisodeSampler(train_split.labels, way, shot, query, seed, purpose=Purpose.TRAIN_EPISODES),
-        "transform": TrainTransform(image_size, mean, std),
-        "indices_by_class": train_split.indices_by_class() if config.hard_tasks.enabled else None,
-    }
-    val = {"split": val_split, "transform": EvalTransform(image_size, mean, std),
-           "inference_batch_size": inference_batch_size,
-           "episodes": EpisodeSampler(val_split.labels, way, shot, query, seed,
-                                      purpose=Purpose.VALIDATION_EPISODES).sample(val_episodes)}
-
-    contents = {"train": train_split.content_sha256, "val": val_split.content_sha256}
+                          image_size=image_size, mean=mean, std=std, seed=seed, scope=scope, data=data)
+    contents = {"train": data.split.content_sha256, "val": data.val_split.content_sha256}
     if any(contents.values()):  # splits built before the fingerprint existed: the encoder's hash only
         identity["splits_sha256"] = contents  # an encoder that ignores the data (random_init) covers nothing
-    checkpoint_path = Path(checkpoint_dir) / "last.pt"
-    run = resume_or_start(trainer, checkpoint_path, identity)
+    run = TrainingRun(checkpoint_dir, identity, config=config.to_dict(), name="meta-train", what="meta-training",
+                      producer="the `meta_train` rule", columns=HISTORY_COLUMNS, log=log, device=device)
+    run.resume(trainer)
+    # the history is written with the model, at the end: a history never describes a missing model
+    fit(run, trainer, config.epochs, desc=f"meta-train {method} {shot}-shot", tensorboard_dir=tensorboard_dir)
 
-    def save(next_epoch: int, partial: dict | None = None) -> None:
-        save_checkpoint(checkpoint_path, trainer=trainer.state(), rng=capture_rng(), next_epoch=next_epoch,
-                        best=run["best"], history=run["history"], config=config.to_dict(), identity=identity,
-                        partial=partial)
-
-    if run["next_epoch"] >= config.epochs:
-        log.info("checkpoint %s already holds %d epochs (epochs: %d); writing the outputs from it",
-                 checkpoint_path, run["next_epoch"], config.epochs)
-    tasks_per_epoch = config.episodes_per_epoch * config.meta_batch  # hard tasks included
-    epochs = tqdm(range(run["next_epoch"], config.epochs), desc=f"meta-train {protocol['method']} {shot}-shot",
-                  initial=run["next_epoch"], total=config.epochs, disable=None, unit="epoch")
-    with stop_on_signals(), open_tracker(tensorboard_dir) as tracker:
-        for epoch in epochs:
-            def stop_here(place: dict, epoch: int = epoch) -> None:
-                save(epoch, partial={"epoch": epoch, **place})
-                raise_if_stop_requested("meta-training", f"at epoch {epoch + 1}, step {place['step']}",
-                                        checkpoint_path)
-
-            row = run_epoch(trainer, epoch, run, data, val, seed, on_stop=stop_here)
-            epochs.set_postfix(val=f"{row['val_acc']:.4f}", best=f"{run['best']['val_acc']:.4f}")
-            # tasks/s over the whole epoch, validation included: the pace the job advances at
-            tracker.log(row["epoch"], {"train/loss": row["meta_loss"], "train/accuracy": row["train_acc"],
-                                       "val/accuracy": row["val_acc"], "lr": row["lr"],
-                                       "throughput/episodes_per_s": tasks_per_epoch / row["seconds"]})
-            save(epoch + 1)
-            raise_if_stop_requested("meta-training", f"after epoch {epoch + 1}", checkpoint_path)
-
-    best = run["best"]
+    best = run.best
     if best["state"] is None:  # only when no epoch validated to a number
         raise MTLError(f"meta-training finished without a model to keep: no epoch gave a finite validation "
                        f"accuracy (history: {history_out}). Delete {checkpoint_dir} and rerun with lower "
@@ -487,7 +441,7 @@ def meta_train(train_h5, val_h5, encoder_path, *, method: str, model_out, histor
                        # meta-test adapts with the inner loop the init was meta-learned for
                        "inner": {"update_step": config.update_step, "base_lr": config.base_lr},
                        "epoch": best["epoch"], "val_acc": best["val_acc"]}, model_out)
-    write_history(Path(history_out), run["history"])
+    run.write_history(history_out)
     log.info("meta-train done: best val_acc %.4f at epoch %d -> %s", best["val_acc"], best["epoch"], model_out)
     return Path(model_out)
 
@@ -513,50 +467,6 @@ def run_identity(model, config: MetaConfig, protocol: dict, val_episodes: int, i
     }
 
 
-def resume_or_start(trainer: MetaTrainer, checkpoint_path: Path, identity: dict) -> dict:
-    """Run state {next_epoch, history, best}: from the checkpoint (loaded into ``trainer``) or fresh."""
-    saved = load_checkpoint(checkpoint_path, producer="the `meta_train` rule")
-    if saved is None:
-        return {"next_epoch": 0, "history": [], "best": {"val_acc": -1.0, "epoch": 0, "state": None},
-                "partial": None}
-    _check_identity(saved, identity, checkpoint_path)
-    trainer.load_state(saved["trainer"])
-    restore_rng(saved["rng"])
-    partial = saved.get("partial")
-    step = f", step {partial['step']}" if partial else ""
-    log.info("resuming from epoch %d%s (checkpoint %s)", saved["next_epoch"] + 1, step, checkpoint_path)
-    return {"next_epoch": saved["next_epoch"], "history": list(saved["history"]), "best": saved["best"],
-            "partial": partial}
-
-
-def run_epoch(trainer: MetaTrainer, epoch: int, run: dict, data: dict, val: dict, seed: int,
-              on_stop: Callable[[dict], None] | None = None) -> dict:
-    """Train one epoch, validate, step the schedule, keep the best; append and return the history row.
-
-    A stopped epoch saved in ``run["partial"]`` continues where it stopped (see ``train_epoch``).
-    """
-    started = time.perf_counter()
-    lr = trainer.lr
-    partial = run.pop("partial", None)
-    stats = train_epoch(trainer, data["split"], data["sampler"], data["transform"], epoch=epoch, seed=seed,
-                        hard_config=trainer.config.hard_tasks, indices_by_class=data["indices_by_class"],
-                        resume=partial if partial and partial["epoch"] == epoch else None, on_stop=on_stop)
-    val_acc, val_ci = mean_ci95(validate(trainer, val["split"], val["episodes"], val["transform"],
-                                         val["inference_batch_size"]))
-    trainer.scheduler.step()
-    if val_acc > run["best"]["val_acc"]:
-        run["best"] = {"val_acc": val_acc, "epoch": epoch + 1,
-                       "state": clone_state(trainer.model, trainer.weight, trainer.bias)}
-    row = {"epoch": epoch + 1, "meta_loss": stats["meta_loss"], "train_acc": stats["train_acc"],
-           "val_acc": val_acc, "val_ci95": val_ci, "lr": lr, "hard_tasks": stats["hard_tasks"],
-           "seconds": round(time.perf_counter() - started, 3)}
-    run["history"].append(row)
-    log.info("epoch %d/%d: meta_loss %.4f train_acc %.4f val_acc %.4f +- %.4f (best %.4f @ %d)", epoch + 1,
-             trainer.config.epochs, stats["meta_loss"], stats["train_acc"], val_acc, val_ci,
-             run["best"]["val_acc"], run["best"]["epoch"])
-    return row
-
-
 def open_split(path, limit_bytes: int = 4 << 30) -> HDF5Split:
     """Open a split, in RAM when its images are small (mini/FC100), lazily otherwise (tiered)."""
     split = HDF5Split(path)
@@ -564,15 +474,3 @@ def open_split(path, limit_bytes: int = 4 << 30) -> HDF5Split:
         split.close()
         return HDF5Split(path, in_memory=True)
     return split
-
-
-def _check_identity(saved: dict, identity: dict, path: Path) -> None:
-    """Refuse to resume a checkpoint written for another config, protocol, backbone or encoder."""
-    seen = saved.get("identity", {})
-    for key, expected in identity.items():
-        if seen.get(key) != expected:
-            raise CheckpointError(
-                f"checkpoint {path} was written by a different meta-train run: '{key}' is "
-                f"{seen.get(key)!r} there but {expected!r} now. Delete the folder {path.parent} to start "
-                "over, or restore the settings it was written with to resume it."
-            )

@@ -7,13 +7,14 @@ HFlip augmentation. Model selection: every ``val_every`` epochs, a fresh linear 
 steps, lr 0.01) on frozen eval-mode features of fixed, seeded validation episodes; the best encoder
 is kept.
 
-Resume: ``checkpoint_dir/last.pt`` is replaced atomically after every epoch (model, optimizer,
-RNG, next epoch, best score and weights, history). A rerun with the same settings continues
-where it stopped; ``epochs`` may grow between runs. On SIGTERM/SIGINT (a scheduler's time limit or
-preemption, Ctrl-C) the run saves its exact place inside the epoch after the current step and
-stops (:mod:`mtl.stop_signals`); the rerun continues from that step. Shuffling and augmentation of epoch e are
-seeded by (seed, e), and the learning rate is a pure function of the epoch, so a resumed run
-trains exactly as an uninterrupted one would (up to GPU non-determinism).
+Resume (:mod:`mtl.train.run`, the skeleton shared with meta-training): ``checkpoint_dir/last.pt``
+is replaced atomically after every epoch (model, optimizer, RNG, epochs done, best score and
+weights, history). A rerun with the same settings continues where it stopped; ``epochs`` may grow
+between runs. On SIGTERM/SIGINT (a scheduler's time limit or preemption, Ctrl-C) the run saves its
+exact place inside the epoch after the current step and stops (:mod:`mtl.stop_signals`); the rerun
+continues from that step. Shuffling and augmentation of epoch e are seeded by (seed, e), and the
+learning rate is a pure function of the epoch, so a resumed run trains exactly as an
+uninterrupted one would (up to GPU non-determinism).
 
 Several processes (``config.gpus``, started by `mtl.distributed.launch`): the same training with
 more hands. Every process walks the same batches of the same per-epoch permutation and takes its
@@ -33,11 +34,8 @@ Example::
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, evaluate_encoder
 from mtl.config import check_section, schema_defaults
 from mtl.data.episodes import EpisodeSampler, EpisodeSet
 from mtl.data.hdf5 import HDF5Split
@@ -53,17 +52,14 @@ from mtl.data.transforms import EvalTransform, TrainTransform
 from mtl.device import autocast, grad_scaler, select_device
 from mtl.distributed import ranks
 from mtl.distributed.sync_bn import wrap_for_training
-from mtl.errors import CheckpointError, ConfigError, MTLError, check_known_keys
+from mtl.errors import ConfigError, check_known_keys
 from mtl.faults import fault_point
-from mtl.io import atomic_path
 from mtl.models import PretrainClassifier, build_backbone, save_encoder
 from mtl.rng import Purpose, stream, stream_seed, torch_stream
-from mtl.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from mtl.stop_signals import (ignore_stop_signals, note_stop_elsewhere, raise_if_stop_requested, stop_on_signals,
-                            stop_requested)
 from mtl.stats import mean_ci95
-from mtl.tracking import open_tracker
-from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, evaluate_encoder
+from mtl.stop_signals import ignore_stop_signals
+from mtl.train.run import TrainingRun, check_finite, fit, stop_agreed
+
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +147,7 @@ def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, back
              config: PretrainConfig | dict, way: int = 5, shot: int | None = None, query: int = 15,
              val_episodes: int = 600, seed: int = 1, device: str = "auto",
              inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
-             tensorboard_dir: str | Path | None = None) -> Path:
+             tensorboard_dir: str | Path | None = None, steps_per_epoch: int | None = None) -> Path:
     """Pre-train an encoder on ``train_h5``, select it on ``val_h5`` episodes, write ``encoder_out``.
 
     ``backbone``: {name, width, image_size (None = native)}. ``shot``: validation shot, default
@@ -159,28 +155,22 @@ def pretrain(train_h5, val_h5, *, encoder_out, history_out, checkpoint_dir, back
     ``checkpoint_dir/last.pt``. ``inference_batch_size``: images per forward pass of the validation
     embedding (:func:`mtl.distributed.launch` resolves it in each training process, on the device
     that process claims). ``tensorboard_dir``: where rank 0 writes each epoch's scalars for
-    TensorBoard (:mod:`mtl.tracking`; None: nowhere). Returns ``encoder_out``.
+    TensorBoard (:mod:`mtl.tracking`; None: nowhere). ``steps_per_epoch``: train only the first
+    batches of each epoch (benchmarks, smoke runs; None: all). Returns ``encoder_out``.
     """
     config = config if isinstance(config, PretrainConfig) else PretrainConfig.from_dict(config)
     config.validate()
     device = select_device(device)
-    run = _Run(train_h5, val_h5, backbone, config, way, config.val_shot if shot is None else shot,
-               query, val_episodes, seed, device, Path(checkpoint_dir), inference_batch_size)
-    run.resume_or_start()
-    run.write_history(history_out)
-    epochs = tqdm(range(run.next_epoch, config.epochs + 1), desc="pretrain", unit="epoch",
-                  initial=run.next_epoch - 1, total=config.epochs, disable=None if run.is_main else True)
-    with stop_on_signals(), open_tracker(tensorboard_dir) as tracker:
-        for epoch in epochs:
-            row = run.train_epoch(epoch)
-            epochs.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row['val_acc']:.3f}")
-            # images/s over the whole epoch, validation included: the pace the job advances at
-            tracker.log(epoch, {"train/loss": row["train_loss"], "train/accuracy": row["train_acc"],
-                                "val/accuracy": row["val_acc"], "lr": row["lr"],
-                                "throughput/images_per_s": len(run.train) / row["seconds"]})
-            run.write_history(history_out)
-            run.stop_if_requested(f"after epoch {epoch}")
-    return run.save_best_encoder(encoder_out)
+    trainer = PretrainTrainer(train_h5, val_h5, backbone, config, way=way,
+                              shot=config.val_shot if shot is None else shot, query=query,
+                              val_episodes=val_episodes, seed=seed, device=device,
+                              inference_batch_size=inference_batch_size, steps_per_epoch=steps_per_epoch)
+    run = TrainingRun(checkpoint_dir, trainer.identity, config=config.to_dict(), name="pretrain",
+                      what="pre-training", producer="the `pretrain` rule", columns=HISTORY_COLUMNS, log=log,
+                      device=device)
+    run.resume(trainer)
+    fit(run, trainer, config.epochs, desc="pretrain", tensorboard_dir=tensorboard_dir, history_out=history_out)
+    return trainer.save_encoder(encoder_out, run.best)
 
 
 def random_encoder(encoder_out, *, backbone: dict, config: PretrainConfig | dict, seed: int) -> Path:
@@ -200,25 +190,31 @@ def random_encoder(encoder_out, *, backbone: dict, config: PretrainConfig | dict
                         val_acc=float("nan"))
 
 
-class _Run:
-    """One pre-training run's state; methods are the steps `pretrain` reads top to bottom."""
+class PretrainTrainer:
+    """The model, optimiser and data of one pre-training run, on :mod:`mtl.train.run`'s skeleton.
 
-    def __init__(self, train_h5, val_h5, backbone, config, way, shot, query, val_episodes, seed, device,
-                 checkpoint_dir, inference_batch_size):
-        self.config, self.device, self.seed = config, device, int(seed)
+    `run_epoch` (train, then validate when due) is what :func:`mtl.train.run.fit` calls;
+    `train_epoch` and `train_step` are the epoch and the step alone (benchmarks time them).
+    """
+
+    def __init__(self, train_h5, val_h5, backbone: dict, config: PretrainConfig, *, way: int, shot: int,
+                 query: int, val_episodes: int, seed: int, device, inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
+                 steps_per_epoch: int | None = None):
+        self.config, self.device, self.seed = config, torch.device(device), int(seed)
         self.is_main = ranks.is_main()  # validates and writes; the other ranks only train
         self.inference_batch_size = int(inference_batch_size)
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         self.way, self.shot, self.query = int(way), int(shot), int(query)
         self.train, self.val = HDF5Split(train_h5), HDF5Split(val_h5)
         self.backbone_spec = _backbone_spec(backbone)
         torch.manual_seed(stream_seed(self.seed, Purpose.MODEL_INIT))  # model init
         encoder = build_backbone(self.backbone_spec["name"], width=self.backbone_spec["width"])
         self.image_size = int(self.backbone_spec["image_size"] or encoder.native_size)
-        self.model = PretrainClassifier(encoder, self.train.num_classes).to(device)
-        self.trainer = wrap_for_training(self.model, device)  # the model, or DDP(synced-BN model)
+        self.model = PretrainClassifier(encoder, self.train.num_classes).to(self.device)
+        self.trainer = wrap_for_training(self.model, self.device)  # the model, or DDP(synced-BN model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          nesterov=config.nesterov, weight_decay=config.weight_decay)
-        self.scaler = grad_scaler(device)
+        self.scaler = grad_scaler(self.device)
         norm = config.normalize
         train_kind = TrainTransform if config.augment else EvalTransform
         self.train_transform = train_kind(self.image_size, norm["mean"], norm["std"])
@@ -226,7 +222,6 @@ class _Run:
         sampler = EpisodeSampler(self.val.labels, self.way, self.shot, self.query, self.seed,
                                  class_names=self.val.class_names, purpose=Purpose.VALIDATION_EPISODES)
         self.val_set = EpisodeSet.from_episodes(sampler.sample(int(val_episodes)), sampler.meta())
-        self.checkpoint_path = checkpoint_dir / "last.pt"
         self.identity = {
             "config": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES},
             "backbone": self.backbone_spec,
@@ -234,108 +229,65 @@ class _Run:
             "protocol": {"way": self.way, "shot": self.shot, "query": self.query,
                          "val_episodes": int(val_episodes), "seed": self.seed},
         }
-        self.next_epoch, self.history = 1, []
-        self.best_acc, self.best_epoch, self.best_state = -1.0, 0, None
-        self.partial = None  # where a stopped epoch resumes: see _fit_one_epoch
-        if device.type == "cuda":
+        if self.steps_per_epoch is not None:  # a cut run is another run (absent: checkpoints of full runs)
+            self.identity["steps_per_epoch"] = self.steps_per_epoch
+        if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick kernels
 
-    # -- resume
-    def resume_or_start(self) -> None:
-        state = load_checkpoint(self.checkpoint_path, producer="the `pretrain` rule")
-        if state is None:
-            log.info("pretrain: starting from scratch (no %s)", self.checkpoint_path)
-            return
-        self._check_identity(state.get("identity", {}))
+    # -- the skeleton's interface (mtl.train.run.Trainer)
+    def run_epoch(self, epoch: int, resume: dict | None = None, on_stop=None) -> dict:
+        lr = lr_at(epoch, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        stats = self.train_epoch(epoch, resume=resume, on_stop=on_stop)
+        validate = self.is_main and (epoch % self.config.val_every == 0 or epoch == self.config.epochs)
+        val_acc, val_ci = mean_ci95(self.validate()) if validate else (float("nan"), float("nan"))
+        return {"epoch": epoch, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+                "val_acc": val_acc, "val_ci95": val_ci, "lr": lr}
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):  # empty when the run used bf16 or the CPU (no loss scaling)
             self.scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
-        self.next_epoch, self.history = int(state["next_epoch"]), list(state["history"])
-        self.best_acc, self.best_epoch = float(state["best_acc"]), int(state["best_epoch"])
-        self.best_state = state["best_state"]
-        self.partial = state.get("partial")
-        step = f", step {self.partial['step']}" if self.partial else ""
-        log.info("pretrain: resuming from epoch %d%s (%s)", self.next_epoch, step, self.checkpoint_path)
         if ranks.is_distributed():
             log.info("pretrain: training in %d processes; the checkpoint is the same for any count",
                      ranks.world_size())
 
-    def _check_identity(self, saved: dict) -> None:
-        differ = _differences(saved, self.identity)
-        if differ:
-            raise CheckpointError(
-                f"checkpoint {self.checkpoint_path} belongs to another pre-training run: "
-                f"{'; '.join(differ[:5])}. Delete the folder {self.checkpoint_path.parent} to start this run "
-                "from scratch, or restore the settings it was made with.")
+    def keep(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.model.encoder.state_dict().items()}
 
-    def _save_checkpoint(self, next_epoch: int, partial: dict | None = None) -> None:
-        save_checkpoint(self.checkpoint_path, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": capture_rng(), "next_epoch": next_epoch,
-            "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_state": self.best_state,
-            "identity": self.identity, "config": self.config.to_dict(), "history": self.history,
-            "partial": partial,
-        })
+    def scalars(self, row: dict) -> dict[str, float]:
+        return {"train/loss": row["train_loss"], "train/accuracy": row["train_acc"], "val/accuracy": row["val_acc"],
+                "lr": row["lr"], "throughput/images_per_s": len(self.train) / row["seconds"]}
 
-    def stop_if_requested(self, where: str) -> None:
-        """After a checkpoint of this very point: end the run if SIGTERM/SIGINT arrived (to any process)."""
-        if self._stop_agreed():
-            note_stop_elsewhere()
-        raise_if_stop_requested("pre-training", where, self.checkpoint_path)
+    # -- one epoch, one step
+    def train_epoch(self, epoch: int, *, resume: dict | None = None, on_stop=None,
+                    max_steps: int | None = None) -> dict:
+        """Train epoch ``epoch`` (learning rate as set); its mean loss and accuracy over every process
+        and the images it trained on. ``max_steps`` (or ``steps_per_epoch``): the first batches only.
 
-    def _stop_agreed(self) -> bool:
-        """True on every process once any of them got a stop signal: they must stop at the same step."""
-        return ranks.any_rank(stop_requested(), self.device)
-
-    def _save_partial(self, epoch: int, step: int, generator: torch.Generator, totals: torch.Tensor,
-                      seen: int) -> None:
-        """Checkpoint a stopped epoch after ``step`` batches; its sums so far are over every process."""
-        sums = ranks.all_reduce_sum(torch.cat([totals.detach(), totals.new_tensor([seen])])).cpu()
-        if self.is_main:
-            self._save_checkpoint(epoch, partial={"step": step, "generator": generator.get_state(),
-                                                  "totals": sums[:2], "seen": int(sums[2])})
-        ranks.barrier()
-
-    # -- one epoch
-    def train_epoch(self, epoch: int) -> dict:
-        start = time.perf_counter()
-        lr = lr_at(epoch, self.config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss, acc = self._fit_one_epoch(epoch)
-        validate = self.is_main and (epoch % self.config.val_every == 0 or epoch == self.config.epochs)
-        val_acc, val_ci = self._validate() if validate else (float("nan"), float("nan"))
-        if val_acc > self.best_acc:  # NaN (not validated) never wins
-            self.best_acc, self.best_epoch = val_acc, epoch
-            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.encoder.state_dict().items()}
-        row = {"epoch": epoch, "train_loss": loss, "train_acc": acc, "val_acc": val_acc, "val_ci95": val_ci,
-               "lr": lr, "seconds": time.perf_counter() - start}
-        self.history.append(row)
-        if self.is_main:
-            self._save_checkpoint(epoch + 1)
-            log.info("pretrain epoch %d/%d: loss %.4f acc %.4f val %.4f +- %.4f lr %.4g (%.1fs)", epoch,
-                     self.config.epochs, loss, acc, val_acc, val_ci, lr, row["seconds"])
-        ranks.barrier()  # the other ranks wait for validation and the checkpoint
-        return row
-
-    def _fit_one_epoch(self, epoch: int) -> tuple[float, float]:
+        ``resume``: the place a stopped run of this epoch saved; ``on_stop(place, where)``: called
+        after the step during which a stop signal reached any process (see mtl.train.run).
+        """
         self.model.train()
         # Each batch in file order (reads fastest); this process trains on its part of it.
         batches = [np.sort(b) for b in epoch_batches(len(self.train), self.config.batch_size, self.seed, epoch)]
+        batches = batches[:max_steps or self.steps_per_epoch]
         parts = [ranks.shard(len(b)) for b in batches]
         generator = epoch_generator(self.seed, epoch)
-        world = ranks.world_size()
         # this process's summed cross-entropy and correct predictions (on the device: no sync per step)
         totals, seen, step = torch.zeros(2, device=self.device), 0, 0
-        if self.partial is not None:  # a stopped epoch: continue after its last step
-            step = self.partial["step"]
-            generator.set_state(self.partial["generator"])
+        if resume is not None:  # a stopped epoch: continue after its last step
+            step = resume["step"]
+            generator.set_state(resume["generator"])
             if self.is_main:  # the sums over every process so far, counted once
-                totals += self.partial["totals"].to(self.device)
-                seen = self.partial["seen"]
-            self.partial = None
+                totals += resume["totals"].to(self.device)
+                seen = resume["seen"]
         loader = torch.utils.data.DataLoader(_Batches(self.train, [b[p] for b, p in zip(batches[step:], parts[step:])]),
                                              batch_size=None, shuffle=False, num_workers=self.config.num_workers,
                                              worker_init_fn=ignore_stop_signals,
@@ -346,65 +298,61 @@ class _Run:
             # Augmentation is drawn for the whole batch, in one process's order; keep this part's draws.
             draws = (self.train_transform.draw(len(batch), *self.train.image_shape[:2], generator)[part]
                      if self.config.augment else None)
-            x = (self.train_transform(images, device=self.device, draws=draws) if self.config.augment
-                 else self.train_transform(images, device=self.device))
-            y = labels.to(self.device, non_blocking=True)
-            with autocast(self.device):
-                logits = self.trainer(x)
-            summed = F.cross_entropy(logits.float(), y, reduction="sum")
-            # DDP averages gradients over the processes: this scale makes the average the whole
-            # batch's mean-loss gradient, whatever the parts' sizes (one process: the mean loss).
-            loss = summed * world / len(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            totals += torch.stack([summed.detach(), (logits.argmax(1) == y).sum().float()])
-            seen += len(y)
+            totals += self.train_step(images, labels, len(batch), draws)
+            seen += len(labels)
             step += 1
             fault_point("pretrain.step")
-            if self._stop_agreed():
-                self._save_partial(epoch, step, generator, totals, seen)
-                self.stop_if_requested(f"at epoch {epoch}, step {step} of {len(batches)}")
+            if on_stop is not None and stop_agreed(self.device):
+                sums = ranks.all_reduce_sum(torch.cat([totals.detach(), totals.new_tensor([seen])])).cpu()
+                on_stop({"step": step, "generator": generator.get_state(), "totals": sums[:2], "seen": int(sums[2])},
+                        f"at epoch {epoch}, step {step} of {len(batches)}")
         epoch_sums = torch.cat([totals, totals.new_tensor([seen])])
         total_loss, correct, seen = ranks.all_reduce_sum(epoch_sums).tolist()  # over all processes
         mean_loss = total_loss / max(seen, 1)
-        if not math.isfinite(mean_loss):
-            raise MTLError(f"pre-training diverged at epoch {epoch} (training loss {mean_loss}); lower "
-                           f"pretrain.lr (now {self.config.lr}) and rerun; {self.checkpoint_path} still holds "
-                           "the previous epoch.")
-        return mean_loss, correct / max(seen, 1)
+        check_finite(mean_loss, what="pre-training", where=f"at epoch {epoch}", quantity="training loss",
+                     advice=f"lower pretrain.lr (now {self.config.lr})")
+        return {"train_loss": mean_loss, "train_acc": correct / max(seen, 1), "images": int(seen)}
 
-    def _validate(self) -> tuple[float, float]:
-        """Fresh linear learner per fixed val episode on frozen eval-mode features (seeded init)."""
-        accs = evaluate_encoder(self.model.encoder, self.val, self.val_set, self.eval_transform, self.way,
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, draws=None) -> torch.Tensor:
+        """One optimiser step on this process's part (``images``, ``labels``) of a batch of
+        ``batch_size`` images; ``draws``: its augmentation. Returns (summed loss, correct) detached."""
+        x = (self.train_transform(images, device=self.device, draws=draws) if self.config.augment
+             else self.train_transform(images, device=self.device))
+        y = labels.to(self.device, non_blocking=True)
+        with autocast(self.device):
+            logits = self.trainer(x)
+        summed = F.cross_entropy(logits.float(), y, reduction="sum")
+        # DDP averages gradients over the processes: this scale makes the average the whole
+        # batch's mean-loss gradient, whatever the parts' sizes (one process: the mean loss).
+        loss = summed * ranks.world_size() / batch_size
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return torch.stack([summed.detach(), (logits.argmax(1) == y).sum().float()])
+
+    def validate(self) -> np.ndarray:
+        """Per-episode accuracies of a fresh linear learner per fixed val episode on frozen eval-mode
+        features (seeded init)."""
+        return evaluate_encoder(self.model.encoder, self.val, self.val_set, self.eval_transform, self.way,
                                 self.shot, self.query, steps=VAL_STEPS, lr=VAL_LR,
                                 inference_batch_size=self.inference_batch_size, device=self.device,
                                 generator=torch_stream(self.seed, Purpose.VALIDATION_LEARNERS))
-        return mean_ci95(accs)
 
-    # -- outputs
-    def write_history(self, path) -> None:
-        if not self.is_main:
-            return
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-            writer.writeheader()
-            for row in self.history:
-                writer.writerow({k: _csv_value(row[k]) for k in HISTORY_COLUMNS})
-
-    def save_best_encoder(self, path) -> Path:
+    # -- output
+    def save_encoder(self, path, best: dict) -> Path:
+        """The best epoch's encoder (``best`` from the run) at ``path``; rank 0 writes."""
         if not self.is_main:
             return Path(path)
         encoder = build_backbone(self.backbone_spec["name"], width=self.backbone_spec["width"])
-        if self.best_state is not None:
-            encoder.load_state_dict(self.best_state)
+        if best["state"] is not None:
+            encoder.load_state_dict(best["state"])
         else:  # no validation ran (epochs 0): keep what we have
             encoder.load_state_dict({k: v.cpu() for k, v in self.model.encoder.state_dict().items()})
-        best_acc = self.best_acc if self.best_state is not None else float("nan")
-        log.info("pretrain: best val accuracy %.4f at epoch %d -> %s", best_acc, self.best_epoch, path)
+        best_acc = best["val_acc"] if best["state"] is not None else float("nan")
+        log.info("pretrain: best val accuracy %.4f at epoch %d -> %s", best_acc, best["epoch"], path)
         return save_encoder(encoder, path, image_size=self.image_size, normalize=self.config.normalize,
-                            epoch=self.best_epoch, val_acc=best_acc)
+                            epoch=best["epoch"], val_acc=best_acc)
 
 
 def _backbone_spec(backbone: dict) -> dict:
@@ -422,19 +370,3 @@ def _split_identity(split: HDF5Split) -> dict:
     if split.content_sha256 is not None:  # files built before the fingerprint existed: counts only
         identity["content_sha256"] = split.content_sha256
     return identity
-
-
-def _differences(saved, current, prefix: str = "") -> list[str]:
-    """Human-readable 'key: checkpoint X vs now Y' for every leaf that differs."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        out = []
-        for key in sorted(set(saved) | set(current), key=str):
-            out += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
-        return out
-    return [] if saved == current else [f"{prefix.rstrip('.')}: checkpoint {saved!r} vs now {current!r}"]
-
-
-def _csv_value(value):
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return value

@@ -31,7 +31,7 @@ shared pages) and the largest combined main RSS + workers' USS seen at one insta
 
 Training steps run the real entry points (``pretrain``, ``meta_train``, ``evaluate``) on the CPU
 with their iteration counts cut: pretrain one epoch of ``--pretrain-batches`` batches of 128
-(``epoch_batches`` is wrapped to keep the first ones) and ``--val-episodes`` validation episodes;
+(its ``steps_per_epoch`` argument) and ``--val-episodes`` validation episodes;
 meta_train one epoch of ``--meta-episodes`` episodes and ``--val-episodes`` validation episodes;
 evaluate on ``--val-episodes`` test episodes. Why that reaches the peak: memory in these loops is
 allocated per batch/episode and freed at the next (autograd activations, one embedding batch of
@@ -262,26 +262,20 @@ def step_episodes(a: dict, probe: _Probe) -> dict:
 
 def step_pretrain(a: dict, probe: _Probe) -> dict:
     _torch_setup(a["threads"])
-    import mtl.train.pretrain as pretrain_module
-    from mtl.train.pretrain import PretrainConfig, pretrain
+    from mtl.train.pretrain import PretrainConfig, PretrainTrainer, pretrain
 
     probe.imports_done()
-    full_epoch_batches = pretrain_module.epoch_batches
-
-    def first_batches(*args, **kwargs):
-        return full_epoch_batches(*args, **kwargs)[: a["batches"]]
-
-    pretrain_module.epoch_batches = first_batches
-    probe.before(pretrain_module, "autocast", lambda i: f"batch {i}")  # called once per batch, before forward
-    probe.around(pretrain_module, "evaluate_encoder", "validation")
-    probe.around(pretrain_module._Run, "save_best_encoder", "save encoder")
+    probe.before(PretrainTrainer, "train_step", lambda i: f"batch {i}")
+    probe.around(PretrainTrainer, "validate", "validation")
+    probe.around(PretrainTrainer, "save_encoder", "save encoder")
     probe.watch_children()
     out = Path(a["out"])
     shutil.rmtree(out / "pretrain_ckpt", ignore_errors=True)  # a checkpoint would make it resume, not train
     start = time.perf_counter()
     pretrain(a["train"], a["val"], encoder_out=out / "encoder.pt", history_out=out / "pretrain_history.csv",
              checkpoint_dir=out / "pretrain_ckpt", backbone={"name": a["backbone"], "width": 1.0, "image_size": None},
-             config=PretrainConfig(epochs=1, num_workers=a["workers"]), val_episodes=a["val_episodes"], device="cpu")
+             config=PretrainConfig(epochs=1, num_workers=a["workers"]), val_episodes=a["val_episodes"], device="cpu",
+             steps_per_epoch=a["batches"])
     with open(out / "pretrain_history.csv") as handle:
         history = handle.read().splitlines()
     return {"call_s": round(time.perf_counter() - start, 1), "history": history[-1]}
@@ -295,7 +289,7 @@ def step_meta_train(a: dict, probe: _Probe) -> dict:
     probe.imports_done()
     probe.around(meta_module, "open_split", "open_split")
     probe.before(meta_module.MetaTrainer, "task_forward_backward", lambda i: f"episode {i}")
-    probe.around(meta_module, "validate", "validation")
+    probe.around(meta_module.MetaTrainer, "validate", "validation")
     out = Path(a["out"])
     shutil.rmtree(out / "meta_ckpt", ignore_errors=True)
     start = time.perf_counter()

@@ -5,7 +5,7 @@
     python bench/pretrain_scaling.py --cpu-dry-run        # tiny run on the CPU with gloo: checks this script (< 2 min)
     python bench/pretrain_scaling.py --processes 1 --cpu-dry-run --steps 40   # one-process CPU timing
 
-What is timed is the pipeline's own pre-training epoch (``mtl.train.pretrain._Run._fit_one_epoch``:
+What is timed is the pipeline's own pre-training epoch (``mtl.train.pretrain.PretrainTrainer.train_epoch``:
 HDF5 reads in DataLoader workers, on-device augmentation, AMP on GPUs, synchronised BN and DDP
 when N > 1), on a synthetic split of random 84x84 images written once (``--steps`` x batch
 images). Each count N runs through ``mtl.distributed.launch`` exactly as the workflow does (N = 1
@@ -21,7 +21,6 @@ are marked provisional.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -43,39 +42,25 @@ CLASSES = 64
 STORED_SIZE = 84
 
 
-def time_epoch(train_h5: str, val_h5: str, backbone: dict, config: dict, out_json: str, device) -> None:
-    """Worker target: warm-up epoch, then a timed epoch; rank 0 writes seconds and images to ``out_json``."""
-    from mtl.train.pretrain import PretrainConfig, _Run
+def time_epoch(train_h5: str, val_h5: str, backbone: dict, config: dict, steps: int, out_json: str, device) -> None:
+    """Worker target: warm-up epoch, then a timed epoch, ``steps`` batches each; rank 0 writes seconds
+    and images to ``out_json``."""
+    from mtl.distributed import ranks
+    from mtl.train.pretrain import PretrainConfig, PretrainTrainer
 
-    try:
-        from mtl.distributed import ranks
-    except ImportError:  # a checkout from before multi-process training: one-process timing only
-        ranks = None
-
-    known = PretrainConfig.__dataclass_fields__  # one-process timing also runs on older checkouts
-    config = PretrainConfig.from_dict({k: v for k, v in config.items() if k in known})
-    with tempfile.TemporaryDirectory() as scratch:
-        # validation is not timed, so its batch size does not matter (older checkouts lack the argument)
-        extra = {"inference_batch_size": 64} if "inference_batch_size" in inspect.signature(_Run).parameters else {}
-        run = _Run(train_h5, val_h5, backbone, config, 5, 1, 1, 1, 0, device, Path(scratch), **extra)
-        run._fit_one_epoch(1)
-        barrier = ranks.barrier if ranks else (lambda: None)
-        barrier()
-        context.sync(device)
-        start = time.perf_counter()
-        run._fit_one_epoch(2)
-        context.sync(device)
-        barrier()  # rank 0's time includes waiting for the slowest rank
-        seconds = time.perf_counter() - start
-    if ranks is None or ranks.is_main():
-        images = sum(len(b) for b in _epoch_batches(run, config, 2))
-        Path(out_json).write_text(json.dumps({"seconds": seconds, "images": images}))
-
-
-def _epoch_batches(run, config, epoch):
-    from mtl.train.pretrain import epoch_batches
-
-    return epoch_batches(len(run.train), config.batch_size, run.seed, epoch)
+    # validation is not timed: the smallest protocol will do
+    trainer = PretrainTrainer(train_h5, val_h5, backbone, PretrainConfig.from_dict(config), way=5, shot=1, query=1,
+                              val_episodes=1, seed=0, device=device)
+    trainer.train_epoch(1, max_steps=steps)
+    ranks.barrier()
+    context.sync(device)
+    start = time.perf_counter()
+    stats = trainer.train_epoch(2, max_steps=steps)
+    context.sync(device)
+    ranks.barrier()  # rank 0's time includes waiting for the slowest rank
+    seconds = time.perf_counter() - start
+    if ranks.is_main():
+        Path(out_json).write_text(json.dumps({"seconds": seconds, "images": stats["images"]}))
 
 
 def measure(processes: int, args, train_h5: str, val_h5: str, scratch: Path) -> dict:
@@ -85,7 +70,8 @@ def measure(processes: int, args, train_h5: str, val_h5: str, scratch: Path) -> 
     backbone = {"name": args.backbone, "width": args.width, "image_size": args.image_size}
     out = scratch / f"n{processes}.json"
     log = scratch / f"n{processes}.log"
-    kwargs = {"train_h5": train_h5, "val_h5": val_h5, "backbone": backbone, "config": config, "out_json": str(out)}
+    kwargs = {"train_h5": train_h5, "val_h5": val_h5, "backbone": backbone, "config": config, "steps": args.steps,
+              "out_json": str(out)}
     started = time.perf_counter()
     try:
         if processes == 1:  # as launch(processes=1) does it, and as the code before launch existed did
@@ -191,8 +177,6 @@ def main(argv=None) -> int:
         train_h5 = str(context.write_synthetic_split(scratch / "train.h5", largest, CLASSES, stored, seed=0))
         val_h5 = str(context.write_synthetic_split(scratch / "val.h5", 5 * 4, 5, stored, seed=1))
         print(f"synthetic split: {largest} images of {stored} px in {time.perf_counter() - started:.1f} s", flush=True)
-        if args.weak:
-            print("--weak: the split holds enough images for the largest batch; smaller counts train more steps")
         results = [measure(n, args, train_h5, val_h5, scratch) for n in args.counts]
     print()
     print(markdown(env, args, results))

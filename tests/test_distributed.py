@@ -149,7 +149,7 @@ def one_process(tmp_path_factory, splits) -> Path:
 
 
 def final_weights(folder: Path) -> dict:
-    return torch.load(folder / "ckpt" / "last.pt", weights_only=True)["model"]
+    return torch.load(folder / "ckpt" / "last.pt", weights_only=True)["trainer"]["model"]
 
 
 def assert_same_weights(folder: Path, reference: Path) -> None:
@@ -216,7 +216,7 @@ def test_two_workers_killed_mid_run_resume_with_any_process_count(tmp_path, spli
     assert len(workers) == 2
     wait_for(lambda: not any(alive(pid) for pid in workers), 30, "the orphaned workers to die with their agent")
     state = torch.load(killed / "ckpt" / "last.pt", weights_only=True)
-    assert state["next_epoch"] <= CONFIG["epochs"] and not (killed / "encoder.pt").exists(), (
+    assert state["epochs_done"] < CONFIG["epochs"] and not (killed / "encoder.pt").exists(), (
         "the run finished: killed too late, or orphaned workers kept training")
 
     one = tmp_path / "resumed_by_one"
@@ -226,7 +226,7 @@ def test_two_workers_killed_mid_run_resume_with_any_process_count(tmp_path, spli
         launch(pretrain, pretrain_kwargs(folder, splits, gpus=processes), processes=processes, device="cpu",
                threads=1, log_path=log)
         assert_same_weights(folder, one_process)
-    assert f"resuming from epoch {state['next_epoch']}" in (killed / "resume.log").read_text()
+    assert f"resuming from epoch {state['epochs_done'] + 1}" in (killed / "resume.log").read_text()
 
 
 def test_a_failing_worker_fails_the_launch_with_a_message_naming_the_log(tmp_path, splits):

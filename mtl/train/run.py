@@ -4,8 +4,9 @@ A trainer (:class:`mtl.train.pretrain.PretrainTrainer`, :class:`mtl.train.meta.M
 owns its model, optimiser and data and trains and validates one epoch at a time (the
 :class:`Trainer` protocol below). :class:`TrainingRun` keeps what lasts across epochs and restarts
 (the history, the best epoch, the place a stopped epoch resumes from) in one atomic checkpoint,
-and :func:`fit` runs the epochs: after each one the checkpoint is replaced, the history file
-rewritten, TensorBoard given the epoch's scalars (one call per epoch) and a stop signal obeyed.
+and :func:`fit` runs the epochs: after each one the checkpoint is replaced, TensorBoard given the
+epoch's scalars (one call per epoch), the history file rewritten (pre-training; meta-training writes
+it with its model, at the end) and a stop signal obeyed.
 
 Epochs are numbered from 1 everywhere here: history rows, messages and checkpoints.
 

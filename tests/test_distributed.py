@@ -35,7 +35,7 @@ from mtl.errors import ConfigError, MTLError
 from mtl.machine import cpu_model
 from mtl.train.pretrain import pretrain
 from tests.slurm_cluster import run_workflow_on_slurm
-from tests.test_pretrain import BACKBONE, make_split
+from tests.test_pretrain import BACKBONE, write_splits
 from tests.test_slurm import assert_all_remote_jobs_went_through_slurm
 from tests.workflow import REPO, run_snakemake, scenario_config
 
@@ -128,9 +128,8 @@ def test_synchronised_batchnorm_on_gloo_equals_batchnorm_on_the_whole_batch(tmp_
 
 # ----------------------------------------------------------------------------- pre-training
 @pytest.fixture(scope="module")
-def splits(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("splits")
-    return (str(make_split(folder / "train.h5", 4, 16, 1, "train")), str(make_split(folder / "val.h5", 3, 6, 2, "val")))
+def splits(tmp_path_factory, tiny_split):
+    return tuple(str(path) for path in write_splits(tiny_split, tmp_path_factory.mktemp("splits")))
 
 
 def pretrain_kwargs(folder: Path, splits, **config) -> dict:

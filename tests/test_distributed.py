@@ -200,6 +200,7 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_two_workers_killed_mid_run_resume_with_any_process_count(tmp_path, splits, one_process):
     killed = tmp_path / "killed"
     kwargs = pretrain_kwargs(killed, splits, gpus=2)
@@ -311,6 +312,7 @@ def assert_same_encoder(ours: dict, theirs: dict) -> None:
                      "see AMD_RELATIVE_BOUND")
 
 
+@pytest.mark.slow
 def test_workflow_pretrains_with_two_gloo_workers_as_with_one_process(tmp_path, noisy_images, one_process_encoder):
     """`snakemake --resources gpu=2 --config pretrain='{gpus: 2}'` on a CPU: two gloo workers
     started by torchrun write the one-process encoder."""
@@ -331,6 +333,7 @@ SLURM_REQUESTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.parametrize("request_kind", list(SLURM_REQUESTS))
 def test_slurm_job_of_two_tasks_pretrains_with_two_workers_started_by_srun(

@@ -15,16 +15,12 @@ from mtl.train.stop import Stopped
 BACKBONE = {"name": "resnet12", "width": 0.125, "image_size": 16}
 
 
-def write_splits(tiny_split, folder):
-    """Train and val; classes separable by colour, so a few steps must lower the loss."""
-    return (tiny_split(folder / "train.h5", classes=4, per_class=16, split="train", seed=1),
-            tiny_split(folder / "val.h5", classes=3, per_class=6, split="val", seed=2))
-
-
 @pytest.fixture
 def splits(tmp_path, tiny_split):
+    """Train and val; classes separable by colour, so a few steps must lower the loss."""
     torch.set_num_threads(1)
-    return write_splits(tiny_split, tmp_path)
+    return (tiny_split(tmp_path / "train.h5", classes=4, per_class=16, split="train", seed=1),
+            tiny_split(tmp_path / "val.h5", classes=3, per_class=6, split="val", seed=2))
 
 
 def run(tmp_path, splits, epochs, tensorboard_dir=None, **overrides):

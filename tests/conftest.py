@@ -1,13 +1,15 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from mtl.batching import CACHE_ENV
+from mtl.data.hdf5 import write_split
 from tests.slurm_cluster import SKIP_REASON, SlurmCluster, in_ci, local_slurm_cluster, slurm_tests_requested, why_unavailable
 from tests.workflow import use_inference_cache
 
@@ -54,3 +56,26 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         pytest.skip(reason)
     with local_slurm_cluster() as cluster:
         yield cluster
+
+
+def _write_tiny_split(path: str | Path, classes: int = 4, per_class: int = 10, size: int = 20, *, split: str = "test",
+                      seed: int = 0, noise: int = 40) -> Path:
+    """``classes`` x ``per_class`` images of ``size`` x ``size`` pixels, written by the library's own
+    writer (so each file passes the checks every real split passes). Class ``c`` is one colour plus
+    uniform integer noise in [-``noise``, ``noise``) per pixel: classes are separable, so training
+    must score above chance, and one seed gives the same file content every time (a "rebuilt" split)
+    while another seed gives other images with the same names and counts."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), per_class)
+    colours = rng.integers(0, 256, size=(classes, 1, 1, 3))
+    pixels = colours[labels] + rng.integers(-noise, noise, size=(len(labels), size, size, 3))
+    names = [f"class{c:02d}" for c in range(classes)]
+    return write_split(path, np.clip(pixels, 0, 255).astype(np.uint8), labels, names, {"dataset": "toy", "split": split})
+
+
+@pytest.fixture(scope="session")
+def tiny_split() -> Callable[..., Path]:
+    """``tiny_split(path, classes=4, per_class=10, size=20, *, split="test", seed=0, noise=40)`` writes
+    a tiny HDF5 split (see ``_write_tiny_split``) and returns its path. Session-scoped, so module-scoped
+    fixtures can use it too."""
+    return _write_tiny_split

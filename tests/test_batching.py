@@ -310,18 +310,6 @@ def test_workflow_runs_share_a_cache_folder_new_each_session(tmp_path_factory, m
 
 
 # ----------------------------------------------------------------------------- every inference pass
-def colour_split(path, split, classes, per_class, seed):
-    """Classes differ in colour: accuracies above chance, so a changed feature would show."""
-    from mtl.data.hdf5 import write_split
-
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(classes), per_class)
-    base = rng.integers(0, 256, size=(classes, 1, 1, 3))
-    pixels = np.clip(base[labels] + rng.integers(-60, 60, size=(len(labels), 20, 20, 3)), 0, 255)
-    return write_split(path, pixels.astype(np.uint8), labels, [f"c{c}" for c in range(classes)],
-                       {"dataset": "toy", "split": split})
-
-
 @pytest.fixture
 def embed_batch_sizes(monkeypatch):
     """The batch size of every `embed` call (all inference passes go through it)."""
@@ -337,7 +325,7 @@ def embed_batch_sizes(monkeypatch):
     return seen
 
 
-def test_every_inference_pass_uses_the_given_batch_size_with_the_same_results(tmp_path, embed_batch_sizes):
+def test_every_inference_pass_uses_the_given_batch_size_with_the_same_results(tmp_path, embed_batch_sizes, tiny_split):
     import csv
 
     from mtl.data.episodes import write_test_episodes
@@ -345,8 +333,9 @@ def test_every_inference_pass_uses_the_given_batch_size_with_the_same_results(tm
     from mtl.train.meta import MetaConfig, meta_train
     from mtl.train.pretrain import PretrainConfig, pretrain
 
-    train = colour_split(tmp_path / "train.h5", "train", 4, 12, 1)
-    val = colour_split(tmp_path / "val.h5", "val", 4, 8, 2)
+    # classes differ in colour: accuracies above chance, so a changed feature would show
+    train = tiny_split(tmp_path / "train.h5", classes=4, per_class=12, split="train", seed=1, noise=60)
+    val = tiny_split(tmp_path / "val.h5", classes=4, per_class=8, split="val", seed=2, noise=60)
     episodes = write_test_episodes(val, tmp_path / "episodes.npz", way=3, shot=1, query=3, count=8, seed=5)
     protocol = {"way": 3, "query": 3, "val_episodes": 8, "seed": 0}
     results = {}

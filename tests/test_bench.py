@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+# each runs a bench script in its own process (5-20 s apiece on an idle core): out of the quick loop
+pytestmark = pytest.mark.slow
 
 
 def test_pretrain_scaling_cpu_dry_run_measures_every_process_count():

@@ -178,13 +178,10 @@ def test_checkpoint_roundtrip_restores_rng(tmp_path):
         load_checkpoint(tmp_path / "bad.pt")
 
 
-def test_write_test_episodes_from_a_split_file(tmp_path):
+def test_write_test_episodes_from_a_split_file(tmp_path, tiny_split):
     from mtl.data.episodes import write_test_episodes
-    from mtl.data.hdf5 import write_split
 
-    images = np.zeros((len(LABELS), 4, 4, 3), dtype=np.uint8)
-    split = write_split(tmp_path / "test.h5", images, LABELS, [f"c{c}" for c in range(10)],
-                        {"dataset": "toy", "split": "test"})
+    split = tiny_split(tmp_path / "test.h5", classes=10, per_class=20, size=4)  # the labels are LABELS
     a = load_episodes(write_test_episodes(split, tmp_path / "a.npz", way=5, shot=1, query=3, count=8, seed=1),
                       expect_labels=LABELS)
     b = load_episodes(write_test_episodes(split, tmp_path / "b.npz", way=5, shot=1, query=3, count=8, seed=1))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mtl.data.episodes import load_episodes, write_test_episodes
-from mtl.data.hdf5 import HDF5Split, write_split
+from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import EvalTransform
 from mtl.errors import ConfigError, DataError
 from mtl.evaluate import evaluate
@@ -25,13 +25,10 @@ NORMALIZE = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 
 @pytest.fixture(scope="module")
-def test_split(tmp_path_factory):
+def test_split(tmp_path_factory, tiny_split):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("evaluate")
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(4), 10)
-    images = rng.integers(0, 256, size=(len(labels), 20, 20, 3), dtype=np.uint8)
-    path = write_split(folder / "test.h5", images, labels, [f"class{c}" for c in range(4)], {"dataset": "toy", "split": "test"})
+    path = tiny_split(folder / "test.h5", classes=4, per_class=10)
     episodes = write_test_episodes(path, folder / "episodes.npz", way=WAY, shot=SHOT, query=QUERY, count=EPISODES, seed=3)
     return folder, path, episodes
 
@@ -202,12 +199,10 @@ def test_episode_files_repeat_with_a_seed_and_change_with_another(test_split, tm
     assert not np.array_equal(load_episodes(other).support, load_episodes(episodes_path).support)
 
 
-def test_episodes_from_another_split_are_refused_with_the_fix(test_split, tmp_path):
+def test_episodes_from_another_split_are_refused_with_the_fix(test_split, tmp_path, tiny_split):
     folder, _, episodes_path = test_split
     _, model = plain_encoder(folder)
-    labels = np.repeat(np.arange(3), 5)  # a smaller split than the one the episodes were drawn from
-    images = np.zeros((len(labels), 20, 20, 3), dtype=np.uint8)
-    small = write_split(tmp_path / "small.h5", images, labels, ["a", "b", "c"], {"dataset": "toy", "split": "test"})
+    small = tiny_split(tmp_path / "small.h5", classes=3, per_class=5)  # smaller than the episodes' split
     with pytest.raises(DataError, match="Delete .*episodes.npz"):
         run_evaluate(tmp_path, "ft", model, small, episodes_path)
 

@@ -516,6 +516,7 @@ def assert_disk_full_reported(run: Run, workdir: Path, rule: str, written: str) 
 # --------------------------------------------------------------------------- the stories
 
 
+@pytest.mark.slow
 def test_session_killed_in_every_data_stage(baseline, tmp_path, small_disk):
     """The machine dies (Snakemake and its jobs, SIGKILL) once in each stage that writes declared
     outputs, and the disk fills up twice; each time the user runs what Snakemake and the error
@@ -551,6 +552,7 @@ def test_session_killed_in_every_data_stage(baseline, tmp_path, small_disk):
         pytest.skip(NO_TMPFS)
 
 
+@pytest.mark.slow
 def test_pretrain_killed_stopped_and_out_of_disk(baseline, tmp_path, small_disk):
     """Pre-training meets SIGKILL mid-epoch, SIGTERM, a kill while writing its checkpoint and a full
     disk at the next checkpoint; each rerun resumes from the last safe point, and the encoder it
@@ -589,6 +591,7 @@ def test_pretrain_killed_stopped_and_out_of_disk(baseline, tmp_path, small_disk)
         pytest.skip(NO_TMPFS)
 
 
+@pytest.mark.slow
 def test_meta_train_diverged_killed_stopped_and_out_of_disk(baseline, tmp_path, small_disk):
     """Meta-training meets a diverging learning rate, SIGKILL mid-epoch, SIGTERM in the middle of a
     hard-task round and a full disk when writing model.pt; nothing NaN is kept, each rerun resumes
@@ -632,6 +635,7 @@ def test_meta_train_diverged_killed_stopped_and_out_of_disk(baseline, tmp_path, 
         pytest.skip(NO_TMPFS)
 
 
+@pytest.mark.slow
 def test_pretrain_diverged_then_checkpoint_corrupt(baseline, tmp_path):
     """lr 1e3 stops pre-training with the suggestion and saves nothing; later a damaged checkpoint
     is refused with the fix, and the from-scratch rerun gives the uninterrupted result."""
@@ -656,6 +660,7 @@ def test_pretrain_diverged_then_checkpoint_corrupt(baseline, tmp_path):
     assert "starting from scratch" in job_log(work, "pretrain")
 
 
+@pytest.mark.slow
 def test_damaged_files_name_the_rule_that_rebuilds_them(baseline, tmp_path):
     """A file truncated on disk before the job that reads it (encoder, HDF5 split, episodes, model,
     in turn, with meta-training and what follows still to run): each error names the file, the
@@ -683,6 +688,7 @@ def test_damaged_files_name_the_rule_that_rebuilds_them(baseline, tmp_path):
     finish_and_compare(work, baseline)
 
 
+@pytest.mark.slow
 def test_second_snakemake_on_one_folder_is_refused(baseline, tmp_path):
     """While one workflow runs, a second on the same folder is refused and changes nothing."""
     work = fresh_copy(baseline, tmp_path / "run", "pretrain")
@@ -717,6 +723,7 @@ def wait_for(condition, what: str, timeout: float = 300) -> None:
 # --------------------------------------------------------------------------- a user's image folder
 
 
+@pytest.mark.slow
 def test_bad_image_folder_is_reported_whole(tmp_path):
     """Every problem of a user's image folder in one error (not the first only); odd image modes
     are converted; once the listed files are fixed the build succeeds."""
@@ -782,6 +789,7 @@ def test_bad_image_folder_is_reported_whole(tmp_path):
 # --------------------------------------------------------------------------- Slurm
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_requeue_resumes_pretrain(baseline, tmp_path, slurm_cluster: SlurmCluster):
     """On a real Slurm, `scontrol requeue` of the running pre-training job (SIGTERM, then SIGKILL

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mtl.data.episodes import write_test_episodes
-from mtl.data.hdf5 import HDF5Split, write_split
+from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import EvalTransform
 from mtl.evaluate import evaluate
 from mtl.finetune import (
@@ -31,13 +31,9 @@ STEPS, LR = 5, 0.05
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_split):
     folder = tmp_path_factory.mktemp("finetune")
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(4), 8)
-    base = rng.integers(0, 256, size=(4, 1, 1, 3))
-    images = np.clip(base[labels] + rng.integers(-60, 60, size=(len(labels), SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
-    split = write_split(folder / "test.h5", images, labels, [f"c{c}" for c in range(4)], {"dataset": "toy", "split": "test"})
+    split = tiny_split(folder / "test.h5", classes=4, per_class=8, size=SIZE, noise=60)
     episodes = write_test_episodes(split, folder / "episodes.npz", way=WAY, shot=SHOT, query=QUERY, count=EPISODES, seed=3)
     torch.manual_seed(0)
     encoder = build_backbone("resnet12", width=0.125).eval()

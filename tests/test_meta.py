@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mtl.data.episodes import EpisodeSampler
-from mtl.data.hdf5 import HDF5Split, write_split
+from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import EvalTransform
 from mtl.errors import CheckpointError, ConfigError, MTLError
 from mtl.models import build_backbone, freeze_for_meta, load_encoder, meta_parameters, save_encoder
@@ -24,23 +24,12 @@ from mtl.stop_signals import Stopped
 WAY, SHOT, QUERY, SIZE = 3, 1, 2, 16
 
 
-
-def write_fake_split(path, split, num_classes=6, per_class=5, seed=0):
-    """Tiny split whose classes differ in colour, so accuracy is above chance."""
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(num_classes), per_class)
-    base = rng.integers(0, 256, size=(num_classes, 1, 1, 3))
-    noise = rng.integers(-40, 40, size=(len(labels), 20, 20, 3))
-    images = np.clip(base[labels] + noise, 0, 255).astype(np.uint8)
-    names = [f"class{c:02d}" for c in range(num_classes)]
-    return write_split(path, images, labels, names, {"dataset": "fake", "split": split})
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, tiny_split):
     root = tmp_path_factory.mktemp("meta")
-    train = write_fake_split(root / "train.h5", "train", seed=1)
-    val = write_fake_split(root / "val.h5", "val", num_classes=4, seed=2)
+    # classes differ in colour, so accuracy is above chance
+    train = tiny_split(root / "train.h5", classes=6, per_class=5, split="train", seed=1)
+    val = tiny_split(root / "val.h5", classes=4, per_class=5, split="val", seed=2)
     torch.manual_seed(0)
     encoder = save_encoder(build_backbone("resnet12", width=0.125), root / "encoder.pt", image_size=SIZE,
                            normalize={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}, epoch=1, val_acc=0.5)
@@ -298,13 +287,13 @@ def test_resume_refuses_a_different_config(data, tmp_path):
         run(data, tmp_path, config=tiny_config(epochs=2, base_lr=0.1))
 
 
-def test_resume_refuses_a_split_rebuilt_with_other_images(data, tmp_path):
+def test_resume_refuses_a_split_rebuilt_with_other_images(data, tmp_path, tiny_split):
     """The same encoder (e.g. the ablation's random_init, which never reads the data) but a
     train.h5 rebuilt with other images of the same counts: the checkpoint is not resumed."""
-    rebuilt = dict(data, train=write_fake_split(tmp_path / "train.h5", "train", seed=1))
+    rebuilt = dict(data, train=tiny_split(tmp_path / "train.h5", classes=6, per_class=5, split="train", seed=1))
     run(rebuilt, tmp_path / "out", config=tiny_config(epochs=1))
     run(rebuilt, tmp_path / "out", config=tiny_config(epochs=2))  # same images: resumes
-    write_fake_split(tmp_path / "train.h5", "train", seed=9)
+    tiny_split(tmp_path / "train.h5", classes=6, per_class=5, split="train", seed=9)
     with pytest.raises(CheckpointError, match=r"splits_sha256.*Delete the folder"):
         run(rebuilt, tmp_path / "out", config=tiny_config(epochs=3))
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from mtl.cli import predict_main
 from mtl.data.episodes import load_episodes, write_test_episodes
-from mtl.data.hdf5 import HDF5Split, write_split
+from mtl.data.hdf5 import HDF5Split
 from mtl.data.user_images import read_support_folder
 from mtl.errors import CheckpointError, DataError
 from mtl.evaluate import evaluate
@@ -25,16 +25,12 @@ FAKE_HASHES = {"train": "a" * 64, "val": "b" * 64}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_split):
     """A test split with its episode file, a pre-trained encoder and a meta-trained model file."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("predict")
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(4), 10)
     # class-dependent colours, so the classifiers have something to learn
-    images = (rng.integers(0, 120, size=(len(labels), STORED, STORED, 3)) + labels[:, None, None, None] * 40)
-    split = write_split(folder / "test.h5", images.astype(np.uint8), labels, [f"class{c}" for c in range(4)],
-                        {"dataset": "toy", "split": "test"})
+    split = tiny_split(folder / "test.h5", classes=4, per_class=10, size=STORED)
     episodes = write_test_episodes(split, folder / "episodes.npz", way=WAY, shot=SHOT, query=QUERY,
                                    count=EPISODES, seed=3)
     encoder = build_backbone("resnet12", width=0.125)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from mtl.data.hdf5 import write_split
 from mtl.errors import CheckpointError, ConfigError
 from mtl.models import load_encoder
 from mtl.train.pretrain import PretrainConfig, epoch_batches, lr_at, pretrain
@@ -16,21 +15,12 @@ from mtl.stop_signals import Stopped
 BACKBONE = {"name": "resnet12", "width": 0.125, "image_size": 16}
 
 
-def make_split(path, n_classes, per_class, seed, split):
-    """Class c = a colour plus noise: separable, so a few steps must lower the loss."""
-    rng = np.random.default_rng(seed)
-    colours = np.random.default_rng(0).integers(0, 256, size=(n_classes, 3))
-    labels = np.repeat(np.arange(n_classes), per_class)
-    noise = rng.normal(0, 20, size=(len(labels), 20, 20, 3))
-    images = np.clip(colours[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
-    names = [f"class{c:02d}" for c in range(n_classes)]
-    return write_split(path, images, labels, names, {"dataset": "toy", "split": split})
-
-
 @pytest.fixture
-def splits(tmp_path):
+def splits(tmp_path, tiny_split):
+    """Train and val; classes separable by colour, so a few steps must lower the loss."""
     torch.set_num_threads(1)
-    return (make_split(tmp_path / "train.h5", 4, 16, 1, "train"), make_split(tmp_path / "val.h5", 3, 6, 2, "val"))
+    return (tiny_split(tmp_path / "train.h5", classes=4, per_class=16, split="train", seed=1),
+            tiny_split(tmp_path / "val.h5", classes=3, per_class=6, split="val", seed=2))
 
 
 def run(tmp_path, splits, epochs, tensorboard_dir=None, **overrides):
@@ -73,15 +63,15 @@ def test_pretrain_resumes_after_a_stop(tmp_path, splits, caplog):
         run(tmp_path, splits, epochs=3, lr=0.1)
 
 
-def test_a_rebuilt_split_resumes_only_if_its_images_are_the_same(tmp_path, splits, caplog):
+def test_a_rebuilt_split_resumes_only_if_its_images_are_the_same(tmp_path, splits, caplog, tiny_split):
     """Rebuilding train.h5 makes Snakemake rerun pre-training, which finds its old checkpoint:
     the same images rebuilt resume it; other images with the same counts must not."""
     run(tmp_path, splits, epochs=1)
-    make_split(splits[0], 4, 16, 1, "train")  # rebuilt, same content
+    tiny_split(splits[0], classes=4, per_class=16, split="train", seed=1)  # rebuilt, same content
     caplog.set_level("INFO", logger="mtl.train.pretrain")
     run(tmp_path, splits, epochs=2)
     assert "resuming from epoch 2" in caplog.text
-    make_split(splits[0], 4, 16, 7, "train")  # same names and counts, other noise
+    tiny_split(splits[0], classes=4, per_class=16, split="train", seed=7)  # same names and counts, other pixels
     with pytest.raises(CheckpointError, match=r"train.content_sha256: checkpoint '[0-9a-f]{64}' vs now .*Delete"):
         run(tmp_path, splits, epochs=3)
 

@@ -35,6 +35,7 @@ def assert_all_remote_jobs_went_through_slurm(result: WorkflowRun, cluster: Slur
     assert not failed and len(states) == len(result.submitted), f"Slurm job states {states}\n{result.explain()}"
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_gpu_request_sets_cuda_visible_devices(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     out = tmp_path / "gpu-%j.out"
@@ -48,6 +49,7 @@ def test_gpu_request_sets_cuda_visible_devices(slurm_cluster: SlurmCluster, tmp_
     assert printed in {f"CUDA_VISIBLE_DEVICES={i}" for i in range(slurm_cluster.gpus)}, printed
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_whole_workflow_runs_through_slurm_and_gpu_rules_get_a_slurm_gpu(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     result = run_workflow_on_slurm(slurm_cluster, tmp_path / "run", ["all"], timeout=1200)

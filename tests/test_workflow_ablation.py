@@ -52,6 +52,7 @@ def ablation_run(tmp_path_factory):
     return workdir, job_counts(result.stdout + result.stderr)
 
 
+@pytest.mark.slow
 def test_ablation_runs_every_arm_and_writes_the_table(ablation_run):
     workdir, counts = ablation_run
     assert counts["evaluate"] == 2 * len(NAMES) and counts["meta_train"] == 2 * len(meta_trained(NAMES))
@@ -67,6 +68,7 @@ def test_ablation_runs_every_arm_and_writes_the_table(ablation_run):
     assert all(f"| `{arm}` |" in text for arm in NAMES)
 
 
+@pytest.mark.slow
 def test_every_arm_and_seed_was_scored_on_the_same_episodes(ablation_run):
     workdir, _ = ablation_run
     metrics = [json.loads(path.read_text()) for path in workdir.glob("results/digits/*/seed*/*/1shot/metrics.json")]
@@ -77,6 +79,7 @@ def test_every_arm_and_seed_was_scored_on_the_same_episodes(ablation_run):
     assert len(ids) == 1
 
 
+@pytest.mark.slow
 def test_the_no_pretrain_arm_starts_from_the_untrained_encoder(ablation_run):
     """Meta-training freezes the conv weights, so a model keeps those of the encoder it started from."""
     import torch

@@ -72,6 +72,7 @@ def data_config(raw_sources) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_data_rules_build_every_split_from_mirror_manual_folder_and_image_tree(tmp_path, raw_sources):
     work = tmp_path / "run"
     work.mkdir()
@@ -100,6 +101,7 @@ def test_data_rules_build_every_split_from_mirror_manual_folder_and_image_tree(t
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+@pytest.mark.slow
 def test_html_instead_of_data_fails_clearly_and_leaves_nothing_half_written(tmp_path, raw_sources):
     server: FileServer = raw_sources["server"]
     quota_page = b"<!DOCTYPE html><html><head><title>Quota exceeded</title></head><body>Too many users</body></html>"

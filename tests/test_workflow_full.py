@@ -35,6 +35,7 @@ def two_seeds(tmp_path_factory):
     return workdir, job_counts(result.stdout + result.stderr)
 
 
+@pytest.mark.slow
 def test_each_seed_replicates_the_training_chain(two_seeds):
     workdir, counts = two_seeds
     # seeds x shots: 2 x 2 x (mtl, mtl_ht) meta-trained; 2 x 2 x 5 methods evaluated
@@ -45,6 +46,7 @@ def test_each_seed_replicates_the_training_chain(two_seeds):
         assert (workdir / f"checkpoints/digits/resnet12/seed{seed}/pretrain/last.pt").exists()
 
 
+@pytest.mark.slow
 def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
     workdir, _ = two_seeds
     summary = pd.read_csv(workdir / "results/summary.csv")
@@ -81,6 +83,7 @@ def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
     assert lr_metrics["method"] == "lr" and lr_metrics["learner_settings"]["C"] == 1.0
 
 
+@pytest.mark.slow
 def test_inference_batch_size_was_measured_and_cached_for_the_next_jobs(two_seeds):
     """inference.batch_size: auto, measured on this machine for this model (the test runs of this
     session share one cache, new each session: the entry cannot come from an earlier run)."""
@@ -90,6 +93,7 @@ def test_inference_batch_size_was_measured_and_cached_for_the_next_jobs(two_seed
     assert not (two_seeds[0] / "results/.cache").exists()  # MTL_INFERENCE_CACHE replaced the default folder
 
 
+@pytest.mark.slow
 def test_report_front_page_shows_the_summary_and_verdicts(two_seeds):
     workdir, _ = two_seeds
     run_snakemake(workdir, tiny([1, 2]), "--report", str(workdir / "report.html"))
@@ -97,6 +101,7 @@ def test_report_front_page_shows_the_summary_and_verdicts(two_seeds):
     assert len(html) > 10_000 and "Verdicts" in html and "mtl vs ft, digits 3-way 5-shot" in html
 
 
+@pytest.mark.slow
 def test_a_seed_gives_the_same_numbers_alone_and_on_any_core_count(two_seeds, tmp_path):
     """Seed 2 alone (twice: --cores 1 and --cores 2) reproduces its rows of the two-seed run exactly."""
     workdir, _ = two_seeds
@@ -171,6 +176,7 @@ def transfer_run(tmp_path_factory):
     return workdir, job_counts(result.stdout + result.stderr)
 
 
+@pytest.mark.slow
 def test_transfer_rows_score_the_digits_models_on_a_test_only_folder(transfer_run):
     workdir, counts = transfer_run
     assert counts["build_test_hdf5"] == 1 and counts["build_hdf5"] == 1
@@ -206,6 +212,7 @@ def test_transfer_rows_score_the_digits_models_on_a_test_only_folder(transfer_ru
     assert sum(line.startswith("- mtl vs ft, digits 3-way 5-shot: ") for line in text.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_transfer_scored_every_method_and_seed_on_the_same_target_episodes(transfer_run):
     workdir, _ = transfer_run
     for shot in (1, 5):
@@ -222,6 +229,7 @@ def test_transfer_scored_every_method_and_seed_on_the_same_target_episodes(trans
         assert (own["trained_on"], own["dataset"]) == ("digits", "digits")
 
 
+@pytest.mark.slow
 def test_transfer_leaves_the_in_domain_numbers_as_they_were(transfer_run, two_seeds):
     """The digits rows of the transfer run equal those of the same configuration without transfer."""
     for name, keys in (("summary_per_seed.csv", ["method", "shot", "seed"]), ("summary.csv", ["method", "shot"])):

@@ -28,6 +28,7 @@ from mtl.errors import ConfigError
 from mtl.io import atomic_path
 from mtl.methods import NAMES, get_method
 from mtl.published import paper_figure
+from mtl.results.render import plus_minus
 from mtl.results.runs import ROW_KEY, TRAINED_ON, is_transfer, load_runs
 from mtl.results.tables import build_summary
 from mtl.stats import NOT_MEASURED, SEED_INTERVAL
@@ -86,13 +87,6 @@ def _groups(wide: pd.DataFrame) -> list[str]:
     return [c[: -len("_accuracy")] for c in wide.columns if c.endswith("shot_accuracy")]
 
 
-def _pm(value, interval, signed: bool = False) -> str:
-    if pd.isna(value):
-        return ""
-    text = f"{value:+.2f}" if signed else f"{value:.2f}"
-    return text if pd.isna(interval) else f"{text} ± {interval:.2f}"
-
-
 def ablation_markdown(long: pd.DataFrame, wide: pd.DataFrame) -> str:
     """ablation.md: how to read it, then accuracy, vs ft and vs mtl tables, then the paper's sources."""
     groups = _groups(wide)
@@ -132,7 +126,7 @@ def _table(title, titles, wide, groups, cell) -> list[str]:
 
 def _accuracy_cell(sources):
     def cell(row, group):
-        text = _pm(row[f"{group}_accuracy"], row[f"{group}_ci95"])
+        text = plus_minus(row[f"{group}_accuracy"], row[f"{group}_ci95"])
         paper = row[f"{group}_paper_accuracy"]
         if not pd.isna(paper):
             text += f" (paper {paper:.1f} [{sources.index(row[f'{group}_paper_source']) + 1}])"
@@ -142,7 +136,7 @@ def _accuracy_cell(sources):
 
 def _diff_cell(baseline):
     def cell(row, group):
-        text = _pm(row[f"{group}_diff_vs_{baseline}"], row[f"{group}_diff_vs_{baseline}_ci95"], signed=True)
+        text = plus_minus(row[f"{group}_diff_vs_{baseline}"], row[f"{group}_diff_vs_{baseline}_ci95"], signed=True)
         above = row[f"{group}_seeds_above_{baseline}"]
         if text and not pd.isna(above):
             text += f" ({int(above)}/{int(row[f'{group}_seeds_paired_with_{baseline}'])})"

@@ -766,7 +766,7 @@ def test_bad_image_folder_is_reported_whole(tmp_path):
     log = failed.failed_log(work, "build_hdf5")
     assert_plain_error(log, "4 problem(s)", f"{bad['corrupt']}: cannot decode", f"{bad['loop']}: cannot decode",
                        f"{bad['empty']}: empty class folder", f"{bad['small']}: 1 image(s), fewer than the 3")
-    assert f"skipped 1 file(s) that are not images" in log and str(notes) in log
+    assert "skipped 1 file(s) that are not images" in log and str(notes) in log
 
     # Without class problems the files are decoded while the splits are written: still all listed.
     shutil.rmtree(bad["empty"]), shutil.rmtree(bad["small"])

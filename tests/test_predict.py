@@ -173,7 +173,7 @@ def test_greyscale_rgba_and_16_bit_images_are_converted(tmp_path):
 
 
 def bad_input_error(tmp_path, build_support, build_query, model_path) -> str:
-    support, query, out = tmp_path / "support", tmp_path / "query", tmp_path / "out.csv"
+    support, query = tmp_path / "support", tmp_path / "query"
     support.mkdir()
     query.mkdir()
     build_support(support)

@@ -82,7 +82,8 @@ def write_summary(summary: pd.DataFrame, per_seed: pd.DataFrame, *, csv_path, pe
             tmp.write_text(summary_rst(summary, baseline))
 
 
-def _pm(value, interval, signed: bool = False, decimals: int = 2) -> str:
+def plus_minus(value, interval, signed: bool = False, decimals: int = 2) -> str:
+    """"60.63 ± 5.29" (empty for a missing value; the value alone without an interval)."""
     if value is None or pd.isna(value):
         return ""
     sign = "+" if signed else ""
@@ -102,14 +103,14 @@ def _table_cells(summary: pd.DataFrame, baseline: str) -> tuple[list[str], list[
     rows = []
     for row in summary.itertuples(index=False):
         row = row._asdict()
-        published = _pm(row["reference_accuracy"], row["reference_ci95"], decimals=1)
+        published = plus_minus(row["reference_accuracy"], row["reference_ci95"], decimals=1)
         if published:
             published += f" [{sources.index(row['reference_source']) + 1}]"
         above = row[f"seeds_above_{baseline}"]
         rows.append([row[TRAINED_ON]] * transfer + [
             row["dataset"], row["backbone"], row["shot"], row["method"], row["n_seeds"],
-            _pm(row["accuracy"], row["ci95"]), f"± {row['episode_ci95']:.2f}",
-            _pm(row[f"diff_vs_{baseline}"], row[f"diff_vs_{baseline}_ci95"], signed=True),
+            plus_minus(row["accuracy"], row["ci95"]), f"± {row['episode_ci95']:.2f}",
+            plus_minus(row[f"diff_vs_{baseline}"], row[f"diff_vs_{baseline}_ci95"], signed=True),
             "" if pd.isna(above) else f"{int(above)} of {int(row[f'seeds_paired_with_{baseline}'])}", published,
         ])
     return titles, [[str(c) for c in r] for r in rows], sources

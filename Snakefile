@@ -13,8 +13,8 @@ configfile: "config.yaml"
 
 
 # Nested --config values arrive as strings ('2'); type them by the schema before validating.
-coerce_config(config, os.path.join(workflow.basedir, "rules", "config.schema.yaml"))
-validate(config, "rules/config.schema.yaml")
+coerce_config(config, os.path.join(workflow.basedir, "mtl", "config.schema.yaml"))
+validate(config, "mtl/config.schema.yaml")
 
 
 # The report's front page: the summary table and verdicts of the finished run.

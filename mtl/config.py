@@ -1,4 +1,4 @@
-"""The config schema (``rules/config.schema.yaml``) as the library reads it.
+"""The config schema (``mtl/config.schema.yaml``) as the library reads it.
 
 Defaults and bounds: the schema is the one statement of every key's default and bounds.
 :func:`schema_defaults` gives the trainers' config dataclasses their defaults and
@@ -89,12 +89,13 @@ def coerce_config(config: dict, schema_path: str | Path) -> None:
 #: The one statement of every config key's type, default and bounds. The dataclasses of the
 #: trainers take their defaults from it and check values against it, so config.yaml, the schema
 #: and the code cannot drift apart (tests/test_config.py holds config.yaml to it too).
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "rules" / "config.schema.yaml"
+# inside the package, so a plain (non-editable) install reads it too
+SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 
 
 @functools.cache
 def load_schema() -> dict:
-    """The parsed ``rules/config.schema.yaml`` (read once per process)."""
+    """The parsed ``mtl/config.schema.yaml`` (read once per process)."""
     try:
         return yaml.safe_load(SCHEMA_PATH.read_text())
     except FileNotFoundError:

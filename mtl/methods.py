@@ -10,7 +10,7 @@ A :class:`Method` says
 
 The workflow's rules ask this module which methods need meta-training and which encoder they
 start from; :mod:`mtl.train.meta` and :mod:`mtl.evaluate` read the same entries. Adding an arm is
-adding an entry here (and its name to the schema enum in ``rules/config.schema.yaml``; a test
+adding an entry here (and its name to the schema enum in ``mtl/config.schema.yaml``; a test
 keeps the two equal). No torch import: the Snakefile imports this at parse time.
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ from mtl.train.hard_tasks import HardTaskConfig
 from mtl.train.meta import MetaConfig, meta_train
 from mtl.train.pretrain import PretrainConfig, pretrain
 
-SCHEMA = Path(__file__).resolve().parent.parent / "rules" / "config.schema.yaml"
+SCHEMA = Path(__file__).resolve().parent.parent / "mtl" / "config.schema.yaml"
 
 
 def test_numbers_and_booleans_inside_nested_values_get_their_schema_types():

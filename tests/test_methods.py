@@ -22,7 +22,7 @@ META_ARMS = ["mtl", "mtl_ht", "mtl_last", "mtl_2nd_order", "mtl_metabatch4", "mt
 
 
 def test_the_schema_accepts_exactly_the_registry_names():
-    schema = yaml.safe_load((REPO / "rules/config.schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "mtl/config.schema.yaml").read_text())
     assert schema["properties"]["methods"]["items"]["enum"] == list(NAMES)
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     assert set(config["methods"]) <= set(NAMES)

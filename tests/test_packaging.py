@@ -67,3 +67,20 @@ def test_console_commands_point_at_functions_that_exist():
     for name, target in PROJECT.get("scripts", {}).items():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function)), name
+
+
+def test_a_plain_install_ships_the_config_schema(tmp_path):
+    """The trainers take their defaults from the schema at import: a wheel (what a non-editable
+    `pip install .` installs) must carry it inside the package, where mtl.config reads it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from mtl.config import SCHEMA_PATH
+
+    assert SCHEMA_PATH.parent == REPO / "mtl"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    assert "mtl/config.schema.yaml" in zipfile.ZipFile(wheel).namelist()

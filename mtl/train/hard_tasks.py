@@ -31,7 +31,7 @@ from mtl.errors import ConfigError, DataError, check_known_keys
 from mtl.rng import Purpose, stream
 
 FILL_MODES = tuple(section_schema("meta.hard_tasks")["properties"]["fill"]["enum"])
-#: The ``meta.hard_tasks`` defaults as rules/config.schema.yaml states them (reasons below).
+#: The ``meta.hard_tasks`` defaults as mtl/config.schema.yaml states them (reasons below).
 _DEFAULTS = schema_defaults("meta.hard_tasks")
 
 

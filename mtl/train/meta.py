@@ -67,7 +67,7 @@ HISTORY_COLUMNS = ("epoch", "meta_loss", "train_acc", "val_acc", "val_ci95", "lr
 RESUMABLE_KEYS = ("epochs",)
 
 
-#: The ``meta`` defaults as rules/config.schema.yaml states them (the PyTorch reference's).
+#: The ``meta`` defaults as mtl/config.schema.yaml states them (the PyTorch reference's).
 _DEFAULTS = schema_defaults("meta")
 
 

@@ -69,7 +69,7 @@ VAL_STEPS, VAL_LR = 100, 0.01  # reference pre-train validation learner
 RESUMABLE_CHANGES = ("epochs", "num_workers", "gpus")
 
 
-#: The ``pretrain`` defaults as rules/config.schema.yaml states them (the reference's recipe).
+#: The ``pretrain`` defaults as mtl/config.schema.yaml states them (the reference's recipe).
 _DEFAULTS = schema_defaults("pretrain")
 
 

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from mtl.distributed.launch import launch
 from mtl.train.pretrain import PretrainConfig, PretrainTrainer, lr_at, pretrain
 from tests.conftest import _write_tiny_split
-from tests.test_distributed import CONFIG, make_split, pretrain_kwargs
-from tests.test_pretrain import BACKBONE
+from tests.test_distributed import final_weights, make_split, pretrain_kwargs, relative_gap
 
 
 def write_splits(folder: Path, images: str) -> tuple[str, str]:
@@ -38,17 +37,11 @@ def write_splits(folder: Path, images: str) -> tuple[str, str]:
             str(make_split(folder / "val.h5", 3, 6, 2, "val")))
 
 
-def relative_gap(ours: dict, theirs: dict) -> float:
-    """The largest per-tensor relative L2 difference (tensors of norm > 1e-3, as the tests measure)."""
-    return max(float((ours[k].float() - v.float()).norm() / v.float().norm())
-               for k, v in theirs.items() if v.is_floating_point() and v.float().norm() > 1e-3)
-
-
-def final_weights(folder: Path, splits, processes: int, threads: int, augment: bool) -> dict:
+def trained_weights(folder: Path, splits, processes: int, threads: int, augment: bool) -> dict:
     extra = {"gpus": processes} if processes > 1 else {}
     launch(pretrain, pretrain_kwargs(folder, splits, augment=augment, **extra), processes=processes,
            device="cpu", threads=threads, log_path=folder.parent / f"{folder.name}.log")
-    return torch.load(folder / "ckpt" / "last.pt", weights_only=True)["trainer"]["model"]
+    return final_weights(folder)
 
 
 class RecordingTrainer(PretrainTrainer):
@@ -65,9 +58,13 @@ class RecordingTrainer(PretrainTrainer):
 
 
 def first_steps(splits, threads: int) -> RecordingTrainer:
+    """The first two steps of epoch 1 of the tests' pre-training, in this process on ``threads``."""
     torch.set_num_threads(threads)
-    trainer = RecordingTrainer(*splits, BACKBONE, PretrainConfig.from_dict(CONFIG), way=3, shot=1, query=2,
-                               val_episodes=4, seed=0, device="cpu")
+    run = pretrain_kwargs(Path(tempfile.mkdtemp()), splits)
+    config = PretrainConfig.from_dict(run["config"])
+    trainer = RecordingTrainer(run["train_h5"], run["val_h5"], run["backbone"], config, way=run["way"],
+                               shot=config.val_shot, query=run["query"], val_episodes=run["val_episodes"],
+                               seed=run["seed"], device="cpu")
     for group in trainer.optimizer.param_groups:
         group["lr"] = lr_at(1, trainer.config)
     trainer.train_epoch(1, max_steps=2)
@@ -80,10 +77,16 @@ def forward_choices(trainer: PretrainTrainer, weights: dict, step: dict) -> tupl
     trainer.model.train()
     trainer.model.zero_grad()
     winners, signs = [], []
-    hooks = [module.register_forward_pre_hook(
-        lambda m, inputs: winners.append(F.max_pool2d(inputs[0], m.kernel_size, m.stride, return_indices=True)[1])
-        if isinstance(m, torch.nn.MaxPool2d) else signs.append(inputs[0] > 0))
-        for module in trainer.model.modules() if isinstance(module, (torch.nn.MaxPool2d, torch.nn.LeakyReLU))]
+
+    def record_winners(pool, inputs):
+        winners.append(F.max_pool2d(inputs[0], pool.kernel_size, pool.stride, return_indices=True)[1])
+
+    def record_signs(_, inputs):  # before the in-place activation overwrites its input
+        signs.append(inputs[0] > 0)
+
+    modules = list(trainer.model.modules())
+    hooks = ([m.register_forward_pre_hook(record_winners) for m in modules if isinstance(m, torch.nn.MaxPool2d)]
+             + [m.register_forward_pre_hook(record_signs) for m in modules if isinstance(m, torch.nn.LeakyReLU)])
     F.cross_entropy(trainer.model(step["x"]), step["y"]).backward()
     for hook in hooks:
         hook.remove()
@@ -120,8 +123,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="agreement-"))
     splits = write_splits(folder, args.images)
     for augment in (True, False):
-        runs = {(processes, threads): final_weights(folder / f"p{processes}t{threads}a{int(augment)}", splits,
-                                                    processes, threads, augment)
+        runs = {(processes, threads): trained_weights(folder / f"p{processes}t{threads}a{int(augment)}", splits,
+                                                      processes, threads, augment)
                 for processes, threads in ((1, 1), (1, 2), (2, 1))}
         print(f"{args.images} images, augmentation {'on' if augment else 'off'}, final weights, largest relative gap:\n"
               f"  one process 2 threads vs 1 thread: {relative_gap(runs[1, 2], runs[1, 1]):.1e}\n"

@@ -321,6 +321,12 @@ def encoder_state(workdir: Path) -> dict:
 AMD_RELATIVE_BOUND = 2e-2
 
 
+def relative_gap(ours: dict, theirs: dict) -> float:
+    """The largest per-tensor relative L2 difference of two state dicts (float tensors of norm > 1e-3)."""
+    return max(float((ours[k].float() - v.float()).norm() / v.float().norm())
+               for k, v in theirs.items() if v.is_floating_point() and v.float().norm() > 1e-3)
+
+
 def assert_same_encoder(ours: dict, theirs: dict) -> None:
     assert ours["epoch"] == theirs["epoch"]
     try:
@@ -329,8 +335,7 @@ def assert_same_encoder(ours: dict, theirs: dict) -> None:
     except AssertionError:
         if "AMD" not in cpu_model():
             raise
-        worst = max(float((ours["state_dict"][k].float() - v.float()).norm() / v.float().norm().clamp_min(1e-12))
-                    for k, v in theirs["state_dict"].items() if v.is_floating_point() and v.float().norm() > 1e-3)
+        worst = relative_gap(ours["state_dict"], theirs["state_dict"])
         assert worst <= AMD_RELATIVE_BOUND, f"two workers vs one process: relative difference {worst:.3g}"
         pytest.xfail(f"AMD CPU: two workers differ from one process by {worst:.2g} (relative), as one process on "
                      "2 threads does from 1 thread: a max-pool near-tie flipped by summation order; "

@@ -237,18 +237,17 @@ class Run:
     def explain(self) -> str:
         return f"`{' '.join(self.command[2:])}` exited {self.returncode}; output ends:\n{self.output[-5000:]}"
 
-    def failed_log(self, workdir: Path, rule: str) -> str:
-        """The log Snakemake points the user to for a failed ``rule`` job (``Error in rule ...: log: ...``)."""
-        match = re.search(rf"Error in rule {rule}:\n(?:\s+.*\n)*?\s+log: (\S+)", self.output)
-        assert match, f"no failed {rule} job reported\n{self.explain()}"
-        return (workdir / match.group(1)).read_text()
-
-    def failed_logs(self, workdir: Path) -> dict[str, str]:
-        """Every failed job's rule and the log Snakemake points the user to (all jobs that started
-        before Snakemake stopped: which readers of a file those are is the scheduler's choice)."""
+    def failed_jobs(self, workdir: Path) -> list[tuple[str, str]]:
+        """(rule, log text) of every failed job Snakemake reports (``Error in rule ...: log: ...``):
+        all jobs that had started before it stopped, in the order it reports them."""
         found = re.findall(r"Error in rule (\w+):\n(?:\s+.*\n)*?\s+log: (\S+)", self.output)
-        assert found, f"no failed job reported\n{self.explain()}"
-        return {f"{rule} ({log})": (workdir / log).read_text() for rule, log in found}
+        return [(rule, (workdir / log).read_text()) for rule, log in found]
+
+    def failed_log(self, workdir: Path, rule: str) -> str:
+        """The log Snakemake points the user to for the failed ``rule`` job."""
+        logs = [log for failed, log in self.failed_jobs(workdir) if failed == rule]
+        assert logs, f"no failed {rule} job reported\n{self.explain()}"
+        return logs[0]
 
 
 @dataclass
@@ -683,9 +682,10 @@ def test_damaged_files_name_the_rule_that_rebuilds_them(baseline, tmp_path):
         assert failed.returncode != 0, failed.explain()
         # Snakemake stops after the first failures; which readers had started is its scheduler's
         # choice (CI once saw evaluate and export_model fail first, meta_train never started).
-        logs = failed.failed_logs(work)
-        assert {job.split()[0] for job in logs} <= readers, (readers, list(logs))
-        for log in logs.values():
+        jobs = failed.failed_jobs(work)
+        assert jobs, f"no failed job reported\n{failed.explain()}"
+        assert {reader for reader, _ in jobs} <= readers, (readers, [reader for reader, _ in jobs])
+        for _, log in jobs:
             assert_plain_error(log, damaged, says, f"`{rule}` rule", "delete", "rerun the workflow")
         (work / damaged).unlink()  # what the message says
 

@@ -46,6 +46,8 @@ import torch
 
 import mtl.evaluate
 import mtl.base_learner
+import mtl.learners.base
+import mtl.learners.linear
 from mtl.batching import inference_batch_size
 from mtl.data.episodes import load_episodes, write_test_episodes
 from mtl.data.hdf5 import HDF5Split
@@ -57,18 +59,18 @@ WAY, SHOT, QUERY, SIZE, SEED = 5, 1, 15, 84, 1
 STEPS, LR = 100, 0.01
 
 # What `evaluate` calls, wrapped to time it: (owner, attribute, label). Nested: embed_episodes
-# contains embed, which contains get_images; evaluate_episodes contains adapt_linear (which
-# contains fresh_init) and episode_accuracy.
+# contains embed, which contains get_images; _fit_and_score (the learner adapting a chunk of
+# episodes and scoring its queries) contains adapt_linear and fresh_init.
 PROFILED = (
-    (mtl.evaluate, "_load_for_method", "load model"),
+    (mtl.evaluate, "load_for_method", "load model"),
     (mtl.evaluate, "load_episodes", "load + check episode file (sha256)"),
-    (mtl.evaluate, "embed_episodes", "embed_episodes"),
+    (mtl.learners.base, "embed_episodes", "embed_episodes"),
     (mtl.base_learner, "embed", "  embed (read + transform + forward)"),
     (HDF5Split, "get_images", "    HDF5 reads"),
-    (mtl.evaluate, "evaluate_episodes", "evaluate_episodes"),
-    (mtl.base_learner, "adapt_linear", "  adapt_linear (100 SGD steps, all episodes)"),
-    (mtl.base_learner, "fresh_init", "    fresh_init (kaiming draws, one per episode)"),
-    (mtl.base_learner, "episode_accuracy", "  episode_accuracy"),
+    (mtl.learners.base, "_fit_and_score", "adapt all episodes, score their queries"),
+    (mtl.learners.linear, "adapt_linear", "  adapt_linear (100 SGD steps, all episodes)"),
+    (mtl.learners.linear, "fresh_init", "    fresh_init (kaiming draws, one per episode)"),
+    (mtl.evaluate, "calibration_report", "calibration (ECE, NLL)"),
     (mtl.evaluate, "write_episode_results", "write episodes.csv + metrics.json"),
 )
 

@@ -1,5 +1,5 @@
 """Test-time fine-tuning cost (ablation arms ft_last, ft_all): seconds per episode and SGD step of
-`mtl.finetune.adapt_on_support` for several chunk sizes (episodes adapted together with torch.func),
+`mtl.learners.finetune.adapt_on_support` for several chunk sizes (episodes adapted together with torch.func),
 and the same step as a plain per-episode autograd loop.
 
     .venv/bin/python bench/finetune.py                         # the ablation demo's shape
@@ -18,7 +18,7 @@ import context  # first: this checkout's mtl, and the machine beside every figur
 import torch
 import torch.nn.functional as F
 
-from mtl.finetune import adapt_on_support
+from mtl.learners.finetune import adapt_on_support
 from mtl.models import build_backbone
 from mtl.base_learner import fresh_init
 

@@ -1,4 +1,4 @@
-"""Cost of method `lr` at meta-test: `mtl.logistic.logistic_accuracies` on precomputed features.
+"""Cost of method `logreg` at meta-test: the `mtl.learners.logistic.LogisticLearner` on precomputed features.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/logistic.py                 # 600 episodes, 5-way 5-shot, 512-d
     OMP_NUM_THREADS=1 .venv/bin/python bench/logistic.py --shot 1 --repeats 5
@@ -8,7 +8,7 @@ test split shape), each a ReLU of a class centre (scaled by ``--separation``) pl
 noise, ``--dim`` wide (512: resnet12). ``--episodes`` episodes of ``--way``-way ``--shot``-shot
 ``--query``-query drawn class-major with a seeded numpy generator. The embedding itself is not
 timed (`bench/evaluate.py` does that); this is the part `lr` adds after it: one scikit-learn
-lbfgs fit per episode (`mtl.logistic.LOGISTIC_SETTINGS`). The first call (importing scikit-learn,
+lbfgs fit per episode (`mtl.learners.logistic.LOGISTIC_SETTINGS`). The first call (importing scikit-learn,
 finding the BLAS libraries) is timed apart from the ``--repeats`` timed passes. For scale, the
 batched fresh learner of `ft` (`evaluate_episodes`, 100 SGD steps at lr 0.01) runs on the same
 features and episodes.
@@ -23,7 +23,8 @@ import context  # first: this checkout's mtl, and the machine beside every figur
 import numpy as np
 import torch
 
-from mtl.logistic import LOGISTIC_SETTINGS, logistic_accuracies, logistic_probabilities
+from mtl.data.episodes import relabel
+from mtl.learners.logistic import LOGISTIC_SETTINGS, LogisticLearner, logistic_probabilities
 from mtl.base_learner import evaluate_episodes
 
 CLASSES, PER_CLASS = 20, 600
@@ -74,13 +75,14 @@ def main() -> None:
     seconds = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        accuracies = logistic_accuracies(feats, support, query, args.way, args.shot, args.query)
+        logits = LogisticLearner(None).fit(feats[support], relabel(args.way, args.shot), args.way)(feats[query])
+        accuracies = (logits.argmax(dim=-1).numpy() == relabel(args.way, args.query)).mean(axis=1)
         seconds.append(time.perf_counter() - start)
-        context.figure(f"lr: {args.episodes} episodes {args.way}-way {args.shot}-shot {args.query}-query, "
+        context.figure(f"logreg: {args.episodes} episodes {args.way}-way {args.shot}-shot {args.query}-query, "
                        f"{args.dim}-d: {seconds[-1]:.2f} s ({seconds[-1] / args.episodes * 1e3:.1f} ms/episode), "
                        f"mean accuracy {accuracies.mean() * 100:.2f}%")
     median = statistics.median(seconds)
-    context.figure(f"lr median of {args.repeats}: {median:.2f} s ({median / args.episodes * 1e3:.1f} ms/episode)")
+    context.figure(f"logreg median of {args.repeats}: {median:.2f} s ({median / args.episodes * 1e3:.1f} ms/episode)")
 
     start = time.perf_counter()
     ft = evaluate_episodes(feats, (support, query), args.way, args.shot, args.query,

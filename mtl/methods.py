@@ -25,7 +25,7 @@ PRETRAINED, RANDOM_INIT = "pretrained", "random_init"
 #: Parts of the encoder: every block, or the last residual block (resnet12: layer4; resnet25: layer3).
 ALL, LAST = "all", "last"
 #: Base learners at test time: a fresh linear learner (SGD with a fixed budget), the meta-learned one,
-#: nearest class mean, logistic regression fitted to convergence on L2-normalised features (mtl.logistic).
+#: nearest class mean, logistic regression fitted to convergence on L2-normalised features (mtl.learners.logistic).
 FRESH, META_LEARNED, PROTOTYPE, LOGISTIC = "fresh", "meta", "prototype", "logistic"
 
 
@@ -47,7 +47,7 @@ class TestTime:
 
     ``steps``/``lr`` of None: the inner loop the model was meta-trained with (``meta.update_step``
     SGD steps at ``meta.base_lr``, stored in the model file). ``PROTOTYPE`` and ``LOGISTIC``
-    learners take no steps (the logistic fit runs to convergence, :data:`mtl.logistic.LOGISTIC_SETTINGS`).
+    learners take no steps (the logistic fit runs to convergence, :data:`mtl.learners.logistic.LOGISTIC_SETTINGS`).
     ``finetune`` names the encoder part updated together with the learner (plain SGD at
     ``encoder_lr``, BN in eval mode); None keeps the encoder fixed.
     """
@@ -79,7 +79,7 @@ _META = TestTime(learner=META_LEARNED)
 
 _ENTRIES = (
     Method("ft", "pre-trained encoder, fresh linear learner on frozen features", _FRESH),
-    Method("lr", "pre-trained encoder, logistic regression to convergence on L2-normalised frozen features "
+    Method("logreg", "pre-trained encoder, logistic regression to convergence on L2-normalised frozen features "
            "(Tian et al. 2020)", TestTime(learner=LOGISTIC)),
     Method("proto", "pre-trained encoder, nearest class mean (Euclidean)", TestTime(learner=PROTOTYPE)),
     Method("ft_last", "pre-trained encoder; the last residual block and a fresh linear learner fine-tuned "
@@ -99,12 +99,23 @@ _ENTRIES = (
            start=RANDOM_INIT, meta=MetaArm()),
 )
 REGISTRY: dict[str, Method] = {m.name: m for m in _ENTRIES}
+#: Methods renamed since results were first written: old name -> new name. Results and model files
+#: under an old name read as the new one (:func:`current_name`); a config naming one is refused.
+RENAMED: dict[str, str] = {"lr": "logreg"}  # "lr" read as the learning rate everywhere else
 #: Every method, in the order tables list them.
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 
 
+def current_name(name: str) -> str:
+    """``name`` as the registry calls it now (an old name of :data:`RENAMED` becomes its new one)."""
+    return RENAMED.get(name, name)
+
+
 def get_method(name: str) -> Method:
     """The registry entry of ``name``, or a ConfigError listing the valid names."""
+    if name in RENAMED:
+        raise ConfigError(f"method '{name}' is now called '{RENAMED[name]}': write '{RENAMED[name]}' in `methods` "
+                          "(results written under the old name still read as the new one)")
     if name not in REGISTRY:
         raise ConfigError(f"Unknown value '{name}' for argument method. Valid values are {{{', '.join(NAMES)}}}.")
     return REGISTRY[name]

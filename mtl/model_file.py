@@ -6,14 +6,18 @@ the normalisation and image size, and what the model is (its data, config, code 
 exported file holds all of it and loads without this repository's config::
 
     {"backbone": {"name", "width"}, "state_dict": plain weights (scales folded),
-     "format": "mtl-fewshot model", "format_version": 1,
+     "format": "mtl-fewshot model", "format_version": 2,
      "method", "test_time": {"learner", "finetune", "steps", "lr", "encoder_lr", "logistic"},
+     "temperature", "calibration": {"episodes", "ece", "nll", "accuracy", ...} (from the in-domain test run),
      "learner": {"weight", "bias"} (meta-trained methods only), "way", "shot", "seed",
      "trained_on", "image_size", "stored_image_size", "normalize", "data_sha256": {"train", "val"},
      "config", "version", "commit", "val_acc", "epoch"}
 
 ``image_size`` is the network's input side; ``stored_image_size`` the side the training images
 were stored at (new images are resized to it first, as the dataset's were when it was built).
+``test_time`` is :func:`mtl.learners.learner_settings` of the method; :func:`mtl.learners.learner_for`
+builds the learner from it. ``temperature`` turns the learner's scores into calibrated
+probabilities (:mod:`mtl.learners.calibration`); format 1 files had none and read as 1.
 Everything is plain data, so :func:`read_model_file` loads with ``torch.load(weights_only=True)``
 like every file of this project: no code runs from a model file.
 """
@@ -28,7 +32,8 @@ from pathlib import Path
 import torch
 
 from mtl.errors import CheckpointError
-from mtl.methods import LOGISTIC, META_LEARNED, get_method
+from mtl.learners import learner_settings
+from mtl.methods import META_LEARNED, get_method
 from mtl.models.backbone import Backbone
 from mtl.models.encoder_io import (
     ENCODER_PRODUCER,
@@ -42,27 +47,36 @@ from mtl.models.encoder_io import (
 log = logging.getLogger(__name__)
 
 FORMAT = "mtl-fewshot model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: What an exported file records about its run's calibration and test scores (metrics.json keys).
+CALIBRATION_KEYS = ("calibration_episodes", "accuracy", "ci95", "ece", "nll", "ece_uncalibrated", "nll_uncalibrated",
+                    "episodes", "episodes_file")
 EXPORT_PRODUCER = "the `export_model` rule (results/models/<dataset>/<backbone>/<method>/<shot>shot/seed<N>.pt)"
 
 
 def export_model(method: str, trained_path, out_path, *, trained_on: str, seed: int, shot: int, way: int,
                  data_sha256: Mapping[str, str | None], stored_image_size: int, config: Mapping,
-                 commit: str | None = None) -> Path:
+                 metrics: Mapping | None = None, commit: str | None = None) -> Path:
     """Write the exported file of ``method`` from its trained file (``encoder.pt`` or ``model.pt``).
 
     ``data_sha256``: content hashes of the training splits (from their HDF5 files);
     ``stored_image_size``: the side of the training images as stored; ``config``: the settings the
-    model was trained and is used with (backbone, protocol, pretrain, meta, the dataset entry).
+    model was trained and is used with (backbone, protocol, pretrain, meta, the dataset entry);
+    ``metrics``: the run's in-domain metrics.json, whose ``temperature`` the model predicts with
+    (None: temperature 1, uncalibrated).
     """
     from mtl import __version__
 
     entry = get_method(method)
+    if metrics is not None:
+        _check_same_run(metrics, method=method, seed=int(seed), shot=int(shot), dataset=str(trained_on))
     encoder, info = load_encoder_file(trained_path, producer=MODEL_PRODUCER if entry.meta_trained
                                       else ENCODER_PRODUCER)
     extra = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "method": method,
-        "test_time": resolved_test_time(method, info),
+        "test_time": learner_settings(method, info),
+        "temperature": float(metrics["temperature"]) if metrics else 1.0,
+        "calibration": {key: _plain(metrics[key]) for key in CALIBRATION_KEYS if key in metrics} if metrics else {},
         "way": int(way), "shot": int(shot), "seed": int(seed), "trained_on": str(trained_on),
         "image_size": int(info["image_size"]), "stored_image_size": int(stored_image_size),
         "normalize": {"mean": [float(v) for v in info["normalize"]["mean"]],
@@ -76,21 +90,14 @@ def export_model(method: str, trained_path, out_path, *, trained_on: str, seed: 
     return save_encoder(encoder.eval(), out_path, **extra)
 
 
-def resolved_test_time(method: str, info: Mapping) -> dict:
-    """What adapts on a support set and with which budget, with the registry's defaults filled in
-    (a meta-trained method adapts with the inner loop it was meta-trained for)."""
-    test_time = get_method(method).test_time
-    if test_time.learner == META_LEARNED:
-        steps, lr = int(info["inner"]["update_step"]), float(info["inner"]["base_lr"])
-    else:
-        steps, lr = test_time.steps, test_time.lr
-    resolved = {"learner": test_time.learner, "finetune": test_time.finetune, "steps": steps, "lr": lr,
-                "encoder_lr": test_time.encoder_lr}
-    if test_time.learner == LOGISTIC:
-        from mtl.logistic import LOGISTIC_SETTINGS
-
-        resolved["logistic"] = dict(LOGISTIC_SETTINGS)
-    return resolved
+def _check_same_run(metrics: Mapping, **run) -> None:
+    """The metrics an exported file takes its temperature from must be its own run's (in-domain)."""
+    differing = {key: (metrics.get(key), value) for key, value in run.items() if metrics.get(key) != value}
+    if metrics.get("trained_on", metrics.get("dataset")) != run["dataset"]:
+        differing["trained_on"] = (metrics.get("trained_on"), run["dataset"])
+    if differing:
+        raise CheckpointError("the metrics given to export_model are another run's: "
+                              + ", ".join(f"{key} {got!r} instead of {want!r}" for key, (got, want) in differing.items()))
 
 
 def read_model_file(path, *, expected_backbone: Mapping | None = None,
@@ -114,6 +121,7 @@ def read_model_file(path, *, expected_backbone: Mapping | None = None,
             "mtl-fewshot reads: upgrade mtl-fewshot (pip install -U mtl-fewshot) to load it.")
     if expected_backbone is not None:
         check_expected_backbone(stored_backbone_config(info, path), expected_backbone, path)
+    info.setdefault("temperature", 1.0)  # format 1: uncalibrated scores
     return backbone.eval(), info
 
 

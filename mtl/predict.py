@@ -25,18 +25,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from mtl.data.transforms import EvalTransform
 from mtl.data.user_images import SupportSet, list_query_folder, read_query_chunks, read_support_folder
 from mtl.errors import ConfigError
-from mtl.finetune import _Trunk, adapt_on_support, query_features
-from mtl.logistic import fit_logistic
-from mtl.methods import FRESH, LOGISTIC, META_LEARNED, PROTOTYPE
+from mtl.learners import learner_for
+from mtl.methods import current_name
+from mtl.learners.calibration import probabilities
 from mtl.model_file import read_model_file
 from mtl.models import inference_copy
-from mtl.rng import Purpose, torch_stream
-from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, adapt_linear, embed_batch, fresh_init, linear_logits
+from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, embed_batch
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +51,7 @@ class FewShotModel:
         backbone, info = read_model_file(path, expected_backbone=expected_backbone)
         return cls(backbone, info, Path(path))
 
-    method = property(lambda self: self.info["method"])
+    method = property(lambda self: current_name(self.info["method"]))
     seed = property(lambda self: int(self.info["seed"]))
     shot = property(lambda self: int(self.info["shot"]))
     trained_on = property(lambda self: self.info["trained_on"])
@@ -66,10 +64,10 @@ class FewShotModel:
                 f"{self.info['backbone']['name']} width {self.info['backbone']['width']})")
 
     def adapt(self, support: SupportSet, *, inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
-              device: torch.device | str = "cpu") -> AdaptedClassifier:
-        """The classifier this model's method builds from ``support`` (see the module docstring)."""
+              device: torch.device | str = "cpu", episode: int = 0) -> AdaptedClassifier:
+        """The classifier this model's method builds from ``support`` (see :class:`AdaptedClassifier`)."""
         return AdaptedClassifier(self, support, inference_batch_size=inference_batch_size,
-                                 device=torch.device(device))
+                                 device=torch.device(device), episode=episode)
 
     def predict(self, support, query, *, inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
                 device: torch.device | str = "cpu") -> Prediction:
@@ -79,38 +77,25 @@ class FewShotModel:
 
 
 class AdaptedClassifier:
-    """One model adapted to one support set: ``probabilities(images)`` for any batch of queries."""
+    """One model adapted to one support set: ``probabilities(images)`` for any batch of queries.
+
+    The learner is the one :func:`mtl.learners.learner_for` builds from the model's ``test_time``
+    settings, as evaluate builds it; ``episode`` picks which of the run's fresh-learner draws it
+    starts from (evaluate starts test episode e from draw e; learners that draw nothing ignore it).
+    """
 
     def __init__(self, model: FewShotModel, support: SupportSet, *, inference_batch_size: int,
-                 device: torch.device):
+                 device: torch.device, episode: int = 0):
         self.model, self.device, self.inference_batch_size = model, device, inference_batch_size
         self.n_classes = len(support.class_names)
-        test_time = model.info["test_time"]
-        self.kind, self.scope = test_time["learner"], test_time["finetune"]
-        backbone = model.backbone.to(device)
-        # the network that embeds: the whole encoder, or the frozen trunk before a fine-tuned part
-        self.embedder = inference_copy(backbone if self.scope is None else _Trunk(backbone, self.scope))
-        labels = torch.as_tensor(support.labels, device=device)
-        support_x = self._embed(support.images)
-        # the same generator evaluate seeds per run: a fresh learner here is episode 0's learner there
-        generator = torch_stream(model.seed, Purpose.TEST_LEARNERS)
-        if self.scope is not None:
-            weight, bias = fresh_init(1, self.n_classes, backbone.out_dim, generator=generator, device=device)
-            self.params, self.weight, self.bias = adapt_on_support(
-                backbone, self.scope, support_x.unsqueeze(0), labels, weight, bias, steps=test_time["steps"],
-                lr=test_time["lr"], encoder_lr=test_time["encoder_lr"])
-        elif self.kind in (FRESH, META_LEARNED):
-            init_weight, init_bias = self._learner_init() if self.kind == META_LEARNED else (None, None)
-            self.weight, self.bias = adapt_linear(support_x.unsqueeze(0), labels, self.n_classes,
-                                                  init_weight=init_weight, init_bias=init_bias,
-                                                  steps=test_time["steps"], lr=test_time["lr"], generator=generator)
-        elif self.kind == PROTOTYPE:
-            sums = torch.zeros(self.n_classes, support_x.shape[1], device=device).index_add_(0, labels, support_x)
-            self.prototypes = sums / torch.bincount(labels, minlength=self.n_classes).unsqueeze(1)
-        elif self.kind == LOGISTIC:  # fitted once here, applied to every batch of queries
-            self.logistic = fit_logistic(support_x.cpu(), labels.cpu(), self.n_classes)
-        else:
-            raise ConfigError(f"{model.path}: unknown test-time learner {self.kind!r}; upgrade mtl-fewshot")
+        self.temperature = float(model.info["temperature"])
+        learned = model.info.get("learner")
+        learner = learner_for(model.info["test_time"], model.backbone.to(device), seed=model.seed,
+                              meta_init=None if learned is None else (learned["weight"], learned["bias"]))
+        self.embedder = inference_copy(learner.embedder())
+        support_x = self._embed(support.images).unsqueeze(0)
+        self.classifier = learner.fit(support_x, torch.as_tensor(support.labels, device=device), self.n_classes,
+                                      first_episode=episode)
 
     def _embed(self, images: np.ndarray) -> torch.Tensor:
         step = self.inference_batch_size
@@ -118,28 +103,13 @@ class AdaptedClassifier:
                   for start in range(0, len(images), step)]
         return torch.cat(chunks)
 
-    def _learner_init(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The meta-learned initialisation; for another number of classes than it was trained for,
-        every class starts from the mean of its rows (class positions in episodes are arbitrary)."""
-        weight, bias = self.model.info["learner"]["weight"].float(), self.model.info["learner"]["bias"].float()
-        if weight.shape[0] != self.n_classes:
-            weight = weight.mean(dim=0, keepdim=True).expand(self.n_classes, -1)
-            bias = bias.mean().expand(self.n_classes)
-        return weight.to(self.device), bias.to(self.device)
+    def logits(self, images: np.ndarray) -> torch.Tensor:
+        """(B, C) float32 scores of a batch of uint8 query images (before the temperature)."""
+        return self.classifier(self._embed(images).unsqueeze(0))[0].float().cpu()
 
     def probabilities(self, images: np.ndarray) -> torch.Tensor:
-        """(B, C) float64 class probabilities of a batch of uint8 query images."""
-        x = self._embed(images)
-        if self.scope is not None:
-            feats = query_features(self.model.backbone, self.scope, self.params, x.unsqueeze(0))
-            logits = linear_logits(feats, self.weight, self.bias)[0]
-        elif self.kind in (FRESH, META_LEARNED):
-            logits = linear_logits(x.unsqueeze(0), self.weight, self.bias)[0]
-        elif self.kind == PROTOTYPE:
-            logits = -torch.cdist(x, self.prototypes).square()
-        else:
-            return self.logistic(x.cpu()).double()
-        return F.softmax(logits.double(), dim=-1).cpu()
+        """(B, C) float64 calibrated class probabilities of a batch of uint8 query images."""
+        return probabilities(self.logits(images), self.temperature)
 
 
 @dataclass
@@ -257,6 +227,7 @@ def choose_run(summary: pd.DataFrame, trained_on: str, support_counts: Sequence[
                method: str | None = None, shot: int | None = None) -> tuple[str, int]:
     """(method, shot) to predict with: the trained shot closest to the support's median images per
     class (ties: the smaller), and the method with the best across-seed accuracy there, in-domain."""
+    summary = summary.assign(method=summary["method"].map(current_name))  # an older summary's names
     rows = summary[summary["dataset"] == trained_on]
     if "trained_on" in rows:
         rows = rows[rows["trained_on"] == trained_on]
@@ -314,7 +285,7 @@ def predict_with_trained_models(model_files: Sequence, support, query, out_csv, 
         log.info("predicting with %s %d-shot: the best across-seed accuracy of %s for the shot closest to the "
                  "support set's %s images per class", method, shot, trained_on, support_set.counts())
     chosen = [f for f, h in headers.items()
-              if h["method"] == method and int(h["shot"]) == int(shot) and h["trained_on"] == trained_on]
+              if current_name(h["method"]) == method and int(h["shot"]) == int(shot) and h["trained_on"] == trained_on]
     if not chosen:
         raise ConfigError(f"no exported model of {trained_on} {method} {shot}-shot among {len(headers)} files")
     ensemble = load_models(chosen, expected_backbone=expected_backbone)

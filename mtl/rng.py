@@ -44,6 +44,8 @@ class Purpose(enum.Enum):
     VALIDATION_LEARNERS = "validation_learners"  # fresh learners of pre-training's validation episodes
     TEST_LEARNERS = "test_learners"  # fresh learners of evaluation and prediction (same draws in both)
     EXAMPLE_IMAGES = "example_images"  # the images of the worked prediction example
+    CALIBRATION_EPISODES = "calibration_episodes"  # validation episodes a run's temperature is fitted on
+    CALIBRATION_LEARNERS = "calibration_learners"  # fresh learners of those episodes
 
 
 def _entropy(seed: int, purpose: Purpose, index: tuple) -> int:

@@ -133,6 +133,11 @@ def get_evaluated_model(wildcards):
     return get_start_encoder(wildcards)
 
 
+def get_calibration_split(wildcards):
+    """The validation split of the dataset the run's model was trained on."""
+    return "data/{dataset}/val.h5".format(**training_wildcards(wildcards))
+
+
 def get_training_seed(wildcards):
     return int(wildcards.seed)
 

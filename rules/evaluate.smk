@@ -27,6 +27,8 @@ rule evaluate:
         test="data/{dataset}/test.h5",
         model=get_evaluated_model,
         episodes=get_episodes_file,
+        # the temperature is fitted on validation episodes of the training data (no test label)
+        val=get_calibration_split,
     output:
         episodes="results/{dataset}/{backbone}/seed{seed}/{method}/{shot}shot/episodes.csv",
         metrics="results/{dataset}/{backbone}/seed{seed}/{method}/{shot}shot/metrics.json",
@@ -42,6 +44,7 @@ rule evaluate:
         mem_mb=6000,
     params:
         protocol=get_run_protocol,
+        calibration_episodes=config["calibration"]["episodes"],
         gpu_job=GPU_JOB,
     script:
         "../workflow_scripts/evaluate.py"

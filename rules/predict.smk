@@ -6,6 +6,8 @@
 rule export_model:
     input:
         model=get_evaluated_model,
+        # the run's in-domain scores: the temperature the model predicts with, its test accuracy
+        metrics=rules.evaluate.output.metrics,
         train="data/{dataset}/train.h5",
         val="data/{dataset}/val.h5",
     output:

@@ -15,7 +15,7 @@ from mtl.data.transforms import EvalTransform
 from mtl.errors import ConfigError, DataError
 from mtl.evaluate import evaluate
 from mtl.io import atomic_torch_save
-from mtl.logistic import LOGISTIC_SETTINGS
+from mtl.learners.logistic import LOGISTIC_SETTINGS
 from mtl.models import build_backbone, save_encoder
 from mtl.rng import Purpose, torch_stream
 from mtl.base_learner import fresh_init
@@ -153,14 +153,14 @@ def test_proto_assigns_queries_to_the_nearest_class_mean(test_split):
     np.testing.assert_allclose(episode_column(folder, "proto"), expected, atol=1e-6)
 
 
-def test_lr_fits_a_logistic_regression_per_episode_on_normalised_features(test_split):
-    """evaluate("lr") end to end against the per-episode protocol: embed the episode's images,
+def test_logreg_fits_a_logistic_regression_per_episode_on_normalised_features(test_split):
+    """evaluate("logreg") end to end against the per-episode protocol: embed the episode's images,
     L2-normalise, fit scikit-learn's multinomial logistic regression (C=1) on the support set."""
     from sklearn.linear_model import LogisticRegression
 
     folder, split_path, episodes_path = test_split
     encoder, model = plain_encoder(folder)
-    metrics = run_evaluate(folder, "lr", model, split_path, episodes_path)
+    metrics = run_evaluate(folder, "logreg", model, split_path, episodes_path)
     split, episodes = HDF5Split(split_path), load_episodes(episodes_path)
     transform = EvalTransform(SIZE, **NORMALIZE)
     encoder.eval()
@@ -171,10 +171,10 @@ def test_lr_fits_a_logistic_regression_per_episode_on_normalised_features(test_s
                                           for i in (support, query))
         fit = LogisticRegression(C=1.0, max_iter=1000).fit(support_feats, np.repeat(np.arange(WAY), SHOT))
         expected.append(np.mean(fit.predict(query_feats) == np.repeat(np.arange(WAY), QUERY)))
-    np.testing.assert_allclose(episode_column(folder, "lr"), expected, atol=1e-6)
+    np.testing.assert_allclose(episode_column(folder, "logreg"), expected, atol=1e-6)
 
-    written = json.loads((folder / "lr.json").read_text())
-    assert written == metrics and written["method"] == "lr" and written["episodes"] == EPISODES
+    written = json.loads((folder / "logreg.json").read_text())
+    assert written == metrics and written["method"] == "logreg" and written["episodes"] == EPISODES
     assert written["learner_settings"] == LOGISTIC_SETTINGS and written["learner_settings"]["C"] == 1.0
 
 

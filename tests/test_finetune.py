@@ -15,14 +15,17 @@ from mtl.data.episodes import write_test_episodes
 from mtl.data.hdf5 import HDF5Split
 from mtl.data.transforms import EvalTransform
 from mtl.evaluate import evaluate
-from mtl.finetune import (
+from mtl.data.episodes import relabel
+from mtl.learners import score_episodes
+from mtl.learners.finetune import (
+    FinetuneLearner,
     adapt_on_support,
     adapted_parameter_names,
     episodes_per_chunk,
-    finetune_accuracies,
     query_features,
 )
 from mtl.models import build_backbone, save_encoder
+from mtl.rng import Purpose, torch_stream
 from mtl.base_learner import evaluate_encoder, fresh_init
 
 WAY, SHOT, QUERY, EPISODES, SIZE = 3, 2, 3, 5, 16
@@ -51,15 +54,25 @@ def setup(tmp_path_factory, tiny_split):
 
 
 def run(setup, scope, encoder_lr, chunk=None, seed=7):
-    return finetune_accuracies(setup["encoder"], setup["images"], setup["arrays"], EvalTransform(SIZE, **NORMALIZE),
-                               WAY, SHOT, QUERY, scope=scope, steps=STEPS, lr=LR, encoder_lr=encoder_lr,
-                               generator=torch.Generator().manual_seed(seed), chunk=chunk)
+    """Per-episode accuracies of the fine-tuning learner on the saved episodes (``chunk`` episodes
+    adapted together; None: the learner's own choice)."""
+    learner = FinetuneLearner(setup["encoder"], scope, steps=STEPS, lr=LR, encoder_lr=encoder_lr, seed=seed)
+    if chunk is not None:
+        learner.episodes_per_chunk = lambda *_: chunk
+    logits = score_episodes(learner, setup["images"], setup["arrays"], EvalTransform(SIZE, **NORMALIZE),
+                            WAY, SHOT, QUERY)
+    return (logits.argmax(dim=-1).numpy() == relabel(WAY, QUERY)).mean(axis=1)
+
+
+def learner_draws():
+    """The fresh learners' draws of the run seed 7, in episode order (what the learner starts from)."""
+    return torch_stream(7, Purpose.TEST_LEARNERS)
 
 
 @pytest.mark.parametrize("scope", ["last", "all"])
 def test_with_a_frozen_network_it_is_ft(setup, scope):
     expected = evaluate_encoder(setup["encoder"], setup["images"], setup["arrays"], EvalTransform(SIZE, **NORMALIZE),
-                                WAY, SHOT, QUERY, steps=STEPS, lr=LR, generator=torch.Generator().manual_seed(7))
+                                WAY, SHOT, QUERY, steps=STEPS, lr=LR, generator=learner_draws())
     np.testing.assert_allclose(run(setup, scope, encoder_lr=0.0), expected, atol=1e-6)
 
 
@@ -179,13 +192,13 @@ def test_batched_ft_all_equals_a_per_episode_autograd_loop(setup):
 
 
 def test_ft_all_accuracies_equal_a_per_episode_autograd_loop(setup):
-    """finetune_accuracies(scope='all') on the saved episodes against the plain loop on the same images,
+    """The ft_all learner on the saved episodes against the plain loop on the same images,
     each episode with the fresh learner drawn next from the same generator."""
     encoder, images, (support, query) = setup["encoder"], setup["images"], setup["arrays"]
     transform = EvalTransform(SIZE, **NORMALIZE)
     encoder_lr = 0.05
     got = run(setup, "all", encoder_lr, chunk=2)
-    generator = torch.Generator().manual_seed(7)
+    generator = learner_draws()
     support_y = torch.arange(WAY).repeat_interleave(SHOT)
     query_y = torch.arange(WAY).repeat_interleave(QUERY)
     expected = []

@@ -1,4 +1,4 @@
-"""Method ``lr`` (mtl.logistic): the probabilities are the optimum of the L2-regularised multinomial
+"""Method ``logreg`` (mtl.learners.logistic): the probabilities are the optimum of the L2-regularised multinomial
 loss on L2-normalised features, found here by an independent solver (torch L-BFGS in float64);
 feature scale does not matter; the per-episode accuracies follow the class-major episode layout."""
 from __future__ import annotations
@@ -11,7 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtl.logistic import LOGISTIC_SETTINGS, l2_normalize, logistic_accuracies, logistic_probabilities
+from mtl.data.episodes import relabel
+from mtl.learners.logistic import LOGISTIC_SETTINGS, LogisticLearner, l2_normalize, logistic_probabilities
+
+
+def logistic_accuracies(features, support, query, way, shot, n_query):
+    """Per-episode accuracies of the ``logreg`` learner on precomputed features (class-major episodes)."""
+    support, query = np.asarray(support), np.asarray(query)
+    logits = LogisticLearner(None).fit(features[torch.as_tensor(support)], relabel(way, shot), way)(
+        features[torch.as_tensor(query)])
+    return (logits.argmax(dim=-1).numpy() == relabel(way, n_query)).mean(axis=1)
 
 
 def reference_probabilities(support, labels, query, n_classes, C=1.0):
@@ -53,7 +62,7 @@ def relu_features(rng, labels, n_classes, dim, separation=1.5):
     ([1, 3, 5, 2, 4], 64),   # 5 classes, unequal support counts
     ([5, 5, 5, 5, 5], 512),  # 5-way 5-shot at resnet12's width
     ([15, 2, 7], 32),        # more examples than the usual support set
-    ([1, 4], 32),            # two classes: scikit-learn fits the binary model (with 2C, see mtl.logistic)
+    ([1, 4], 32),            # two classes: scikit-learn fits the binary model (with 2C, see mtl.learners.logistic)
 ], ids=["5cls-unequal", "5way5shot-512d", "3cls-unequal", "2cls-unequal"])
 def test_probabilities_are_the_optimum_of_the_regularised_multinomial_loss(counts, dim):
     rng = np.random.default_rng(sum(counts) + dim)
@@ -68,9 +77,9 @@ def test_probabilities_are_the_optimum_of_the_regularised_multinomial_loss(count
     expected, gradient = reference_probabilities(support, labels, query, n_classes, C=LOGISTIC_SETTINGS["C"])
 
     assert gradient < 1e-7, "the reference solver did not reach the optimum"
-    assert probabilities.shape == (30, n_classes) and probabilities.dtype == torch.float32
+    assert probabilities.shape == (30, n_classes) and probabilities.dtype == torch.float64
     assert probabilities.device.type == "cpu"
-    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(30), atol=1e-6, rtol=0)
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(30, dtype=torch.float64), atol=1e-6, rtol=0)
     assert (probabilities.double() - expected).abs().max().item() < 1e-3
     # not a trivial case: the regularised optimum is far from certain about the queries
     assert expected.max(dim=1).values.min().item() < 0.9
@@ -130,7 +139,7 @@ def test_warns_when_the_fit_stops_at_max_iter(monkeypatch, caplog):
     rng = np.random.default_rng(2)
     labels = np.repeat(np.arange(3), 4)
     support, query = relu_features(rng, np.concatenate([labels, labels]), 3, 32).split([12, 12])
-    with caplog.at_level(logging.WARNING, logger="mtl.logistic"), warnings.catch_warnings():
+    with caplog.at_level(logging.WARNING, logger="mtl.learners.logistic"), warnings.catch_warnings():
         warnings.simplefilter("error")  # scikit-learn's own ConvergenceWarning is replaced by the log line
         logistic_probabilities(support, labels, query, 3)
     assert "max_iter=1" in caplog.text
@@ -176,8 +185,3 @@ def test_well_separated_clusters_are_classified_perfectly():
     # the class-major layout matters: query targets shifted by one class get none right
     shifted = np.roll(query.reshape(10, way, n_query), 1, axis=1).reshape(10, -1)
     np.testing.assert_array_equal(logistic_accuracies(features, support, shifted, way, shot, n_query), np.zeros(10))
-
-
-def test_refuses_episodes_of_another_shape():
-    with pytest.raises(ValueError, match="expected"):
-        logistic_accuracies(torch.rand(20, 4), np.zeros((2, 6), dtype=int), np.zeros((2, 9), dtype=int), 3, 1, 3)

@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from mtl.errors import ConfigError
-from mtl.methods import (LOGISTIC, NAMES, PRETRAINED, RANDOM_INIT, REGISTRY, get_method, meta_settings, meta_trained,
-                         start_encoder)
+from mtl.methods import (LOGISTIC, NAMES, PRETRAINED, RANDOM_INIT, REGISTRY, current_name, get_method, meta_settings,
+                         meta_trained, start_encoder)
 from mtl.models import build_backbone, load_encoder, load_encoder_file, meta_parameters, save_encoder
 from mtl.rng import Purpose, stream_seed
 from mtl.train.meta import MetaConfig, MetaTrainer
@@ -37,14 +37,20 @@ def test_registry_says_which_methods_meta_train_and_from_which_encoder():
         get_method("mtl_typo")
 
 
-def test_lr_follows_ft_and_fits_a_logistic_regression_on_the_pretrained_encoder():
-    assert NAMES[:3] == ("ft", "lr", "proto")
-    lr = get_method("lr")
-    assert lr.start == PRETRAINED and not lr.meta_trained
-    assert lr.test_time.learner == LOGISTIC and lr.test_time.finetune is None and lr.test_time.steps is None
-    assert [n for n in NAMES if get_method(n).test_time.learner == LOGISTIC] == ["lr"]
+def test_logreg_follows_ft_and_fits_a_logistic_regression_on_the_pretrained_encoder():
+    assert NAMES[:3] == ("ft", "logreg", "proto")
+    logreg = get_method("logreg")
+    assert logreg.start == PRETRAINED and not logreg.meta_trained
+    assert logreg.test_time.learner == LOGISTIC and logreg.test_time.finetune is None and logreg.test_time.steps is None
+    assert [n for n in NAMES if get_method(n).test_time.learner == LOGISTIC] == ["logreg"]
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    assert config["methods"] == ["ft", "lr", "proto", "mtl", "mtl_ht"]
+    assert config["methods"] == ["ft", "logreg", "proto", "mtl", "mtl_ht"]
+
+
+def test_the_old_name_lr_is_refused_in_a_config_and_read_as_logreg_in_results():
+    with pytest.raises(ConfigError, match="'lr' is now called 'logreg'"):
+        get_method("lr")
+    assert current_name("lr") == "logreg" and current_name("ft") == "ft"
 
 
 def test_each_arm_meta_trains_with_config_yaml_plus_only_its_own_settings():

@@ -71,7 +71,7 @@ def write_episode(split_path, episodes_path, index, root):
     return support, query, truth
 
 
-@pytest.mark.parametrize("method", ["ft", "proto", "lr", "mtl", "ft_last"])
+@pytest.mark.parametrize("method", ["ft", "proto", "logreg", "mtl", "ft_last"])
 def test_a_saved_episode_written_as_folders_gets_evaluates_predictions(trained, tmp_path, method):
     folder, split, episodes = trained
     seed = 7
@@ -83,7 +83,7 @@ def test_a_saved_episode_written_as_folders_gets_evaluates_predictions(trained, 
     per_episode = pd.read_csv(tmp_path / "episodes.csv")["accuracy"].to_numpy()
     model = load_model(exported(folder, method, seed=seed))
     # a fresh learner's initialisation is drawn per episode in order: episode 0's is the first draw
-    checked = range(EPISODES) if method in ("proto", "lr", "mtl") else [0]
+    checked = range(EPISODES) if method in ("proto", "logreg", "mtl") else [0]
     for index in checked:
         support, query, truth = write_episode(split, episodes, index, tmp_path / f"episode{index}")
         # one image per pass in both: the same kernels, so the same features (see test_workflow_predict)
@@ -107,7 +107,7 @@ def test_exported_file_stands_alone(trained):
     assert not backbone.ss, "scales are folded into plain weights"
     assert {k: v for k, v in peek_model_file(path).items() if k != "learner"} == {
         k: v for k, v in info.items() if k != "learner"}
-    logistic = read_model_file(exported(folder, "lr"))[1]["test_time"]
+    logistic = read_model_file(exported(folder, "logreg"))[1]["test_time"]
     assert logistic["learner"] == "logistic" and logistic["logistic"], "the regression's settings are recorded"
 
 
@@ -142,7 +142,7 @@ def test_the_ensemble_is_the_mean_of_the_seeds_probabilities(trained, tmp_path):
     np.testing.assert_allclose(table["probability_sd"], chosen.std(axis=0, ddof=1), atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["ft", "proto", "lr", "mtl", "ft_all"])
+@pytest.mark.parametrize("method", ["ft", "proto", "logreg", "mtl", "ft_all"])
 def test_any_number_of_classes_and_unequal_counts(trained, tmp_path, method):
     folder, _, _ = trained
     rng = np.random.default_rng(1)
@@ -268,13 +268,13 @@ def test_a_model_file_of_another_backbone_is_a_clear_console_error(trained, tmp_
 def test_the_default_choice_is_the_best_method_at_the_closest_shot():
     summary = pd.DataFrame({
         "dataset": ["d"] * 6 + ["other"],
-        "method": ["ft", "lr", "mtl", "ft", "lr", "mtl", "mtl"],
+        "method": ["ft", "logreg", "mtl", "ft", "logreg", "mtl", "mtl"],
         "shot": [1, 1, 1, 5, 5, 5, 5],
         "accuracy": [40.0, 45.0, 44.0, 60.0, 58.0, 63.0, 99.0],
     })
-    assert choose_run(summary, "d", [1, 2, 1]) == ("lr", 1)
+    assert choose_run(summary, "d", [1, 2, 1]) == ("logreg", 1)
     assert choose_run(summary, "d", [4, 6, 5]) == ("mtl", 5)
-    assert choose_run(summary, "d", [3, 3]) == ("lr", 1), "a tie goes to the smaller shot"
+    assert choose_run(summary, "d", [3, 3]) == ("logreg", 1), "a tie goes to the smaller shot"
     assert choose_run(summary, "d", [5], method="ft") == ("ft", 5)
     with pytest.raises(Exception, match="no rows of dataset 'x'"):
         choose_run(summary, "x", [1])

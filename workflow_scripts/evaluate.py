@@ -15,6 +15,8 @@ with open_gpu_job(**snakemake.params.gpu_job) as job:
         episodes_out=snakemake.output.episodes,
         metrics_out=snakemake.output.metrics,
         protocol=dict(snakemake.params.protocol),
+        val_h5=snakemake.input.val,
+        calibration_episodes=snakemake.params.calibration_episodes,
         inference_batch_size=job.inference_batch_size,
         device=job.device,
     )

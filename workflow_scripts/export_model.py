@@ -5,6 +5,7 @@ log_to_file(snakemake.log[0])
 
 from mtl.data.hdf5 import HDF5Split
 from mtl.model_file import export_model, source_commit
+from mtl.results.runs import read_metrics
 
 train, val = HDF5Split(snakemake.input.train), HDF5Split(snakemake.input.val)
 export_model(
@@ -18,5 +19,6 @@ export_model(
     data_sha256={"train": train.content_sha256, "val": val.content_sha256},
     stored_image_size=train.image_shape[0],
     config=snakemake.params.settings,
+    metrics=read_metrics(snakemake.input.metrics),
     commit=source_commit(snakemake.params.code_dir),
 )

@@ -5,7 +5,8 @@ Files (one run):
   ``episodes.csv``  columns ``episode`` (index into the shared episode file), ``accuracy`` (fraction 0..1)
   ``metrics.json``  protocol + ``accuracy``/``ci95``/``std`` in % (see :data:`METRICS_KEYS`)
 
-A run records ``trained_on``, the dataset whose training produced its model, next to ``dataset``,
+A run written under a method's old name (``lr``, now ``logreg``: :data:`mtl.methods.RENAMED`)
+reads under its new name. A run records ``trained_on``, the dataset whose training produced its model, next to ``dataset``,
 the test data it was scored on (equal for in-domain runs; a metrics file written before the key
 existed reads as in-domain).
 """
@@ -22,6 +23,7 @@ import pandas as pd
 
 from mtl.errors import ConfigError, DataError
 from mtl.io import atomic_path
+from mtl.methods import current_name
 from mtl.stats import INTERVAL_FORMULA, as_fractions, summarize_accuracies
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,7 @@ def read_metrics(path) -> dict:
     if missing:
         raise DataError(f"metrics file {path} lacks {missing}; it was written by another version, rerun evaluate")
     metrics.setdefault(TRAINED_ON, metrics["dataset"])
+    metrics["method"] = current_name(metrics["method"])  # a renamed method's old results
     return metrics
 
 

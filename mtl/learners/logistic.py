@@ -1,4 +1,4 @@
-"""Method ``lr``: logistic regression fitted to convergence on L2-normalised frozen features.
+"""Method ``logreg``: logistic regression fitted to convergence on L2-normalised frozen features.
 
 The strong linear baseline of Tian et al., "Rethinking few-shot image classification: a good
 embedding is all you need?" (ECCV 2020): the pre-trained encoder's features of an episode's support
@@ -32,7 +32,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from mtl.data.episodes import relabel
+from mtl.learners.base import Classifier, Learner
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ def _check_labels(labels: np.ndarray, n_support: int, n_classes: int) -> None:
 def fit_logistic(support_feats: torch.Tensor, support_labels, n_classes: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Fit :data:`LOGISTIC_SETTINGS` on the L2-normalised ``support_feats`` (S, D) with
     ``support_labels`` (S,) in 0..n_classes-1 (any number per class, at least one each); return
-    the fitted classifier: L2-normalised query features (Q, D) -> (Q, n_classes) float32
-    probabilities on the CPU, column c being class c. Fit once, score any number of query batches.
+    the fitted classifier: query features (Q, D) (L2-normalised inside) -> (Q, n_classes) float64
+    log-probabilities on the CPU, column c being class c. Fit once, score any number of query batches.
     """
     if support_feats.ndim != 2:
         raise ValueError(f"expected support features (S, D), got {tuple(support_feats.shape)}")
@@ -125,34 +125,28 @@ def fit_logistic(support_feats: torch.Tensor, support_labels, n_classes: int) ->
                     "probabilities are those of the last iterate", LOGISTIC_SETTINGS["max_iter"],
                     LOGISTIC_SETTINGS["tol"])
 
-    def probabilities(query_feats: torch.Tensor) -> torch.Tensor:
+    def log_probabilities(query_feats: torch.Tensor) -> torch.Tensor:
         if query_feats.ndim != 2 or query_feats.shape[1] != support_feats.shape[1]:
             raise ValueError(f"expected query features (Q, {support_feats.shape[1]}), got {tuple(query_feats.shape)}")
         with _blas_controller().limit(limits=1, user_api="blas"):
             # classes_ is 0..n_classes-1 in order: every class is present (checked above)
-            return torch.from_numpy(model.predict_proba(_as_numpy64(query_feats))).float()
+            return torch.from_numpy(model.predict_log_proba(_as_numpy64(query_feats)))
 
-    return probabilities
+    return log_probabilities
 
 
 def logistic_probabilities(support_feats: torch.Tensor, support_labels, query_feats: torch.Tensor,
                            n_classes: int) -> torch.Tensor:
-    """Class probabilities of the queries, (Q, n_classes) float32 on the CPU, rows summing to 1:
+    """Class probabilities of the queries, (Q, n_classes) float64 on the CPU, rows summing to 1:
     :func:`fit_logistic` on the support set, then the queries scored."""
     if support_feats.ndim != 2 or query_feats.ndim != 2 or support_feats.shape[1] != query_feats.shape[1]:
         raise ValueError(f"expected support (S, D) and query (Q, D) features, got {tuple(support_feats.shape)} "
                          f"and {tuple(query_feats.shape)}")
-    return fit_logistic(support_feats, support_labels, n_classes)(query_feats)
+    return fit_logistic(support_feats, support_labels, n_classes)(query_feats).exp()
 
 
-def logistic_accuracies(features: torch.Tensor, support: np.ndarray, query: np.ndarray, way: int, shot: int,
-                        n_query: int, *, progress: bool = False) -> np.ndarray:
-    """Query accuracy of every episode, (E,) float64: one :func:`logistic_probabilities` fit per episode.
-
-    ``features[i]`` is the feature of image i; ``support`` (E, way*shot) and ``query`` (E, way*n_query)
-    index it, class-major (the first ``shot`` support images are class 0, ...), as
-    :func:`mtl.base_learner.embed_episodes` returns them. A query counts as correct when its
-    most probable class is its own.
+class LogisticLearner(Learner):
+    """Method ``logreg``: one :func:`fit_logistic` per episode; its scores are log-probabilities.
 
     Cost (``bench/logistic.py``, bench/RESULTS.md): 600 episodes of 5-way 5-shot 15-query on
     512-d features take about 2.7-2.8 s on one core of a shared 2-core AMD EPYC VM, 4.5-4.7 ms a
@@ -160,19 +154,11 @@ def logistic_accuracies(features: torch.Tensor, support: np.ndarray, query: np.n
     for the first call (importing scikit-learn). ``ft``'s batched 100 SGD steps took 1.7-2.8 s on
     the same features; both are small next to embedding the episodes' images on a CPU.
     """
-    from tqdm import tqdm
 
-    support, query = np.asarray(support), np.asarray(query)
-    if support.ndim != 2 or query.ndim != 2 or support.shape[1] != way * shot or query.shape[1] != way * n_query:
-        raise ValueError(f"episodes have support {support.shape} / query {query.shape} indices, expected "
-                         f"(E, {way}x{shot}) / (E, {way}x{n_query})")
-    if len(support) != len(query):
-        raise ValueError(f"{len(support)} support rows but {len(query)} query rows")
-    feats = features.detach().cpu()
-    support_labels, query_targets = relabel(way, shot), relabel(way, n_query)
-    accuracies = np.empty(len(support), dtype=np.float64)
-    for e in tqdm(range(len(support)), desc="logistic regression", leave=False, disable=None if progress else True):
-        probabilities = logistic_probabilities(feats[torch.as_tensor(support[e])], support_labels,
-                                               feats[torch.as_tensor(query[e])], way)
-        accuracies[e] = float(np.mean(probabilities.argmax(dim=1).numpy() == query_targets))
-    return accuracies
+    def fit(self, support: torch.Tensor, labels, n_classes: int, *, first_episode: int = 0) -> Classifier:
+        fitted = [fit_logistic(episode, labels, n_classes) for episode in support.detach().cpu()]
+
+        def log_probabilities(query: torch.Tensor) -> torch.Tensor:
+            return torch.stack([scores(episode) for scores, episode in zip(fitted, query.cpu())]).float()
+
+        return log_probabilities

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from mtl.data.episodes import relabel
+from mtl.base_learner import linear_logits
+from mtl.learners.base import Classifier, Learner
+from mtl.learners.linear import FreshDraws
 from mtl.methods import ALL, LAST
 from mtl.models.backbone import Backbone, encoder_part
-from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, embed, embed_episodes, episode_accuracy, fresh_init
+from mtl.rng import Purpose
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ _BACKWARD_FACTOR = 3
 CPU_MAX_CHUNK = 16
 
 
-class _Trunk(nn.Module):
+class Trunk(nn.Module):
     """The frozen part before the adapted one: images -> its input (identity for ``all``)."""
 
     def __init__(self, backbone: Backbone, scope: str):
@@ -135,44 +136,36 @@ def episodes_per_chunk(backbone: Backbone, scope: str, part_input: torch.Tensor,
     return max(1, int(budget // per_episode))
 
 
-def finetune_accuracies(backbone: Backbone, images, episodes: tuple[np.ndarray, np.ndarray], transform,
-                        way: int, shot: int, query: int, *, scope: str, steps: int, lr: float,
-                        encoder_lr: float, generator: torch.Generator | None = None,
-                        device: torch.device | str = "cpu", chunk: int | None = None,
-                        inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
-                        progress: bool = False) -> np.ndarray:
-    """Per-episode query accuracies (E,) float64 of test-time fine-tuning (see the module docstring).
+class FinetuneLearner(Learner):
+    """``ft_last`` / ``ft_all``: a fresh linear head (the ``ft`` draws) and a per-episode copy of the
+    encoder part ``scope`` adapted together (:func:`adapt_on_support`); the trunk before the part
+    embeds the images (:class:`Trunk`)."""
 
-    ``episodes`` = (support (E, way*shot), query (E, way*query)) image indices into ``images``,
-    class-major; the learners' initialisation follows ``generator`` episode by episode, as ``ft``.
-    ``chunk``: episodes adapted together; None sizes it by :func:`episodes_per_chunk`.
-    """
-    from tqdm import tqdm
+    frozen_features = False
 
-    if scope not in (ALL, LAST):
-        raise ValueError(f"scope must be '{ALL}' or '{LAST}', got {scope!r}")
-    support, query_idx = (np.asarray(a) for a in episodes)
-    backbone = backbone.to(device).eval()
-    trunk = _Trunk(backbone, scope)
-    support_y = torch.as_tensor(relabel(way, shot), device=device)
-    query_y = torch.as_tensor(relabel(way, query), device=device)
-    if chunk is None:
-        probe = embed(trunk, images, transform, device=device, indices=support[:1, :1].ravel())
-        chunk = episodes_per_chunk(backbone, scope, probe, support.shape[1])
-        if torch.device(device).type == "cpu":
+    def __init__(self, backbone: Backbone, scope: str, *, steps: int, lr: float, encoder_lr: float, seed: int,
+                 purpose: Purpose = Purpose.TEST_LEARNERS):
+        if scope not in (ALL, LAST):
+            raise ValueError(f"scope must be '{ALL}' or '{LAST}', got {scope!r}")
+        super().__init__(backbone.eval())
+        self.scope, self.steps, self.lr, self.encoder_lr = scope, steps, lr, encoder_lr
+        self.draws = FreshDraws(seed, purpose)
+
+    def embedder(self) -> nn.Module:
+        return Trunk(self.backbone, self.scope)
+
+    def episodes_per_chunk(self, sample_input: torch.Tensor, support_size: int, query_size: int) -> int:
+        backbone = self.backbone.to(sample_input.device)
+        chunk = episodes_per_chunk(backbone, self.scope, sample_input, support_size)
+        if sample_input.device.type == "cpu":
             chunk = min(chunk, CPU_MAX_CHUNK)
-        log.info("fine-tuning %s: %d episodes per chunk (memory budget %.1f GiB)", scope, chunk,
+        log.info("fine-tuning %s: %d episodes per chunk (memory budget %.1f GiB)", self.scope, chunk,
                  MEMORY_BUDGET_BYTES / 2**30)
-    accuracies = []
-    for start in tqdm(range(0, len(support), chunk), desc=f"fine-tune ({scope})", leave=False,
-                      disable=None if progress else True):
-        inputs, s_idx, q_idx = embed_episodes(trunk, images, (support[start:start + chunk],
-                                                               query_idx[start:start + chunk]),
-                                              transform, inference_batch_size=inference_batch_size, device=device)
-        weight, bias = fresh_init(len(s_idx), way, backbone.out_dim, generator=generator, device=device)
-        params, weight, bias = adapt_on_support(backbone, scope, inputs[torch.as_tensor(s_idx, device=device)],
-                                                support_y, weight, bias, steps=steps, lr=lr,
-                                                encoder_lr=encoder_lr)
-        feats = query_features(backbone, scope, params, inputs[torch.as_tensor(q_idx, device=device)])
-        accuracies.append(episode_accuracy(feats, query_y, weight, bias).cpu())
-    return torch.cat(accuracies).double().numpy()
+        return chunk
+
+    def fit(self, support: torch.Tensor, labels, n_classes: int, *, first_episode: int = 0) -> Classifier:
+        backbone = self.backbone.to(support.device)
+        weight, bias = self.draws.take(first_episode, support.shape[0], n_classes, backbone.out_dim, support.device)
+        params, weight, bias = adapt_on_support(backbone, self.scope, support, torch.as_tensor(labels).long(), weight,
+                                                bias, steps=self.steps, lr=self.lr, encoder_lr=self.encoder_lr)
+        return lambda query: linear_logits(query_features(backbone, self.scope, params, query), weight, bias)

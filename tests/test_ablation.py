@@ -15,10 +15,10 @@ from mtl.results.runs import write_episode_results
 T_975_1DOF = 12.706204736174698  # Student t quantile 0.975 with 1 degree of freedom (two seeds)
 SHA = "a" * 64
 #: Per-episode accuracies (fractions) per arm and seed; 4 shared episodes. Means in %:
-#: ft 50 / 60, lr 55 / 55, mtl 60 / 70, mtl_last 55 / 75.
+#: ft 50 / 60, logreg 55 / 55, mtl 60 / 70, mtl_last 55 / 75.
 EPISODES = {
     ("ft", 1): [0.4, 0.6, 0.5, 0.5], ("ft", 2): [0.6, 0.6, 0.5, 0.7],
-    ("lr", 1): [0.5, 0.6, 0.6, 0.5], ("lr", 2): [0.5, 0.6, 0.5, 0.6],
+    ("logreg", 1): [0.5, 0.6, 0.6, 0.5], ("logreg", 2): [0.5, 0.6, 0.5, 0.6],
     ("mtl", 1): [0.6, 0.7, 0.6, 0.5], ("mtl", 2): [0.7, 0.7, 0.6, 0.8],
     ("mtl_last", 1): [0.5, 0.6, 0.6, 0.5], ("mtl_last", 2): [0.8, 0.7, 0.7, 0.8],
 }
@@ -47,7 +47,7 @@ def build(folder, **kwargs):
 def test_hand_example(tmp_path):
     wide, csv = build(tmp_path)
     cell = "miniimagenet_1shot_"
-    assert list(wide.index) == ["ft", "lr", "mtl", "mtl_last"]  # registry order
+    assert list(wide.index) == ["ft", "logreg", "mtl", "mtl_last"]  # registry order
     last = wide.loc["mtl_last"]
     # mean of 55 and 75; sd sqrt(200) = 14.142; half-width t * sd / sqrt(2) = t * 10
     assert last[cell + "accuracy"] == pytest.approx(65.0)
@@ -64,11 +64,11 @@ def test_hand_example(tmp_path):
     assert math.isnan(wide.loc["ft", cell + "diff_vs_ft"]) and math.isnan(wide.loc["mtl", cell + "diff_vs_mtl"])
     assert wide.loc["mtl", cell + "diff_vs_ft"] == pytest.approx(10.0)
     assert wide.loc["mtl", cell + "diff_vs_ft_ci95"] == pytest.approx(0.0, abs=1e-9)
-    # lr vs ft: +5 and -5 -> 0 (one seed above); vs mtl: -5 and -15 -> -10
-    assert wide.loc["lr", cell + "diff_vs_ft"] == pytest.approx(0.0, abs=1e-9)
-    assert wide.loc["lr", cell + "seeds_above_ft"] == 1
-    assert wide.loc["lr", cell + "diff_vs_mtl"] == pytest.approx(-10.0)
-    assert "Tian et al. 2020" in wide.loc["lr", "what"]
+    # logreg vs ft: +5 and -5 -> 0 (one seed above); vs mtl: -5 and -15 -> -10
+    assert wide.loc["logreg", cell + "diff_vs_ft"] == pytest.approx(0.0, abs=1e-9)
+    assert wide.loc["logreg", cell + "seeds_above_ft"] == 1
+    assert wide.loc["logreg", cell + "diff_vs_mtl"] == pytest.approx(-10.0)
+    assert "Tian et al. 2020" in wide.loc["logreg", "what"]
     # the CSV holds the same numbers, rounded to 2 decimals
     assert csv.loc["mtl_last", cell + "ci95"] == pytest.approx(127.06)
     assert csv.loc["mtl_last", cell + "n_seeds"] == 2
@@ -137,7 +137,7 @@ def test_k_of_n_counts_the_seeds_paired_with_each_baseline(tmp_path):
     assert last[cell + "diff_vs_ft"] == pytest.approx(10.0)  # +5, +15 on the paired seeds 1 and 2
     assert (last[cell + "seeds_paired_with_ft"], last[cell + "seeds_above_ft"]) == (2, 2)
     assert (last[cell + "seeds_paired_with_mtl"], last[cell + "seeds_above_mtl"]) == (2, 1)
-    assert csv.loc["mtl_last", cell + "seeds_paired_with_ft"] == 2 and csv.loc["lr", cell + "seeds_paired_with_mtl"] == 2
+    assert csv.loc["mtl_last", cell + "seeds_paired_with_ft"] == 2 and csv.loc["logreg", cell + "seeds_paired_with_mtl"] == 2
     assert pd.isna(csv.loc["ft", cell + "seeds_paired_with_ft"])
     text = (tmp_path / "ablation.md").read_text()
     assert f"| `mtl_last` | +10.00 ± {T_975_1DOF * 5:.2f} (2/2) |" in text

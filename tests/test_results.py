@@ -277,12 +277,12 @@ SPLIT_FT = {1: [0.40, 0.50, 0.45, 0.55], 2: [0.60, 0.35, 0.50, 0.40], 3: [0.30, 
 #: interval over test episodes disagree, only the first may decide the verdict:
 #: - mtl: +5, +6, +7 per seed (mean 6, sd 1, seed half t2 / sqrt(3) = 2.48: better), but +-20 from episode
 #:   to episode: seed-averaged per-episode differences [26, -14, 26, -14], episode half 1.96 * 20 / 2 = 19.6.
-#: - lr: the mirror image, -5, -6, -7 per seed: worse over seeds, episode half 19.6.
+#: - logreg: the mirror image, -5, -6, -7 per seed: worse over seeds, episode half 19.6.
 #: - proto: -1, -9, -2 per seed, the same on every episode (mean -4, sd sqrt(19), seed half
 #:   t2 * sqrt(19) / sqrt(3) = 10.83: no detectable difference), but episode half 0 (-4 on every episode).
 SPLIT_DELTA = {
     "mtl": {1: [25, -15, 25, -15], 2: [26, -14, 26, -14], 3: [27, -13, 27, -13]},
-    "lr": {1: [-25, 15, -25, 15], 2: [-26, 14, -26, 14], 3: [-27, 13, -27, 13]},
+    "logreg": {1: [-25, 15, -25, 15], 2: [-26, 14, -26, 14], 3: [-27, 13, -27, 13]},
     "proto": {1: [-1] * 4, 2: [-9] * 4, 3: [-2] * 4},
 }
 
@@ -296,7 +296,7 @@ def test_verdict_uses_the_interval_over_seeds_not_over_episodes(tmp_path):
     half_mtl, half_proto = 4.302653 / math.sqrt(3), 4.302653 * math.sqrt(19) / math.sqrt(3)
     expected = {  # method: (diff, seed half-width, episode half-width, verdict)
         "mtl": (6.0, half_mtl, 19.6, "better"),
-        "lr": (-6.0, half_mtl, 19.6, "worse"),
+        "logreg": (-6.0, half_mtl, 19.6, "worse"),
         "proto": (-4.0, half_proto, 0.0, "no detectable difference"),
     }
     for method, (diff, seed_half, episode_half, word) in expected.items():
@@ -311,8 +311,8 @@ def test_verdict_uses_the_interval_over_seeds_not_over_episodes(tmp_path):
     sentences = verdict_sentences(table.reset_index())
     assert ("mtl vs ft, miniimagenet 5-way 1-shot: +6.00 ± 2.48 points over 3 seeds (3 of 3 favour mtl): "
             "mtl is better.") in sentences
-    assert ("lr vs ft, miniimagenet 5-way 1-shot: -6.00 ± 2.48 points over 3 seeds (0 of 3 favour lr): "
-            "lr is worse.") in sentences
+    assert ("logreg vs ft, miniimagenet 5-way 1-shot: -6.00 ± 2.48 points over 3 seeds (0 of 3 favour logreg): "
+            "logreg is worse.") in sentences
     assert ("proto vs ft, miniimagenet 5-way 1-shot: -4.00 ± 10.83 points over 3 seeds (0 of 3 favour proto): "
             "no detectable difference.") in sentences
 

@@ -18,7 +18,7 @@ from mtl.stats import SEED_INTERVAL
 from tests.summary_check import assert_summary_matches_per_seed
 from tests.workflow import REPO, SCENARIOS, inference_cache, job_counts, run_snakemake, scenario_config
 
-METHODS = ["ft", "lr", "proto", "mtl", "mtl_ht"]  # config.yaml's default `methods`
+METHODS = ["ft", "logreg", "proto", "mtl", "mtl_ht"]  # config.yaml's default `methods`
 #: What a run's numbers are; identical reruns must reproduce these columns exactly.
 NUMBERS = ["accuracy", "ci95", "diff_vs_ft", "diff_vs_ft_ci95"]
 
@@ -78,9 +78,9 @@ def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
                for m in METHODS for seed in (1, 2)]
         assert all(episode_ids == ids[0] for episode_ids in ids)
 
-    # lr's metrics.json states the logistic regression it fitted
-    lr_metrics = json.loads((workdir / "results/digits/resnet12/seed1/lr/5shot/metrics.json").read_text())
-    assert lr_metrics["method"] == "lr" and lr_metrics["learner_settings"]["C"] == 1.0
+    # logreg's metrics.json states the logistic regression it fitted
+    logreg_metrics = json.loads((workdir / "results/digits/resnet12/seed1/logreg/5shot/metrics.json").read_text())
+    assert logreg_metrics["method"] == "logreg" and logreg_metrics["learner_settings"]["C"] == 1.0
 
 
 @pytest.mark.slow
@@ -132,7 +132,7 @@ def test_dry_run_of_the_default_config_lists_a_training_chain_per_seed(tmp_path)
     datasets = [name for name, entry in config["data"].items() if entry["enabled"]]
     assert counts["pretrain"] == 3 * len(datasets) == 6
     assert counts["meta_train"] == 3 * len(datasets) * 2 * 2  # seeds x datasets x (mtl, mtl_ht) x shots
-    assert counts["evaluate"] == 3 * len(datasets) * 5 * 2  # seeds x datasets x (ft, lr, proto, mtl, mtl_ht) x shots
+    assert counts["evaluate"] == 3 * len(datasets) * 5 * 2  # seeds x datasets x (ft, logreg, proto, mtl, mtl_ht) x shots
     assert counts["episodes"] == len(datasets) * 2
 
     # seeds from the command line, as a user overrides them (nested values arrive as strings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from mtl.errors import MTLError
 
@@ -28,18 +29,30 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="CSV to write: one row per query image")
     parser.add_argument("--device", default="auto", help="auto (CUDA when visible), cuda or cpu (default: auto)")
     parser.add_argument("--batch-size", default="auto",
-                        help="images per forward pass: auto (measured once per machine and cached) or an integer")
+                        help="images per forward pass: auto (measured once per machine, model and image size, "
+                             "then read from the cache folder) or an integer")
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()),
+                        help="where auto keeps its measurements (default: %(default)s; $MTL_INFERENCE_CACHE, "
+                             "when set, replaces it)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         written = run_prediction(args.model, args.support, args.query, args.out, device=args.device,
-                                 inference_batch=args.batch_size, threads=args.threads)
+                                 inference_batch=args.batch_size, threads=args.threads, cache_dir=args.cache_dir)
     except MTLError as error:  # a message the user can act on, not a traceback
         print(f"mtl-predict: {error}", file=sys.stderr)
         return 2
     print(f"mtl-predict: wrote {written}")
     return 0
+
+
+def default_cache_dir() -> Path:
+    """The per-user folder of ``mtl-predict``'s inference batch-size measurements (the workflow keeps
+    its own in results/.cache)."""
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("mtl-fewshot")) / "inference"
 
 
 def run_prediction(models, support, query, out, *, device="auto", inference_batch="auto", threads=None,

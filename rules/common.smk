@@ -3,12 +3,14 @@
 # from the method registry (mtl/methods.py).
 from mtl import methods as method_registry
 from mtl import transfer as transfer_config
+from mtl.errors import ConfigError
 from mtl.rng import STREAM_VERSION
 
 SPLITS = ["train", "val", "test"]
 DATASETS = [name for name, entry in config["data"].items() if entry["enabled"]]
 # Transfer evaluation (mtl/transfer.py): test-only folders are only scored; `transfer` maps a
-# trained dataset to the datasets its models are also scored on. Checked here, before any job.
+# trained dataset to the datasets its models are also scored on (checked with the whole config,
+# mtl/config.py, before any job).
 TRANSFER = transfer_config.check_transfer(config)
 TEST_ONLY = transfer_config.test_only_datasets(config)
 # Datasets that are pre-trained, meta-trained and scored in-domain.
@@ -275,16 +277,16 @@ def get_exported_models(datasets=TRAINED, methods=METHODS, shots=SHOTS):
 
 
 def get_predict_dataset(wildcards=None):
-    """The trained dataset whose models predict: `predict.trained_on`, else the only one enabled."""
-    name = PREDICT["trained_on"]
-    if name is None and len(TRAINED) == 1:
-        return TRAINED[0]
-    if name not in TRAINED:
-        raise ValueError(
-            f"predict.trained_on is {name!r}; set it to one of the trained datasets {TRAINED} "
-            "(config.yaml `predict:`)"
+    """The trained dataset whose models predict: `predict.trained_on` (checked with the config),
+    else the only trained one."""
+    if PREDICT["trained_on"] is not None:
+        return PREDICT["trained_on"]
+    if len(TRAINED) != 1:
+        raise ConfigError(
+            f"predict.trained_on is null but {len(TRAINED)} datasets are trained ({', '.join(TRAINED)}): "
+            "set predict.trained_on to the one whose models predict (config.yaml `predict:`)"
         )
-    return name
+    return TRAINED[0]
 
 
 def get_predict_inputs(wildcards):
@@ -292,7 +294,7 @@ def get_predict_inputs(wildcards):
     (the script picks the best method for the closest shot)."""
     missing = [key for key in ("support", "query") if not PREDICT[key]]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"snakemake predict needs predict.{' and predict.'.join(missing)} in the config: a support "
             "folder of class folders (support/<class>/<images>) and a flat query folder of images, e.g. "
             "--config 'predict={support: my_support, query: my_query}'"

@@ -1,6 +1,9 @@
 # Lists derived from config, wildcard constraints and target functions. No training logic here:
 # anything that needs a unit test lives in mtl/. What each method trains and starts from is read
 # from the method registry (mtl/methods.py).
+import os
+from pathlib import Path
+
 from mtl import methods as method_registry
 from mtl import transfer as transfer_config
 from mtl.errors import ConfigError
@@ -289,9 +292,43 @@ def get_predict_dataset(wildcards=None):
     return TRAINED[0]
 
 
+def workflow_image_folders():
+    """The support and query folders rule image_folders writes (its worked example)."""
+    patterns = (rules.image_folders.output.support, rules.image_folders.output.query)
+    return {
+        os.path.normpath(pattern.format(dataset=dataset))
+        for pattern in patterns
+        for dataset in DATASETS
+    }
+
+
+def get_folder_contents(folder):
+    """Every file and sub-folder in a folder of the user's images (hidden ones aside, as predict
+    skips them), so that an image added, removed or replaced reruns predict: the folder's own mtime
+    misses changes inside its class folders. Snakemake sees a replaced file by its mtime, an added
+    or removed one by the input set and by the mtime of the folder holding it. The folders of the
+    worked example (image_folders) are left to their job, which Snakemake dates by its timestamp
+    file; their files do not exist before that job runs, and listing them afterwards would change
+    predict's inputs and rerun it once for nothing. A missing folder lists nothing: the folder
+    itself is an input, which Snakemake reports missing.
+    """
+    root = Path(folder)
+    if os.path.normpath(root) in workflow_image_folders() or not root.is_dir():
+        return []
+    # imports numpy: only when predict runs
+    from mtl.data.builders.imagefolder import is_hidden
+
+    return sorted(
+        str(path)
+        for path in root.rglob("*")
+        if not any(is_hidden(part) for part in path.relative_to(root).parts)
+    )
+
+
 def get_predict_inputs(wildcards):
-    """Every seed's model of the chosen method and shot; left open, all of them and the summary
-    (the script picks the best method for the closest shot)."""
+    """The support and query folders and what they hold; every seed's model of the chosen method
+    and shot; left open, all of them and the summary (the script picks the best method for the
+    closest shot)."""
     missing = [key for key in ("support", "query") if not PREDICT[key]]
     if missing:
         raise ConfigError(
@@ -304,6 +341,8 @@ def get_predict_inputs(wildcards):
     inputs = {
         "support": PREDICT["support"],
         "query": PREDICT["query"],
+        "support_contents": get_folder_contents(PREDICT["support"]),
+        "query_contents": get_folder_contents(PREDICT["query"]),
         "models": get_exported_models([get_predict_dataset()], methods, shots),
     }
     if not (PREDICT["method"] and PREDICT["shot"]):

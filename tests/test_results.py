@@ -110,6 +110,15 @@ def test_a_layer_loads_nothing_above_it(module):
     assert result.stdout.strip() == "[]", f"importing {module} loads {result.stdout.strip()}"
 
 
+def test_pooling_reliability_tables_loads_no_torch():
+    """The summarize step pools the runs' reliability tables (NumPy sums): loading torch for it
+    took summarize of 30 runs from 169 to 704 MiB peak RSS."""
+    code = ("import sys; from mtl.results.tables import pooled_reliability; pooled_reliability([]); "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
 # ----------------------------------------------------------------------------- statistics
 def test_ci95_matches_hand_computation():
     # [0, 1, 0, 1]: population std 0.5, n 4 -> 1.96 * 0.5 / 2 = 0.49

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
+
+# the tables' arithmetic is NumPy only, so the summarize step pools tables without loading torch;
+# pool_reliability is imported to be used from here as before
+from mtl.stats import expected_calibration_error, pool_reliability  # noqa: F401
 
 #: Equal-width confidence bins of the expected calibration error.
 ECE_BINS = 15
@@ -71,22 +74,6 @@ def reliability(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS
         "confidence": torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence.double()).tolist(),
         "correct": torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct).tolist(),
     }
-
-
-def expected_calibration_error(table: dict) -> float:
-    """ECE in points (0-100) of a :func:`reliability` table (one run's, or several pooled)."""
-    count = np.asarray(table["count"], dtype=np.float64)
-    gap = np.abs(np.asarray(table["correct"]) - np.asarray(table["confidence"]))  # n_b * |acc_b - conf_b|
-    return float(100.0 * gap.sum() / count.sum())
-
-
-def pool_reliability(tables) -> dict:
-    """The :func:`reliability` table of several runs' queries together."""
-    tables = list(tables)
-    if not tables or len({t["bins"] for t in tables}) != 1:
-        raise ValueError("pool_reliability needs at least one table, all with the same number of bins")
-    return {"bins": tables[0]["bins"],
-            **{key: np.sum([t[key] for t in tables], axis=0).tolist() for key in ("count", "confidence", "correct")}}
 
 
 def calibration_report(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> dict:

@@ -18,7 +18,10 @@ from mtl.methods import NAMES
 from mtl.published import reference_for
 from mtl.errors import DataError
 from mtl.results.runs import CALIBRATION_METRICS, ROW_KEY, TRAINED_ON, Run, check_same_protocol, is_transfer
-from mtl.stats import NOT_MEASURED, SEED_INTERVAL, ci95, paired_difference, t_interval, verdict
+from mtl.stats import (
+    NOT_MEASURED, SEED_INTERVAL, ci95, expected_calibration_error, paired_difference, pool_reliability, t_interval,
+    verdict,
+)
 
 METHOD_ORDER = NAMES  # the method registry's order
 BASELINE = "ft"
@@ -183,9 +186,6 @@ def pooled_reliability(runs: Sequence[Run]) -> dict[tuple, dict]:
     were pooled. A row with a seed evaluated before calibration existed has no table: pooling the
     other seeds alone would pass for the row.
     """
-    # imported here: the calibration module loads torch, which only the summarize step pays for
-    from mtl.learners.calibration import expected_calibration_error, pool_reliability
-
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(run.row_key, []).append(run)

@@ -26,7 +26,8 @@ from mtl.stats import expected_calibration_error, pool_reliability  # noqa: F401
 
 #: Equal-width confidence bins of the expected calibration error.
 ECE_BINS = 15
-#: The temperature search interval: beyond it a run's scores are degenerate (all queries alike).
+#: The temperature search interval, in units of the spread of the scores (their standard deviation
+#: about each query's mean score): beyond it a run's scores are degenerate (all queries alike).
 TEMPERATURE_RANGE = (1e-3, 1e3)
 
 
@@ -45,7 +46,11 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """The temperature minimising the mean NLL of ``targets`` (N,) under ``logits`` (N, C).
 
     The NLL is convex in 1/T, so a bounded search over log T finds its single minimum (to a
-    relative 1e-6). Scores that are all equal give every T the same NLL; then T = 1.
+    relative 1e-6). Scores that are all equal give every T the same NLL; then T = 1. The NLL depends
+    on ``logits / T`` alone, so the search interval follows the scale of the scores
+    (:data:`TEMPERATURE_RANGE` times their spread) and ``c * logits`` gets ``c`` times the
+    temperature: a prototype learner's minus squared distances can spread over 1e4 where a linear
+    head's spread over 1, and an interval fixed at 1e3 stopped its temperature at the edge.
     """
     from scipy.optimize import minimize_scalar
 
@@ -54,7 +59,8 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
         raise ValueError("no queries to fit a temperature on")
     if torch.all(logits == logits[:, :1]):
         return 1.0
-    low, high = (math.log(t) for t in TEMPERATURE_RANGE)
+    spread = float((logits - logits.mean(dim=-1, keepdim=True)).std())
+    low, high = (math.log(t * spread) for t in TEMPERATURE_RANGE)
     result = minimize_scalar(lambda log_t: negative_log_likelihood(logits, targets, math.exp(log_t)),
                              bounds=(low, high), method="bounded", options={"xatol": 1e-6})
     return float(math.exp(result.x))

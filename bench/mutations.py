@@ -13,8 +13,14 @@ pass, or the audit stops); then, one mutation at a time, the file is edited, the
 mutation is *caught* when a test fails (the first failing test is recorded) and *survives* when all
 pass; an old text that is not found exactly once is refused before anything runs.
 
-Left out as equivalent (no input can tell): ``read_support_folder`` listing ``files`` in the order
-of its ``classes`` dict instead of ``sorted(classes)`` (the dict is filled in sorted order).
+Every mutation here changes an output for some input (each was checked by reading the code it
+edits). Left out as equivalent (no input can tell): ``read_support_folder`` listing ``files`` in the
+order of its ``classes`` dict instead of ``sorted(classes)`` (the dict is filled in sorted order).
+Kept, though only the scores can tell: ``linear-other-class-count-starts-*``. Any start where every
+class has the same row (the mean row, zeros, the first row) gives every class the same logit and
+gradient at every step, so the adapted logits differ only by a constant per query (``x . w0 + b0``)
+and every probability, prediction and temperature is the same; the logits themselves are an output
+(``AdaptedClassifier.logits``, evaluate's ``queries_out``), which is where a test can catch them.
 """
 from __future__ import annotations
 

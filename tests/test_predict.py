@@ -417,6 +417,19 @@ def test_support_labels_and_images_follow_their_class_folders(tmp_path):
         np.testing.assert_array_equal(image, np.asarray(Image.open(file).convert("RGB")))
 
 
+def test_query_images_are_read_in_chunks_holding_every_file_in_order(tmp_path):
+    """A query folder larger than one chunk (a prediction reads 256 images at a time): every file is
+    decoded once, in the folder's sorted order, whatever the chunk size."""
+    for k in range(7):
+        _png(tmp_path / f"q{k}.png", 30 * k + 10)
+    files = list_query_folder(tmp_path)
+    by_hand = np.stack([np.asarray(Image.open(tmp_path / f"q{k}.png").convert("RGB")) for k in range(7)])
+    for chunk, sizes in [(3, [3, 3, 1]), (7, [7]), (256, [7])]:
+        chunks = list(read_query_chunks(files, STORED, chunk=chunk))
+        assert [len(c) for c in chunks] == sizes, chunk
+        np.testing.assert_array_equal(np.concatenate(chunks), by_hand)
+
+
 def test_an_exported_model_takes_its_temperature_from_its_own_runs_metrics_only(trained):
     folder = trained[0]
     own = {"method": "ft", "seed": 1, "shot": SHOT, "dataset": "toy", "temperature": 0.25, "ece": 3.0}

@@ -2,9 +2,9 @@
 # -> fixed test episodes -> evaluate -> results/summary.csv. See README.md and config.yaml.
 import os
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
-from mtl.config import coerce_config
+from mtl.config import check_config
 
 min_version("8.20")
 
@@ -12,9 +12,11 @@ min_version("8.20")
 configfile: "config.yaml"
 
 
-# Nested --config values arrive as strings ('2'); type them by the schema before validating.
-coerce_config(config, os.path.join(workflow.basedir, "mtl", "config.schema.yaml"))
-validate(config, "mtl/config.schema.yaml")
+# Every key and value checked against mtl/config.schema.yaml, its defaults filled in, and what the
+# schema cannot say (an enabled dataset, its folder, predict's choices among the trained ones),
+# before any job: a mistake stops here, a short line each (mtl/config.py). A dataset whose raw
+# files are fetched already (rule download's manifest) no longer needs its `path` folder.
+check_config(config, fetched_manifest="data/raw/{dataset}/manifest.json")
 
 
 # The report's front page: the summary table and verdicts of the finished run.

@@ -385,7 +385,8 @@ def step_summarize(a: dict, probe: _Probe) -> dict:
     files = json.loads((root / "files.json").read_text())
     summarize_runs(files["metrics"], files["episodes"], files["histories"], csv_out=root / "summary.csv",
                    per_seed_csv_out=root / "summary_per_seed.csv", md_out=root / "summary.md",
-                   accuracy_plot=root / "accuracy.png", history_plot=root / "training.png")
+                   accuracy_plot=root / "accuracy.png", reliability_plot=root / "reliability.png",
+                   history_plot=root / "training.png")
     return {}
 
 

@@ -75,7 +75,7 @@ def export_model(method: str, trained_path, out_path, *, trained_on: str, seed: 
     extra = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "method": method,
         "test_time": learner_settings(method, info),
-        "temperature": float(metrics["temperature"]) if metrics else 1.0,
+        "temperature": float(metrics.get("temperature", 1.0)) if metrics else 1.0,  # older metrics: uncalibrated
         "calibration": {key: _plain(metrics[key]) for key in CALIBRATION_KEYS if key in metrics} if metrics else {},
         "way": int(way), "shot": int(shot), "seed": int(seed), "trained_on": str(trained_on),
         "image_size": int(info["image_size"]), "stored_image_size": int(stored_image_size),

@@ -1,5 +1,6 @@
-"""The report's plots: per-seed test accuracies with the across-seed interval, and training curves
-as a band over seeds. Matplotlib's object API on the Agg canvas (no pyplot, no GUI state).
+"""The report's plots: per-seed test accuracies with the across-seed interval, the reliability of the
+calibrated probabilities, and training curves as a band over seeds. Matplotlib's object API on the
+Agg canvas (no pyplot, no GUI state).
 
 Inputs are the tables of :mod:`mtl.results.tables` and the ``history.csv`` files of the training rules,
 whose paths name the run: ``results/<dataset>/<backbone>/seed<N>/pretrain/history.csv`` and
@@ -8,7 +9,7 @@ whose paths name the run: ``results/<dataset>/<backbone>/seed<N>/pretrain/histor
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pandas as pd
 
 from mtl.errors import DataError, MTLError
 from mtl.io import atomic_path
-from mtl.results.runs import TRAINED_ON, read_csv_table
+from mtl.results.runs import ROW_KEY, TRAINED_ON, read_csv_table
 from mtl.stats import SEED_INTERVAL
 
 LOSS_COLUMNS = ("train_loss", "meta_loss", "loss")
@@ -104,6 +105,59 @@ def _shared_legend(figure, axes) -> None:
             seen.setdefault(label, handle)
     if seen:
         figure.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=len(seen), fontsize="small")
+
+
+# ----------------------------------------------------------------------------- reliability
+def plot_reliability(summary: pd.DataFrame, reliability: Mapping[tuple, Mapping], path_png) -> Path:
+    """Per (trained on, tested on) dataset x shot, one line per method: the accuracy against the mean
+    confidence of each confidence bin, the test queries of all seeds pooled (``reliability``:
+    :func:`mtl.results.tables.pooled_reliability`), the diagonal of perfect calibration, and the
+    pooled queries' ECE in the legend. A row without a table (evaluated before calibration existed)
+    is left out; a panel left empty says so."""
+    if summary.empty:
+        raise MTLError(f"plot_reliability({path_png}): the summary table is empty; nothing to plot")
+    pairs = list(dict.fromkeys(zip(summary[TRAINED_ON], summary["dataset"])))
+    shots = sorted(dict.fromkeys(summary["shot"]))
+    figure, axes = _figure(len(pairs), len(shots), 4.4, 4.2)
+    for i, (trained_on, dataset) in enumerate(pairs):
+        for j, shot in enumerate(shots):
+            rows = summary[(summary[TRAINED_ON] == trained_on) & (summary["dataset"] == dataset)
+                           & (summary["shot"] == shot)]
+            if rows.empty:
+                axes[i][j].set_visible(False)
+                continue
+            _reliability_panel(axes[i][j], rows, reliability, summary["backbone"].nunique() > 1)
+    figure.suptitle("Reliability of the calibrated probabilities: accuracy vs mean confidence per confidence bin\n"
+                    "(test queries of all seeds pooled; ECE in points)", fontsize="medium")
+    return _save_png(figure, path_png)
+
+
+def _reliability_panel(ax, rows: pd.DataFrame, reliability: Mapping[tuple, Mapping], several_backbones: bool) -> None:
+    first = rows.iloc[0]
+    ax.plot([0, 100], [0, 100], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    drawn = []
+    for row in rows.itertuples(index=False):
+        table = reliability.get(tuple(getattr(row, field) for field in ROW_KEY))
+        if table is None:
+            continue
+        count = np.asarray(table["count"], dtype=np.float64)
+        filled = count > 0  # an empty bin has no accuracy
+        confidence = 100.0 * np.asarray(table["confidence"])[filled] / count[filled]
+        accuracy = 100.0 * np.asarray(table["correct"])[filled] / count[filled]
+        name = f"{row.method} {row.backbone}" if several_backbones else row.method
+        ax.plot(confidence, accuracy, marker="o", markersize=3.5, label=f"{name} (ECE {table['ece']:.1f})")
+        drawn.append(table)
+    where = (first["dataset"] if first[TRAINED_ON] == first["dataset"]
+             else f"trained on {first[TRAINED_ON]}, tested on {first['dataset']}")
+    bins = drawn[0]["bins"] if drawn else None
+    detail = (f"per seed {first['episodes']} episodes x {first['way'] * first['query']} queries, {bins} bins"
+              if drawn else "no reliability table recorded: rerun evaluate")
+    ax.set_title(f"{where}: {first['way']}-way {first['shot']}-shot\n{detail}", fontsize="medium")
+    ax.set(xlim=(0, 100), ylim=(0, 100), xlabel="mean confidence in the bin (%)", ylabel="accuracy in the bin (%)")
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    # below the panel: a method's line can run through any corner of it
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)
 
 
 # ----------------------------------------------------------------------------- training curves

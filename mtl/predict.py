@@ -12,6 +12,12 @@ set is embedded once per model, the queries in batches. A seed ensemble averages
 probabilities: the training replicates the workflow makes anyway become a better predictor, and
 how far they disagree is reported per image (``seeds_agreeing``, ``probability_sd``).
 
+"None of these" (off by default; ``predict(..., unknown=threshold)``): a query whose features are
+unlike every support image's is reported as :data:`NONE_OF_THESE` instead of a class. The score is
+the query's :func:`support_similarity` (cosine similarity of its encoder features to the most
+similar support image's), averaged over the seeds' models; ``bench/unknown.py`` measured it against
+the ensemble's top probability on the demo's held-out digits (docs/prediction.md).
+
 Contract (tests/test_predict.py): a saved test episode written out as a support and a query
 folder gets exactly the predictions ``evaluate`` makes on that episode, for every method.
 """
@@ -25,10 +31,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from mtl.data.transforms import EvalTransform
 from mtl.data.user_images import SupportSet, list_query_folder, read_query_chunks, read_support_folder
-from mtl.errors import ConfigError
+from mtl.config import check_value
+from mtl.errors import ConfigError, DataError
 from mtl.learners import learner_for
 from mtl.methods import current_name
 from mtl.learners.calibration import probabilities
@@ -37,6 +45,10 @@ from mtl.models import inference_copy
 from mtl.base_learner import DEFAULT_INFERENCE_BATCH_SIZE, embed_batch
 
 log = logging.getLogger(__name__)
+
+#: What the ``predicted`` column says of a query below the ``unknown`` threshold (a support class of
+#: this name is refused while the option is on, so the column is never ambiguous).
+NONE_OF_THESE = "none of these"
 
 
 class FewShotModel:
@@ -70,10 +82,10 @@ class FewShotModel:
                                  device=torch.device(device), episode=episode)
 
     def predict(self, support, query, *, inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
-                device: torch.device | str = "cpu") -> Prediction:
-        """Probabilities of every query image; ``support``/``query`` as in :meth:`SeedEnsemble.predict`."""
+                device: torch.device | str = "cpu", unknown: float | None = None) -> Prediction:
+        """Probabilities of every query image; arguments as in :meth:`SeedEnsemble.predict`."""
         return SeedEnsemble([self]).predict(support, query, inference_batch_size=inference_batch_size,
-                                            device=device)
+                                            device=device, unknown=unknown)
 
 
 class AdaptedClassifier:
@@ -93,33 +105,72 @@ class AdaptedClassifier:
         learner = learner_for(model.info["test_time"], model.backbone.to(device), seed=model.seed,
                               meta_init=None if learned is None else (learned["weight"], learned["bias"]))
         self.embedder = inference_copy(learner.embedder())
-        support_x = self._embed(support.images).unsqueeze(0)
-        self.classifier = learner.fit(support_x, torch.as_tensor(support.labels, device=device), self.n_classes,
-                                      first_episode=episode)
+        # the encoder whose features support_similarity compares: the embedder itself unless the
+        # learner fine-tunes (its embedder is then the frozen trunk, the identity for ``ft_all``)
+        self.encoder = self.embedder if learner.frozen_features else None
+        self.support_images = support.images
+        support_x = self._embed(self.embedder, support.images)
+        self.support_features = support_x if learner.frozen_features else None
+        self.classifier = learner.fit(support_x.unsqueeze(0), torch.as_tensor(support.labels, device=device),
+                                      self.n_classes, first_episode=episode)
 
-    def _embed(self, images: np.ndarray) -> torch.Tensor:
+    def _embed(self, network: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
         step = self.inference_batch_size
-        chunks = [embed_batch(self.embedder, images[start:start + step], self.model.transform, self.device)
+        chunks = [embed_batch(network, images[start:start + step], self.model.transform, self.device)
                   for start in range(0, len(images), step)]
         return torch.cat(chunks)
 
     def logits(self, images: np.ndarray) -> torch.Tensor:
         """(B, C) float32 scores of a batch of uint8 query images (before the temperature)."""
-        return self.classifier(self._embed(images).unsqueeze(0))[0].float().cpu()
+        return self._logits(self._embed(self.embedder, images))
+
+    def _logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.classifier(inputs.unsqueeze(0))[0].float().cpu()
 
     def probabilities(self, images: np.ndarray) -> torch.Tensor:
         """(B, C) float64 calibrated class probabilities of a batch of uint8 query images."""
         return probabilities(self.logits(images), self.temperature)
 
+    def probabilities_and_similarity(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`probabilities` and the (B,) :func:`support_similarity` of a batch of query images,
+        embedded once where the learner reads the encoder's features."""
+        inputs = self._embed(self.embedder, images)
+        if self.encoder is None:  # a fine-tuning learner: the encoder's features come from a pass of their own
+            self.encoder = inference_copy(self.model.backbone)
+            self.support_features = self._embed(self.encoder, self.support_images)
+        features = inputs if self.encoder is self.embedder else self._embed(self.encoder, images)
+        return (probabilities(self._logits(inputs), self.temperature),
+                support_similarity(features, self.support_features).cpu())
+
+
+def support_similarity(query_features: torch.Tensor, support_features: torch.Tensor) -> torch.Tensor:
+    """(..., Q) cosine similarity of each query's features (..., Q, D) to the most similar of the
+    support images' (..., S, D), in float64: 1 for a query identical to a support image (to float
+    rounding), lower the less the query looks like any of them. The score of :data:`NONE_OF_THESE`."""
+    query, support = (F.normalize(x.double(), dim=-1) for x in (query_features, support_features))
+    return (query @ support.transpose(-1, -2)).amax(dim=-1)
+
 
 @dataclass
 class Prediction:
-    """Per-model probabilities (M, Q, C) of Q query images over C classes, and what they came from."""
+    """Per-model probabilities (M, Q, C) of Q query images over C classes, and what they came from.
+
+    ``unknown``: the "none of these" threshold (None: off); ``per_model_similarity`` (M, Q): each
+    model's :func:`support_similarity` of every query (:meth:`SeedEnsemble.predict` computes it
+    when ``unknown`` is set; a threshold without it is refused).
+    """
 
     class_names: list[str]
     per_model: np.ndarray
     files: list[Path] | None = None
     models: list[str] | None = None
+    unknown: float | None = None
+    per_model_similarity: np.ndarray | None = None
+
+    def __post_init__(self):
+        check_unknown(self.unknown, self.class_names)
+        if self.unknown is not None and self.per_model_similarity is None:
+            raise ValueError("a Prediction with an unknown threshold needs per_model_similarity (M, Q)")
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -128,29 +179,61 @@ class Prediction:
 
     @property
     def predicted(self) -> np.ndarray:
-        """(Q,) index of the predicted class of every query."""
+        """(Q,) index of the most probable class of every query (whether or not it is :attr:`none_of_these`)."""
         return self.probabilities.argmax(axis=1)
+
+    @property
+    def similarity(self) -> np.ndarray | None:
+        """(Q,) :func:`support_similarity` averaged over the models; None where it was not computed
+        (:meth:`SeedEnsemble.predict` computes it only with ``unknown`` set)."""
+        return None if self.per_model_similarity is None else self.per_model_similarity.mean(axis=0)
+
+    @property
+    def none_of_these(self) -> np.ndarray:
+        """(Q,) True where the query is reported as none of the support classes: its :attr:`similarity`
+        is below ``unknown`` (a similarity equal to the threshold is kept); all False while off."""
+        if self.unknown is None:
+            return np.zeros(self.per_model.shape[1], dtype=bool)
+        return self.similarity < self.unknown
 
     def table(self) -> pd.DataFrame:
         """One row per query: file, predicted class, its probability, how the seeds agree, then one
-        probability column per class (``p_<class>``)."""
+        probability column per class (``p_<class>``). With ``unknown`` set, ``predicted`` says
+        :data:`NONE_OF_THESE` for the queries below the threshold, and two columns follow it:
+        ``most_probable`` (the class, always) and ``similarity`` (the score compared)."""
         predicted, probs = self.predicted, self.probabilities
         rows = np.arange(len(predicted))
         per_model_choice = self.per_model.argmax(axis=2)  # (M, Q)
+        classes = [self.class_names[i] for i in predicted]
         table = pd.DataFrame({
             "file": [p.name for p in self.files] if self.files is not None else rows,
-            "predicted": [self.class_names[i] for i in predicted],
-            "probability": probs[rows, predicted],
-            # disagreement between the seeds' models: how many pick the ensemble's class, and the
-            # spread of the probability they give it
-            "seeds_agreeing": (per_model_choice == predicted).sum(axis=0),
-            "seeds": len(self.per_model),
-            "probability_sd": self.per_model[:, rows, predicted].std(axis=0, ddof=1)
-            if len(self.per_model) > 1 else np.nan,
+            "predicted": np.where(self.none_of_these, NONE_OF_THESE, classes),
         })
+        if self.unknown is not None:
+            table["most_probable"], table["similarity"] = classes, self.similarity
+        table["probability"] = probs[rows, predicted]
+        # disagreement between the seeds' models: how many pick the ensemble's class, and the
+        # spread of the probability they give it
+        table["seeds_agreeing"] = (per_model_choice == predicted).sum(axis=0)
+        table["seeds"] = len(self.per_model)
+        table["probability_sd"] = (self.per_model[:, rows, predicted].std(axis=0, ddof=1)
+                                   if len(self.per_model) > 1 else np.nan)
         for c, name in enumerate(self.class_names):
             table[f"p_{name}"] = probs[:, c]
         return table
+
+
+def check_unknown(threshold: float | None, class_names: Sequence[str] = ()) -> None:
+    """Refuse a "none of these" threshold the config schema refuses (``predict.unknown``: a cosine
+    similarity, in [-1, 1]) and, while one is set, a support class that the ``predicted`` column
+    could not tell from :data:`NONE_OF_THESE`."""
+    if threshold is None:
+        return
+    check_value(threshold, "predict.unknown", name="the unknown threshold (predict.unknown, mtl-predict --unknown)")
+    clashing = [name for name in class_names if name.strip().lower() == NONE_OF_THESE]
+    if clashing:
+        raise DataError(f"support class folder {clashing[0]!r} has the name that marks a query as none of the "
+                        f"support classes ({NONE_OF_THESE!r}); rename that folder, or turn the unknown option off")
 
 
 class SeedEnsemble:
@@ -170,24 +253,38 @@ class SeedEnsemble:
         return f"SeedEnsemble(seeds {[m.seed for m in self.models]} of {self.models[0]!r})"
 
     def predict(self, support, query, *, inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
-                device: torch.device | str = "cpu") -> Prediction:
+                device: torch.device | str = "cpu", unknown: float | None = None) -> Prediction:
         """Adapt every model to ``support`` once, then classify ``query`` in batches.
 
         ``support``: a folder of class folders, or a :class:`SupportSet`. ``query``: a flat folder of
-        images, or a uint8 array (Q, H, W, 3) of images as the model expects them.
+        images, or a uint8 array (Q, H, W, 3) of images as the model expects them. ``unknown``: a
+        threshold in [-1, 1] turns "none of these" on: a query whose :func:`support_similarity`,
+        averaged over the models, is below it is reported as :data:`NONE_OF_THESE`
+        (:attr:`Prediction.none_of_these`); None (the default): every query gets a class.
         """
+        check_unknown(unknown)
         size = self.models[0].stored_image_size
         if not isinstance(support, SupportSet):
             support = read_support_folder(support, size)
+        check_unknown(unknown, support.class_names)
         adapted = [model.adapt(support, inference_batch_size=inference_batch_size, device=device)
                    for model in self.models]
         files, chunks = _query_stream(query, size, inference_batch_size)
         per_model: list[list[torch.Tensor]] = [[] for _ in adapted]
+        similarity: list[list[torch.Tensor]] = [[] for _ in adapted]
         for images in chunks:
-            for out, classifier in zip(per_model, adapted):
-                out.append(classifier.probabilities(images))
-        return Prediction(support.class_names, torch.stack([torch.cat(p) for p in per_model]).numpy(), files,
-                          [str(m.path) for m in self.models])
+            for probs, similar, classifier in zip(per_model, similarity, adapted):
+                if unknown is None:
+                    probs.append(classifier.probabilities(images))
+                else:
+                    p, s = classifier.probabilities_and_similarity(images)
+                    probs.append(p)
+                    similar.append(s)
+        def stacked(parts: list[list[torch.Tensor]]) -> np.ndarray:  # per model, per chunk -> (M, Q, ...)
+            return torch.stack([torch.cat(p) for p in parts]).numpy()
+
+        return Prediction(support.class_names, stacked(per_model), files, [str(m.path) for m in self.models],
+                          unknown=unknown, per_model_similarity=None if unknown is None else stacked(similarity))
 
 
 def _query_stream(query, image_size: int,
@@ -247,19 +344,24 @@ def choose_run(summary: pd.DataFrame, trained_on: str, support_counts: Sequence[
 
 def write_predictions(ensemble: SeedEnsemble, support, query, out_csv, *,
                       inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
-                      device: torch.device | str = "cpu") -> Prediction:
+                      device: torch.device | str = "cpu", unknown: float | None = None) -> Prediction:
     """Predict and write ``out_csv`` (one row per query image, :meth:`Prediction.table`) atomically:
-    any bad input stops it before anything is written under that name."""
+    any bad input stops it before anything is written under that name. ``unknown``: as in
+    :meth:`SeedEnsemble.predict`."""
     from mtl.io import atomic_path
 
     log.info("predicting with %r, batch %d on %s", ensemble, inference_batch_size, device)
-    prediction = ensemble.predict(support, query, inference_batch_size=inference_batch_size, device=device)
+    prediction = ensemble.predict(support, query, inference_batch_size=inference_batch_size, device=device,
+                                  unknown=unknown)
     table = prediction.table()
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False)
     agreeing = table["seeds_agreeing"]
     log.info("%s: %d query images, %d where not every seed agrees", out_csv, len(agreeing),
              int((agreeing < len(ensemble.models)).sum()))
+    if unknown is not None:
+        log.info("%d query images reported as %r (support similarity below %g)", int(prediction.none_of_these.sum()),
+                 NONE_OF_THESE, unknown)
     return prediction
 
 
@@ -267,9 +369,10 @@ def predict_with_trained_models(model_files: Sequence, support, query, out_csv, 
                                 method: str | None = None, shot: int | None = None, summary_csv=None,
                                 expected_backbone: Mapping | None = None,
                                 inference_batch_size: int = DEFAULT_INFERENCE_BATCH_SIZE,
-                                device: torch.device | str = "cpu") -> Prediction:
+                                device: torch.device | str = "cpu", unknown: float | None = None) -> Prediction:
     """The workflow's prediction: among ``model_files`` (exported models of ``trained_on``), the seeds
-    of ``method`` and ``shot``; either left None is chosen from ``summary_csv`` (:func:`choose_run`)."""
+    of ``method`` and ``shot``; either left None is chosen from ``summary_csv`` (:func:`choose_run`).
+    ``unknown``: as in :meth:`SeedEnsemble.predict`."""
     from mtl.model_file import peek_model_file
 
     headers = {Path(f): peek_model_file(f) for f in model_files}
@@ -290,4 +393,4 @@ def predict_with_trained_models(model_files: Sequence, support, query, out_csv, 
         raise ConfigError(f"no exported model of {trained_on} {method} {shot}-shot among {len(headers)} files")
     ensemble = load_models(chosen, expected_backbone=expected_backbone)
     return write_predictions(ensemble, support_set, query, out_csv, inference_batch_size=inference_batch_size,
-                             device=device)
+                             device=device, unknown=unknown)

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from mtl.plots import plot_accuracies, plot_histories
+from mtl.plots import plot_accuracies, plot_histories, plot_reliability
 from mtl.results.render import verdict_sentences, write_summary
 from mtl.results.runs import load_runs
-from mtl.results.tables import BASELINE, build_summary, per_seed_table
+from mtl.results.tables import BASELINE, build_summary, per_seed_table, pooled_reliability
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ def summarize_runs(
     per_seed_csv_out,
     md_out,
     accuracy_plot,
+    reliability_plot,
     history_plot,
     rst_out=None,
     baseline: str = BASELINE,
@@ -42,5 +43,6 @@ def summarize_runs(
     for sentence in verdict_sentences(summary, baseline):
         log.info("%s", sentence)
     plot_accuracies(summary, per_seed, accuracy_plot)
+    plot_reliability(summary, pooled_reliability(runs), reliability_plot)
     plot_histories(history_files, history_plot)
     return summary

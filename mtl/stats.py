@@ -1,5 +1,6 @@
 """The statistics behind every accuracy we print: intervals over test episodes, the Student-t
-interval over training seeds, paired differences and the verdict they give.
+interval over training seeds, paired differences and the verdict they give; and the arithmetic of
+the calibration tables (expected calibration error, pooling runs).
 
 NumPy only, so that training (which reports validation accuracy with :func:`mean_ci95`) does not
 load pandas or scipy for it; scipy's Student-t quantile is imported by :func:`t_interval` alone.
@@ -115,3 +116,23 @@ def verdict(diff: float, half_width: float, n_seeds: int) -> str:
     if diff + half_width < 0:
         return "worse"
     return "no detectable difference"
+
+
+# ----------------------------------------------------------------------------- calibration tables
+def expected_calibration_error(table: dict) -> float:
+    """ECE in points (0-100) of a reliability table (:func:`mtl.learners.calibration.reliability`:
+    per confidence bin, the ``count`` of queries, the sum of their ``confidence`` and how many are
+    ``correct``), one run's or several pooled: ``sum_b |correct_b - confidence_b| / sum_b count_b``,
+    i.e. the mean over queries of |accuracy - mean confidence| of their bin."""
+    count = np.asarray(table["count"], dtype=np.float64)
+    gap = np.abs(np.asarray(table["correct"]) - np.asarray(table["confidence"]))  # n_b * |acc_b - conf_b|
+    return float(100.0 * gap.sum() / count.sum())
+
+
+def pool_reliability(tables) -> dict:
+    """The reliability table of several runs' queries together: the tables are sums, so they add."""
+    tables = list(tables)
+    if not tables or len({t["bins"] for t in tables}) != 1:
+        raise ValueError("pool_reliability needs at least one table, all with the same number of bins")
+    return {"bins": tables[0]["bins"],
+            **{key: np.sum([t[key] for t in tables], axis=0).tolist() for key in ("count", "confidence", "correct")}}

@@ -7,9 +7,9 @@ pre-trained or meta-trained, and it is scored only as a transfer target. ``trans
 trained dataset to the datasets its models are scored on, on each target's own saved test
 episodes (the same file every source uses, so the rows pair).
 
-Pure functions over the validated config (no torch, no Snakemake): the Snakefile calls
-:func:`check_transfer` at parse time, so a misconfiguration stops the run before any job, with
-the key to fix.
+Pure functions over the validated config (no torch, no Snakemake): the Snakefile's config check
+(:func:`mtl.config.check_config`) lists :func:`transfer_problems` with the config's other
+mistakes at parse time, so a misconfiguration stops the run before any job, with the key to fix.
 """
 from __future__ import annotations
 
@@ -42,10 +42,28 @@ def trained_datasets(config: Mapping) -> list[str]:
 def check_transfer(config: Mapping) -> dict[str, list[str]]:
     """Validate ``data.<name>.test_only`` and ``transfer``; return ``{source: [targets]}`` as configured.
 
-    Raises one ConfigError listing every problem, each naming the key to change: a test-only
-    entry whose source is not ``imagefolder``; all enabled datasets test-only; a ``transfer`` source
-    that is unknown, disabled or test-only; a target that is unknown, disabled or the source itself.
-    (That a target has at least ``protocol.way`` classes is checked when its data are built.)
+    Raises one ConfigError listing every problem of :func:`transfer_problems`.
+    """
+    problems = transfer_problems(config)
+    if problems:
+        listing = "\n".join(f"  - {line}" for line in problems)
+        raise ConfigError(f"config `data`/`transfer` has {len(problems)} problem(s):\n{listing}")
+    transfer = config.get("transfer") or {}
+    test_only = test_only_datasets(config)
+    unused = sorted(set(test_only) - {t for targets in transfer.values() for t in targets})
+    if unused:
+        log.warning("test-only dataset(s) %s are the target of no `transfer` entry: nothing scores them "
+                    "(add e.g. transfer: {<trained dataset>: [%s]}).", ", ".join(unused), unused[0])
+    return {source: list(targets) for source, targets in transfer.items()}
+
+
+def transfer_problems(config: Mapping) -> list[str]:
+    """A line per problem of ``data.<name>.test_only`` and ``transfer``, each naming the key to change.
+
+    A test-only entry whose source is not ``imagefolder``; all enabled datasets test-only; a
+    ``transfer`` source that is unknown, disabled or test-only; a target that is unknown, disabled
+    or the source itself. (That a target has at least ``protocol.way`` classes is checked when its
+    data are built.)
     """
     data = config["data"]
     enabled = enabled_datasets(config)
@@ -84,14 +102,7 @@ def check_transfer(config: Mapping) -> dict[str, list[str]]:
                                 f"(known: {', '.join(data)}).")
             elif target not in enabled:
                 problems.append(f"{where}: target {target!r} is not enabled (data.{target}.enabled is false).")
-    if problems:
-        listing = "\n".join(f"  - {line}" for line in problems)
-        raise ConfigError(f"config `data`/`transfer` has {len(problems)} problem(s):\n{listing}")
-    unused = sorted(set(test_only) - {t for targets in transfer.values() for t in targets})
-    if unused:
-        log.warning("test-only dataset(s) %s are the target of no `transfer` entry: nothing scores them "
-                    "(add e.g. transfer: {<trained dataset>: [%s]}).", ", ".join(unused), unused[0])
-    return {source: list(targets) for source, targets in transfer.items()}
+    return problems
 
 
 def transfer_pairs(transfer: Mapping[str, list[str]]) -> list[tuple[str, str]]:

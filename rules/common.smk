@@ -1,14 +1,19 @@
 # Lists derived from config, wildcard constraints and target functions. No training logic here:
 # anything that needs a unit test lives in mtl/. What each method trains and starts from is read
 # from the method registry (mtl/methods.py).
+import os
+from pathlib import Path
+
 from mtl import methods as method_registry
 from mtl import transfer as transfer_config
+from mtl.errors import ConfigError
 from mtl.rng import STREAM_VERSION
 
 SPLITS = ["train", "val", "test"]
 DATASETS = [name for name, entry in config["data"].items() if entry["enabled"]]
 # Transfer evaluation (mtl/transfer.py): test-only folders are only scored; `transfer` maps a
-# trained dataset to the datasets its models are also scored on. Checked here, before any job.
+# trained dataset to the datasets its models are also scored on (checked with the whole config,
+# mtl/config.py, before any job).
 TRANSFER = transfer_config.check_transfer(config)
 TEST_ONLY = transfer_config.test_only_datasets(config)
 # Datasets that are pre-trained, meta-trained and scored in-domain.
@@ -275,24 +280,58 @@ def get_exported_models(datasets=TRAINED, methods=METHODS, shots=SHOTS):
 
 
 def get_predict_dataset(wildcards=None):
-    """The trained dataset whose models predict: `predict.trained_on`, else the only one enabled."""
-    name = PREDICT["trained_on"]
-    if name is None and len(TRAINED) == 1:
-        return TRAINED[0]
-    if name not in TRAINED:
-        raise ValueError(
-            f"predict.trained_on is {name!r}; set it to one of the trained datasets {TRAINED} "
-            "(config.yaml `predict:`)"
+    """The trained dataset whose models predict: `predict.trained_on` (checked with the config),
+    else the only trained one."""
+    if PREDICT["trained_on"] is not None:
+        return PREDICT["trained_on"]
+    if len(TRAINED) != 1:
+        raise ConfigError(
+            f"predict.trained_on is null but {len(TRAINED)} datasets are trained ({', '.join(TRAINED)}): "
+            "set predict.trained_on to the one whose models predict (config.yaml `predict:`)"
         )
-    return name
+    return TRAINED[0]
+
+
+def workflow_image_folders():
+    """The support and query folders rule image_folders writes (its worked example)."""
+    patterns = (rules.image_folders.output.support, rules.image_folders.output.query)
+    return {
+        os.path.normpath(pattern.format(dataset=dataset))
+        for pattern in patterns
+        for dataset in DATASETS
+    }
+
+
+def get_folder_contents(folder):
+    """Every file and sub-folder in a folder of the user's images (hidden ones aside, as predict
+    skips them), so that an image added, removed or replaced reruns predict: the folder's own mtime
+    misses changes inside its class folders. Snakemake sees a replaced file by its mtime, an added
+    or removed one by the input set and by the mtime of the folder holding it. The folders of the
+    worked example (image_folders) are left to their job, which Snakemake dates by its timestamp
+    file; their files do not exist before that job runs, and listing them afterwards would change
+    predict's inputs and rerun it once for nothing. A missing folder lists nothing: the folder
+    itself is an input, which Snakemake reports missing.
+    """
+    root = Path(folder)
+    if os.path.normpath(root) in workflow_image_folders() or not root.is_dir():
+        return []
+    # imports numpy: only when predict runs
+    from mtl.data.builders.imagefolder import is_hidden
+
+    return sorted(
+        str(path)
+        for path in root.rglob("*")
+        if not any(is_hidden(part) for part in path.relative_to(root).parts)
+    )
 
 
 def get_predict_inputs(wildcards):
-    """Every seed's model of the chosen method and shot; left open, all of them and the summary
-    (the script picks the best method for the closest shot)."""
+    """The support and query folders and what they hold; every seed's model of the chosen method
+    and shot; left open, all of them and the summary (the script picks the best method for the
+    closest shot)."""
     missing = [key for key in ("support", "query") if not PREDICT[key]]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"snakemake predict needs predict.{' and predict.'.join(missing)} in the config: a support "
             "folder of class folders (support/<class>/<images>) and a flat query folder of images, e.g. "
             "--config 'predict={support: my_support, query: my_query}'"
@@ -302,6 +341,8 @@ def get_predict_inputs(wildcards):
     inputs = {
         "support": PREDICT["support"],
         "query": PREDICT["query"],
+        "support_contents": get_folder_contents(PREDICT["support"]),
+        "query_contents": get_folder_contents(PREDICT["query"]),
         "models": get_exported_models([get_predict_dataset()], methods, shots),
     }
     if not (PREDICT["method"] and PREDICT["shot"]):

@@ -45,6 +45,7 @@ rule predict:
         trained_on=get_predict_dataset,
         method=PREDICT["method"],
         shot=PREDICT["shot"],
+        unknown=PREDICT["unknown"],
         gpu_job=GPU_JOB,
     script:
         "../workflow_scripts/predict.py"

@@ -1,5 +1,6 @@
 # results/summary.csv: what users read (across training seeds), plus the per-seed table, the
-# verdicts (summary.md) and the report's front page (summary.rst, included by report/workflow.rst).
+# verdicts and calibration (summary.md), the report's front page (summary.rst, included by
+# report/workflow.rst) and the plots.
 
 
 rule summarize:
@@ -17,6 +18,12 @@ rule summarize:
             "results/plots/accuracy.png",
             caption="report/accuracy.rst",
             category="Accuracy",
+        ),
+        # the reliability tables come from each run's metrics.json (no per-query file)
+        reliability_plot=report(
+            "results/plots/reliability.png",
+            caption="report/reliability.rst",
+            category="Calibration",
         ),
         history_plot=report(
             "results/plots/training.png",

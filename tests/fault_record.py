@@ -15,6 +15,9 @@ skipped or failing. Now:
   it, and per row ``handled`` (its test passed AND its injector fired), ``failed`` (its test
   failed, or passed without injecting the fault) or ``skipped`` (with the reason); with the date,
   CPU, Python, torch and git commit of the run;
+- the count line counts each row by what its test's entry says (``row_status``), never by the
+  row's own ``status``: a record whose row reads "handled" while its test failed (an edited or a
+  merged record) counts that row as failed, and ``stale_claims`` names the row;
 - ``python -m tests.fault_record --update`` rewrites the count line of FAULT_TABLE_DOC from the
   record, and tests/test_faults.py fails while the doc's line is not the record's or the record
   misses a row of the table (``stale_claims``).
@@ -95,14 +98,22 @@ def row_key(row) -> tuple[str, str, str, str]:
     return row.stage, row.fault, node_id(row), row.injector
 
 
-def fault_status(row, test: dict) -> tuple[str, str]:
-    """``(status, why)`` of one row from its test's entry: handled only if the test passed and the
-    row's injector fired in it; a test that passed without injecting proves nothing about the row."""
-    if test["outcome"] in ("failed", "skipped"):
-        return test["outcome"], test["reason"]
-    if row.injector not in test["injected"]:  # (the run already failed such a test; kept for a record read alone)
-        return "failed", f"its test passed without injecting it: {not_fired([row.injector])}"
+def fault_status(injector: str, test: dict | None) -> tuple[str, str]:
+    """``(status, why)`` of the row of ``injector`` from its test's entry: handled only if the test
+    passed and the injector fired in it; a test that passed without injecting proves nothing about
+    the row, and one with no outcome recorded proves nothing at all."""
+    if test is None or test.get("outcome") is None:
+        return "failed", "its test has no recorded outcome"
+    if test["outcome"] != "passed":
+        return ("skipped" if test["outcome"] == "skipped" else "failed"), test.get("reason", "")
+    if injector not in test.get("injected", []):  # (the run already failed such a test; kept for a record read alone)
+        return "failed", f"its test passed without injecting it: {not_fired([injector])}"
     return "handled", ""
+
+
+def row_status(record: dict, fault: dict) -> tuple[str, str]:
+    """``(status, why)`` of a row of ``record["faults"]``, from the outcome of its test in the record."""
+    return fault_status(fault["injector"], record.get("tests", {}).get(fault["test"]))
 
 
 def not_fired(injectors: list[str]) -> str:
@@ -210,7 +221,7 @@ class FaultRecorder:
     def record(self, seconds: float, config) -> dict:
         faults = []
         for row in self.faults:
-            status, why = fault_status(row, self.tests[node_id(row)])
+            status, why = fault_status(row.injector, self.tests[node_id(row)])
             faults.append({"stage": row.stage, "fault": row.fault, "test": node_id(row), "injector": row.injector,
                            "status": status, "why": why})
         return {**machine(Path(config.rootpath)), "seconds": round(seconds), "command": " ".join(config.invocation_params.args),
@@ -264,13 +275,15 @@ def cpu_model() -> str:
 
 
 def count_line(record: dict) -> str:
-    """The line under the fault table, from the record alone."""
+    """The line under the fault table, from the record alone: each row counted by its test's outcome."""
     faults = record["faults"]
-    count = Counter(fault["status"] for fault in faults)
+    statuses = [row_status(record, fault)[0] for fault in faults]
+    count = Counter(statuses)
     line = (f"{len(faults)} faults in the table; {count['handled'] + count['failed']} tried on {record['date'][:10]} "
             f"({record['cpu']}), {count['handled']} handled, {count['failed']} failed")
     if count["skipped"]:
-        tests = sorted({fault["test"].rpartition("::")[2] for fault in faults if fault["status"] == "skipped"})
+        tests = sorted({fault["test"].rpartition("::")[2] for fault, status in zip(faults, statuses)
+                        if status == "skipped"})
         line += f"; {count['skipped']} skipped ({', '.join(f'`{test}`' for test in tests)}; why: `{RECORD}`)"
     return line + "."
 
@@ -288,6 +301,12 @@ def stale_claims(doc: str, record: dict | None, faults: Iterable) -> list[str]:
     recorded = [(fault["stage"], fault["fault"], fault["test"], fault["injector"]) for fault in record["faults"]]
     problems = [f"the record is older than the table: {row} was not tried" for row in rows if row not in recorded]
     problems += [f"the record tried a row the table no longer has: {row}" for row in recorded if row not in rows]
+    for fault in record["faults"]:
+        status, why = row_status(record, fault)
+        if fault.get("status") != status:
+            problems.append(f"the record's row {fault['stage']} / {fault['fault']} reads {fault.get('status')!r}, "
+                            f"but its test {fault['test']} says {status!r} ({why}): the count line counts it as "
+                            f"{status!r}; rerun `python -m tests.fault_record --run`")
     lines = COUNT_LINE.findall(doc)
     if lines != [count_line(record)]:
         problems.append(f"the doc's count line {lines} is not the record's {count_line(record)!r}: "

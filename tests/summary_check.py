@@ -11,8 +11,10 @@ from scipy.stats import t
 
 from mtl.stats import verdict
 
-#: summary.csv and summary_per_seed.csv hold values rounded to 2 decimals.
+#: summary.csv and summary_per_seed.csv hold values rounded to 2 decimals (accuracies, ECE)...
 ROUNDING = 0.005
+#: ... but NLL to 3 (mtl.results.render.DECIMALS).
+CALIBRATION_ROUNDING = {"ece": ROUNDING, "nll": 0.0005}
 KEY = ["trained_on", "dataset", "backbone", "method", "shot"]
 
 
@@ -24,20 +26,42 @@ def t_half_width(values) -> float:
     return float(t.ppf(0.975, n - 1) * sd / math.sqrt(n))
 
 
-def tolerances(n: int) -> tuple[float, float]:
-    """How far a mean and a t-interval over ``n`` values rounded to 2 decimals, themselves rounded to
-    2 decimals, may be from the same numbers computed at full precision: a mean moves by at most
-    ROUNDING; a sample sd by at most the L2 norm of the changes over sqrt(n-1), i.e. ROUNDING *
-    sqrt(n) / sqrt(n-1), so the interval by t(0.975, n-1) * ROUNDING / sqrt(n-1); the file's own
-    rounding adds ROUNDING to each."""
-    mean = 2 * ROUNDING + 1e-9
-    half = (t.ppf(0.975, n - 1) * ROUNDING / math.sqrt(n - 1) if n > 1 else 0.0) + ROUNDING + 1e-9
+def tolerances(n: int, rounding: float = ROUNDING) -> tuple[float, float]:
+    """How far a mean and a t-interval over ``n`` values rounded to 2 decimals (``rounding``: half
+    the last decimal), themselves rounded alike, may be from the same numbers computed at full
+    precision: a mean moves by at most ``rounding``; a sample sd by at most the L2 norm of the
+    changes over sqrt(n-1), i.e. rounding * sqrt(n) / sqrt(n-1), so the interval by t(0.975, n-1) *
+    rounding / sqrt(n-1); the file's own rounding adds ``rounding`` to each."""
+    mean = 2 * rounding + 1e-9
+    half = (t.ppf(0.975, n - 1) * rounding / math.sqrt(n - 1) if n > 1 else 0.0) + rounding + 1e-9
     return mean, half
+
+
+def assert_calibration_matches_per_seed(row: dict, mine: pd.DataFrame) -> None:
+    """``ece`` and ``nll`` of a summary row: the mean over the row's seeds of the runs' values and its
+    t-interval (none with one seed), and the mean of the uncalibrated values; all empty when a seed
+    has none (evaluated before calibration existed)."""
+    where = tuple(row[k] for k in KEY)
+    n = len(mine)
+    for name, rounding in CALIBRATION_ROUNDING.items():
+        values, uncalibrated = mine[name], mine[f"{name}_uncalibrated"]
+        if values.isna().any():
+            assert pd.isna(row[name]) and pd.isna(row[f"{name}_ci95"]), (where, name)
+            assert pd.isna(row[f"{name}_uncalibrated"]) == uncalibrated.isna().any(), (where, name)
+            continue
+        mean_tol, half_tol = tolerances(n, rounding)
+        assert row[name] == pytest.approx(values.mean(), abs=mean_tol), (where, name)
+        assert row[f"{name}_uncalibrated"] == pytest.approx(uncalibrated.mean(), abs=mean_tol), (where, name)
+        if n > 1:
+            assert row[f"{name}_ci95"] == pytest.approx(t_half_width(values), abs=half_tol), (where, name)
+        else:
+            assert pd.isna(row[f"{name}_ci95"]), (where, name)
 
 
 def assert_summary_matches_per_seed(summary: pd.DataFrame, per_seed: pd.DataFrame, baseline: str = "ft") -> None:
     """Every row of ``summary`` recomputed from ``per_seed`` (both as read from their CSV files): the
-    mean over the row's seeds of the run accuracies and its t-interval; against ``baseline``, the
+    mean over the row's seeds of the run accuracies and its t-interval, the same for the calibration
+    errors (:func:`assert_calibration_matches_per_seed`); against ``baseline``, the
     seeds both ran (their count), the mean over them of the per-seed paired differences and its
     t-interval, each seed's difference as the difference of the two runs' accuracies, and, where
     rounding cannot blur them, the seeds above/below and the verdict."""
@@ -54,6 +78,7 @@ def assert_summary_matches_per_seed(summary: pd.DataFrame, per_seed: pd.DataFram
             assert row["ci95"] == pytest.approx(t_half_width(mine["accuracy"]), abs=half_tol), where
         else:
             assert pd.isna(row["ci95"]), where
+        assert_calibration_matches_per_seed(row, mine)
         base_key = (row["trained_on"], row["dataset"], row["backbone"], baseline, row["shot"])
         if row["method"] == baseline or base_key not in runs.droplevel("seed").index:
             assert pd.isna(row[diff]) and pd.isna(row[f"seeds_paired_with_{baseline}"]), where

@@ -103,10 +103,21 @@ def test_a_partial_run_leaves_the_record_alone(fake_suite):
     assert not (fake_suite / RECORD).exists()
 
 
-def record_of(statuses: dict[str, str]) -> dict:
+#: A test's entry in the record that gives its row each status.
+TEST_ENTRY = {
+    "handled": lambda stage: {"outcome": "passed", "reason": "", "injected": [f"kill {stage}"]},
+    "failed": lambda stage: {"outcome": "failed", "reason": "call: AssertionError: a file was lost", "injected": []},
+    "skipped": lambda stage: {"outcome": "skipped", "reason": "needs Slurm", "injected": []},
+}
+
+
+def record_of(statuses: dict[str, str], tests: dict[str, str] | None = None) -> dict:
+    """A record whose rows read ``statuses`` and whose tests ended as ``tests`` says (default: the same)."""
+    tests = {**statuses, **(tests or {})}
     faults = [{"stage": stage, "fault": "kill", "test": f"{FAULT_SUITE}::test_{stage}", "injector": f"kill {stage}",
                "status": status, "why": ""} for stage, status in statuses.items()]
-    return {"date": "2030-01-02T03:04Z", "cpu": "Some CPU", "faults": faults}
+    return {"date": "2030-01-02T03:04Z", "cpu": "Some CPU", "faults": faults,
+            "tests": {f"{FAULT_SUITE}::test_{stage}": TEST_ENTRY[ending](stage) for stage, ending in tests.items()}}
 
 
 class Row:
@@ -148,3 +159,19 @@ def test_update_rewrites_the_count_line_only():
     assert update_doc(update_doc(doc, record), record) == doc_with(count_line(record))
     with pytest.raises(ValueError, match="one fault count line"):
         update_doc("no line here", record)
+
+
+def test_a_row_whose_test_failed_counts_as_failed_whatever_it_reads():
+    """The line counts each row by its test's outcome in the record: a row that reads "handled"
+    while its test failed (a record edited, or merged from two runs) is a failed row, and is named."""
+    record = record_of({"a": "handled", "b": "handled", "c": "handled"}, tests={"b": "failed", "c": "skipped"})
+    rows = [Row("a"), Row("b"), Row("c")]
+    line = count_line(record)
+    assert line == ("3 faults in the table; 2 tried on 2030-01-02 (Some CPU), 1 handled, 1 failed; "
+                    f"1 skipped (`test_c`; why: `{RECORD}`).")
+    problems = stale_claims(doc_with(line), record, rows)
+    assert len(problems) == 2 and "row b / kill reads 'handled', but its test" in problems[0], problems
+    assert "says 'failed' (call: AssertionError: a file was lost)" in problems[0]
+    # a row whose test has no entry at all proves nothing either
+    del record["tests"][f"{FAULT_SUITE}::test_a"]
+    assert count_line(record).startswith("3 faults in the table; 2 tried on 2030-01-02 (Some CPU), 0 handled, 2 failed")

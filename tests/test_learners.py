@@ -221,6 +221,15 @@ def test_the_fitted_temperature_is_the_one_the_labels_were_drawn_with(true_tempe
     assert nll <= min(negative_log_likelihood(logits, labels, fitted * f) for f in (0.9, 1.1))
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1e5])
+def test_the_fitted_temperature_follows_the_scale_of_the_scores(scale):
+    """Scores c times larger need a temperature c times larger: a prototype learner's minus squared
+    distances spread over ~1e4 on the tiny workflow, and a search fixed at T <= 1e3 stopped there
+    (ECE 49 points where T 6e4 gives 3)."""
+    logits, labels = calibrated_sample(2.0)
+    assert fit_temperature(logits * scale, labels) == pytest.approx(scale * fit_temperature(logits, labels), rel=1e-4)
+
+
 def test_a_temperature_changes_no_prediction():
     logits, _ = calibrated_sample(1.0, n=500)
     for temperature in (0.05, 0.7, 20.0):

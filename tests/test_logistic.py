@@ -14,6 +14,13 @@ import torch.nn.functional as F
 from mtl.data.episodes import relabel
 from mtl.learners.logistic import LOGISTIC_SETTINGS, LogisticLearner, l2_normalize, logistic_probabilities
 
+#: Tian et al.'s regularisation strength (scikit-learn's default C), stated here rather than read
+#: from LOGISTIC_SETTINGS: a reference that took the code's own C would follow any change of it.
+PAPER_C = 1.0
+#: How far the fit may be from the reference optimum (scikit-learn stops at tol=1e-4: 3.4e-4 seen),
+#: and how far the optimum of a C 20% off must be (1.7e-2 to 3.7e-2 seen in these cases).
+OPTIMUM_TOLERANCE, OTHER_C_DISTANCE = 1e-3, 1e-2
+
 
 def logistic_accuracies(features, support, query, way, shot, n_query):
     """Per-episode accuracies of the ``logreg`` learner on precomputed features (class-major episodes)."""
@@ -74,26 +81,33 @@ def test_probabilities_are_the_optimum_of_the_regularised_multinomial_loss(count
         [len(labels), len(query_labels)])
 
     probabilities = logistic_probabilities(support, torch.as_tensor(labels), query, n_classes)
-    expected, gradient = reference_probabilities(support, labels, query, n_classes, C=LOGISTIC_SETTINGS["C"])
+    expected, gradient = reference_probabilities(support, labels, query, n_classes, C=PAPER_C)
 
     assert gradient < 1e-7, "the reference solver did not reach the optimum"
     assert probabilities.shape == (30, n_classes) and probabilities.dtype == torch.float64
     assert probabilities.device.type == "cpu"
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(30, dtype=torch.float64), atol=1e-6, rtol=0)
-    assert (probabilities.double() - expected).abs().max().item() < 1e-3
+    assert (probabilities.double() - expected).abs().max().item() < OPTIMUM_TOLERANCE
+    # the tolerance tells C apart: the optima of C 20% lower or higher are farther than it, by 10x
+    for other_c in (0.8 * PAPER_C, 1.2 * PAPER_C):
+        other, _ = reference_probabilities(support, labels, query, n_classes, C=other_c)
+        assert (probabilities.double() - other).abs().max().item() > OTHER_C_DISTANCE, other_c
     # not a trivial case: the regularised optimum is far from certain about the queries
     assert expected.max(dim=1).values.min().item() < 0.9
 
 
 def test_the_regularisation_strength_is_c_one_not_another():
-    """The same comparison would fail with C=2 (or the binary fit without doubling C)."""
+    """Two classes (the binary fit with 2C): the optimum of C=1, not of a C 20% to 100% off either way."""
     rng = np.random.default_rng(5)
     labels = np.repeat([0, 1], [2, 3])
     support, query = relu_features(rng, np.concatenate([labels, [0, 1, 1, 0]]), 2, 16).split([5, 4])
     probabilities = logistic_probabilities(support, labels, query, 2).double()
-    for other_c in (0.5, 2.0):
+    assert LOGISTIC_SETTINGS["C"] == PAPER_C
+    paper, _ = reference_probabilities(support, labels, query, 2, C=PAPER_C)
+    assert (probabilities - paper).abs().max().item() < OPTIMUM_TOLERANCE
+    for other_c in (0.5, 0.8, 1.2, 1.5, 2.0):
         other, _ = reference_probabilities(support, labels, query, 2, C=other_c)
-        assert (probabilities - other).abs().max().item() > 1e-2
+        assert (probabilities - other).abs().max().item() > OTHER_C_DISTANCE, other_c
 
 
 def test_l2_normalize_gives_unit_rows_and_keeps_a_zero_row_finite():

@@ -10,14 +10,14 @@ from PIL import Image
 
 from mtl.cli import predict_main
 from mtl.data.episodes import load_episodes, write_test_episodes
-from mtl.data.hdf5 import HDF5Split
-from mtl.data.user_images import read_support_folder
-from mtl.errors import CheckpointError, DataError
+from mtl.data.hdf5 import HDF5Split, write_split
+from mtl.data.user_images import list_query_folder, read_query_chunks, read_support_folder
+from mtl.errors import CheckpointError, ConfigError, DataError
 from mtl.evaluate import evaluate
 from mtl.io import atomic_torch_save
 from mtl.model_file import FORMAT_VERSION, export_model, peek_model_file, read_model_file
 from mtl.models import build_backbone, save_encoder
-from mtl.predict import choose_run, load_model, load_models
+from mtl.predict import Prediction, choose_run, load_model, load_models, predict_with_trained_models
 
 WAY, SHOT, QUERY, EPISODES, SIZE, STORED = 3, 2, 4, 6, 16, 20
 NORMALIZE = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -48,20 +48,21 @@ def trained(tmp_path_factory, tiny_split):
     return folder, split, episodes
 
 
-def exported(folder, method, seed=1, name=None):
-    trained_file = folder / ("model.pt" if method.startswith("mtl") else "encoder.pt")
-    return export_model(method, trained_file, folder / (name or f"{method}_seed{seed}.pt"), trained_on="toy",
+def exported(folder, method, seed=1, name=None, *, trained_file=None, trained_on="toy", metrics=None):
+    trained_file = trained_file or folder / ("model.pt" if method.startswith("mtl") else "encoder.pt")
+    return export_model(method, trained_file, folder / (name or f"{method}_seed{seed}.pt"), trained_on=trained_on,
                         seed=seed, shot=SHOT, way=WAY, data_sha256=FAKE_HASHES, stored_image_size=STORED,
-                        config={"protocol": {"way": WAY}}, commit="abc123")
+                        config={"protocol": {"way": WAY}}, metrics=metrics, commit="abc123")
 
 
-def write_episode(split_path, episodes_path, index, root):
-    """Episode ``index`` as support/<position>_<class>/ and query/ folders of PNGs (class-major, in order)."""
+def write_episode(split_path, episodes_path, index, root, names=None):
+    """Episode ``index`` as support/<class>/ and query/ folders of PNGs (class-major, in order); the
+    class at position p is the folder ``names[p]`` (default ``c<p>``), created in position order."""
     split, episodes = HDF5Split(split_path), load_episodes(episodes_path)
     support, query = root / "support", root / "query"
     query.mkdir(parents=True)
     for position, ids in enumerate(np.asarray(episodes.support[index]).reshape(WAY, SHOT)):
-        folder = support / f"c{position}"
+        folder = support / (names[position] if names else f"c{position}")
         folder.mkdir(parents=True)
         for k, image in enumerate(split.get_images(ids)):
             Image.fromarray(image).save(folder / f"{k:03d}.png")
@@ -71,26 +72,16 @@ def write_episode(split_path, episodes_path, index, root):
     return support, query, truth
 
 
-@pytest.mark.parametrize("method", ["ft", "proto", "logreg", "mtl", "ft_last"])
-def test_a_saved_episode_written_as_folders_gets_evaluates_predictions(trained, tmp_path, method):
-    folder, split, episodes = trained
-    seed = 7
-    metrics = evaluate(method, folder / ("model.pt" if method == "mtl" else "encoder.pt"), split, episodes,
-                       episodes_out=tmp_path / "episodes.csv", metrics_out=tmp_path / "metrics.json",
-                       protocol={"dataset": "toy", "backbone": "resnet12", "seed": seed},
-                       inference_batch_size=1)
-    assert metrics["episodes"] == EPISODES
-    per_episode = pd.read_csv(tmp_path / "episodes.csv")["accuracy"].to_numpy()
-    model = load_model(exported(folder, method, seed=seed))
-    # a fresh learner's initialisation is drawn per episode in order: episode 0's is the first draw
-    checked = range(EPISODES) if method in ("proto", "logreg", "mtl") else [0]
-    for index in checked:
-        support, query, truth = write_episode(split, episodes, index, tmp_path / f"episode{index}")
-        # one image per pass in both: the same kernels, so the same features (see test_workflow_predict)
-        prediction = model.predict(support, query, inference_batch_size=1)
-        assert prediction.class_names == [f"c{p}" for p in range(WAY)]
-        # evaluate stores float32 fractions of the WAY * QUERY queries: compare counts of correct ones
-        assert (prediction.predicted == truth).sum() == round(per_episode[index] * WAY * QUERY), (method, index)
+def query_images(query_folder) -> np.ndarray:
+    """The images of a query folder, decoded as a prediction decodes them."""
+    return np.concatenate(list(read_query_chunks(list_query_folder(query_folder), STORED, chunk=256)))
+
+
+def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / temperature) over the last axis, in numpy float64 (not the library's)."""
+    scaled = logits.astype(np.float64) / temperature
+    exp = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def test_exported_file_stands_alone(trained):
@@ -307,3 +298,214 @@ def test_support_and_query_are_embedded_in_batches(trained, tmp_path, monkeypatc
                                                                                    real(model, images, *a, **k))[1])
     load_model(exported(folder, "ft")).predict(support, query, inference_batch_size=4)
     assert sizes == [4, 2, 4, 4, 4], sizes
+
+
+# ----------------------------------------------------------------------------- against computations by hand
+def test_the_table_is_the_ensembles_choice_and_how_the_seeds_agree_on_it():
+    """Three models' probabilities (M, Q, C) chosen so the seeds disagree, checked query by query."""
+    names = ["zebra", "apple", "mango"]  # not sorted: the columns follow class_names as given
+    per_model = np.array([
+        [[0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.45, 0.5, 0.05]],
+        [[0.1, 0.8, 0.1], [0.5, 0.1, 0.4], [0.3, 0.4, 0.3], [0.4, 0.55, 0.05]],
+        [[0.3, 0.6, 0.1], [0.2, 0.3, 0.5], [0.4, 0.3, 0.3], [0.95, 0.0, 0.05]],
+    ])  # query 3: two seeds pick apple, the ensemble zebra
+    table = Prediction(names, per_model).table()
+    assert [c for c in table.columns if c.startswith("p_")] == ["p_zebra", "p_apple", "p_mango"]
+    expected_agreeing = []
+    for q in range(per_model.shape[1]):
+        ensemble = [np.mean([per_model[m, q, c] for m in range(3)]) for c in range(3)]
+        best = int(np.argmax(ensemble))
+        for c, name in enumerate(names):
+            assert table[f"p_{name}"][q] == pytest.approx(ensemble[c], abs=1e-12)
+        assert table["predicted"][q] == names[best] and table["probability"][q] == pytest.approx(ensemble[best])
+        agreeing = sum(int(np.argmax(per_model[m, q])) == best for m in range(3))
+        expected_agreeing.append(agreeing)
+        assert table["seeds_agreeing"][q] == agreeing, q
+        values = [per_model[m, q, best] for m in range(3)]
+        spread = np.sqrt(sum((v - np.mean(values)) ** 2 for v in values) / 2)  # sample sd: n - 1 = 2
+        assert table["probability_sd"][q] == pytest.approx(spread, abs=1e-12), q
+    assert table["predicted"].tolist() == ["apple", "zebra", "mango", "zebra"]
+    assert expected_agreeing == [3, 2, 1, 1] and (table["seeds"] == 3).all()
+
+
+def test_choose_run_takes_in_domain_rows_of_the_models_dataset_only():
+    """Transfer rows (a model of another dataset tested on this one, or this dataset's model tested
+    elsewhere) say nothing about this dataset's models: the choice ignores them, however good."""
+    summary = pd.DataFrame({
+        "trained_on": ["d", "d", "d", "other", "d"],
+        "dataset": ["d", "d", "d", "d", "other"],
+        "method": ["ft", "proto", "ft", "mtl", "logreg"],
+        "shot": [1, 1, 5, 2, 1],
+        "accuracy": [40.0, 45.0, 60.0, 99.0, 98.0],
+    })
+    assert choose_run(summary, "d", [1, 1]) == ("proto", 1)
+    assert choose_run(summary, "d", [2, 2]) == ("proto", 1), "shot 2 exists only as a transfer row"
+    with pytest.raises(ConfigError, match="no rows of dataset 'other'"):
+        choose_run(summary, "other", [1])  # its one row is of d's model: nothing trained on 'other'
+
+
+def test_the_workflows_prediction_uses_the_models_and_summary_rows_of_its_dataset(trained, tmp_path):
+    folder, split, episodes = trained
+    support, query, _ = write_episode(split, episodes, 0, tmp_path / "episode")
+    files = [exported(folder, "proto", seed=1, name="toy_proto_1.pt"),
+             exported(folder, "proto", seed=2, name="toy_proto_2.pt"),
+             exported(folder, "ft", seed=1, name="toy_ft_1.pt"),
+             exported(folder, "proto", seed=3, name="other_proto_3.pt", trained_on="other")]
+    summary = tmp_path / "summary.csv"
+    pd.DataFrame({"trained_on": ["toy", "toy", "other", "toy"], "dataset": ["toy", "toy", "toy", "other"],
+                  "method": ["proto", "ft", "ft", "ft"], "shot": [SHOT] * 4,
+                  "accuracy": [50.0, 40.0, 90.0, 95.0]}).to_csv(summary, index=False)
+    for method in (None, "proto"):
+        prediction = predict_with_trained_models(files, support, query, tmp_path / "out.csv", trained_on="toy",
+                                                 method=method, shot=None if method is None else SHOT,
+                                                 summary_csv=summary, inference_batch_size=8)
+        assert sorted(prediction.models) == [str(f) for f in files[:2]], method
+    with pytest.raises(ConfigError, match="no exported model of other ft"):
+        predict_with_trained_models(files, support, query, tmp_path / "out.csv", trained_on="other", method="ft",
+                                    shot=SHOT)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_a_meta_learned_init_for_another_number_of_classes_starts_every_class_from_the_mean_row(
+        trained, tmp_path, n_classes):
+    """With no adaptation step, a model meta-trained 3-way scores every class of a 2- or 4-class
+    support set with the mean of its learned rows: ``x @ mean(W) + mean(b)``."""
+    folder = trained[0]
+    payload = torch.load(folder / "model.pt", weights_only=True)
+    atomic_torch_save({**payload, "inner": {"update_step": 0, "base_lr": 0.05}}, tmp_path / "model.pt")
+    model = load_model(exported(tmp_path, "mtl", trained_file=tmp_path / "model.pt"))
+    rng = np.random.default_rng(n_classes)
+    for c in range(n_classes):
+        _png(tmp_path / "support" / f"class{c}" / "0.png", 40 * c + 30)
+    queries = rng.integers(0, 256, (5, STORED, STORED, 3)).astype(np.uint8)
+    logits = model.adapt(read_support_folder(tmp_path / "support", STORED), inference_batch_size=8).logits(queries)
+
+    with torch.no_grad():  # the features by a plain forward pass of the exported network
+        features = model.backbone.eval()(model.transform(queries))
+    learned = payload["learner"]
+    expected = features @ learned["weight"].mean(dim=0) + learned["bias"].mean()
+    assert logits.shape == (5, n_classes)
+    for c in range(n_classes):
+        torch.testing.assert_close(logits[:, c], expected, rtol=1e-4, atol=1e-5)
+    assert expected.abs().min() > 1e-2, "not a trivial zero score"
+
+
+def test_a_format_1_model_predicts_with_its_uncalibrated_scores(trained, tmp_path):
+    """Format 1 files had no temperature: their probabilities are the softmax of the scores (T = 1)."""
+    folder, split, episodes = trained
+    payload = torch.load(exported(folder, "ft"), weights_only=True)
+    old = {key: value for key, value in payload.items() if key not in ("temperature", "calibration")}
+    atomic_torch_save({**old, "format_version": 1}, tmp_path / "old.pt")
+    support, query, _ = write_episode(split, episodes, 0, tmp_path / "episode")
+    classifier = load_model(tmp_path / "old.pt").adapt(read_support_folder(support, STORED))
+    images = query_images(query)
+    np.testing.assert_allclose(classifier.probabilities(images).numpy(), softmax(classifier.logits(images).numpy(), 1),
+                               rtol=0, atol=1e-7)
+
+
+def test_support_labels_and_images_follow_their_class_folders(tmp_path):
+    counts = {"zebra": 3, "apple": 1, "mango": 2}  # created in this order; unequal counts
+    value = 0
+    for name, count in counts.items():
+        for k in range(count):
+            value += 20
+            _png(tmp_path / name / f"{k}.png", value)
+    support = read_support_folder(tmp_path, STORED)
+    assert support.class_names == ["apple", "mango", "zebra"] and support.counts() == [1, 2, 3]
+    for image, label, file in zip(support.images, support.labels, support.files):
+        assert support.class_names[label] == file.parent.name
+        np.testing.assert_array_equal(image, np.asarray(Image.open(file).convert("RGB")))
+
+
+def test_an_exported_model_takes_its_temperature_from_its_own_runs_metrics_only(trained):
+    folder = trained[0]
+    own = {"method": "ft", "seed": 1, "shot": SHOT, "dataset": "toy", "temperature": 0.25, "ece": 3.0}
+    assert read_model_file(exported(folder, "ft", name="own.pt", metrics=own))[1]["temperature"] == 0.25
+    for other, wrong in [({"seed": 2}, "seed 2 instead of 1"), ({"method": "proto"}, "method 'proto' instead of 'ft'"),
+                         ({"shot": SHOT + 1}, f"shot {SHOT + 1} instead of {SHOT}"),
+                         ({"trained_on": "other"}, "trained_on 'other' instead of 'toy'")]:
+        with pytest.raises(CheckpointError, match=f"another run's: .*{wrong}"):
+            exported(folder, "ft", name="other.pt", metrics={**own, **other})
+
+
+# ----------------------------------------------------------------------------- the contract
+#: every kind of test-time learner (mtl_ht and the other mtl arms share mtl's)
+CONTRACT_METHODS = ["ft", "logreg", "proto", "mtl", "ft_last", "ft_all"]
+CONTRACT_EPISODES, CALIBRATION_EPISODES, CONTRACT_SEED = 4, 3, 7
+
+
+def hard_split(path, split, seed):
+    """4 classes x 10 images of one grey with a small tint per class (at most 24 levels a channel)
+    under +-100 of noise a pixel: hard enough that every method gets queries wrong."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(4), 10)
+    tints = rng.integers(-24, 25, size=(4, 1, 1, 3))
+    pixels = 128 + tints[labels] + rng.integers(-100, 100, size=(len(labels), STORED, STORED, 3))
+    return write_split(path, np.clip(pixels, 0, 255).astype(np.uint8), labels, [f"class{c}" for c in range(4)],
+                       {"dataset": "toy", "split": split})
+
+
+@pytest.fixture(scope="module")
+def contract(trained, tmp_path_factory):
+    """Hard test and validation splits, a file of test episodes and every episode written as folders;
+    ``run(method)`` evaluates a method once (temperature fitted on validation episodes, every query's
+    logits kept) and exports its model with that run's metrics."""
+    folder = tmp_path_factory.mktemp("contract")
+    trained_folder = trained[0]
+    test, val = hard_split(folder / "test.h5", "test", 0), hard_split(folder / "val.h5", "val", 1)
+    episodes = write_test_episodes(test, folder / "episodes.npz", way=WAY, shot=SHOT, query=QUERY,
+                                   count=CONTRACT_EPISODES, seed=3)
+    written = [write_episode(test, episodes, e, folder / f"episode{e}") for e in range(CONTRACT_EPISODES)]
+    runs = {}
+
+    def run(method):
+        if method not in runs:
+            out = folder / method
+            trained_file = trained_folder / ("model.pt" if method.startswith("mtl") else "encoder.pt")
+            metrics = evaluate(method, trained_file, test, episodes, episodes_out=out / "episodes.csv",
+                               metrics_out=out / "metrics.json", queries_out=out / "queries.npz",
+                               protocol={"dataset": "toy", "backbone": "resnet12", "seed": CONTRACT_SEED},
+                               val_h5=val, calibration_episodes=CALIBRATION_EPISODES, inference_batch_size=1)
+            path = exported(out, method, seed=CONTRACT_SEED, trained_file=trained_file, metrics=metrics)
+            runs[method] = metrics, dict(np.load(out / "queries.npz")), path
+        return runs[method]
+
+    return {"episodes": written, "run": run, "split": test, "episodes_file": episodes}
+
+
+@pytest.mark.parametrize("method", CONTRACT_METHODS)
+def test_every_saved_episode_written_as_folders_gets_evaluates_labels_and_probabilities(contract, method):
+    metrics, scores, path = contract["run"](method)
+    logits, targets, temperature = scores["logits"], scores["targets"], float(scores["temperature"])
+    assert logits.shape == (CONTRACT_EPISODES, WAY * QUERY, WAY)
+    # labels matter: the method gets some queries right and some wrong
+    assert 100 / WAY < metrics["accuracy"] < 100, metrics["accuracy"]
+    assert metrics["calibration_episodes"] == CALIBRATION_EPISODES and abs(temperature - 1) > 1e-3
+    assert metrics["temperature"] == temperature
+    model = load_model(path)
+    assert model.info["temperature"] == temperature, "the model predicts with its run's temperature"
+    for e, (support, query, truth) in enumerate(contract["episodes"]):
+        np.testing.assert_array_equal(targets[e], truth)
+        # one image per pass in both: the same kernels, so the same features (see test_workflow_predict)
+        classifier = model.adapt(read_support_folder(support, STORED), inference_batch_size=1, episode=e)
+        probabilities = classifier.probabilities(query_images(query)).numpy()
+        np.testing.assert_array_equal(probabilities.argmax(axis=1), logits[e].argmax(axis=1), err_msg=f"episode {e}")
+        np.testing.assert_allclose(probabilities, softmax(logits[e], temperature), rtol=0, atol=1e-6,
+                                   err_msg=f"episode {e}")
+
+
+def test_p_columns_are_the_classes_in_order_and_predicted_names_the_most_probable(contract, tmp_path):
+    """Support folders created zebra, apple, mango (class positions 0, 1, 2 of evaluate's episode): the
+    classes are the sorted folder names, and each column is its folder's probability."""
+    names = ["zebra", "apple", "mango"]
+    _, scores, path = contract["run"]("proto")  # no random draw: any class order gives the same scores
+    for e in range(CONTRACT_EPISODES):
+        support, query, _ = write_episode(contract["split"], contract["episodes_file"], e, tmp_path / f"{e}", names)
+        table = load_model(path).predict(support, query, inference_batch_size=1).table()
+        expected = softmax(scores["logits"][e], float(scores["temperature"]))  # column p: the class at position p
+        assert [c for c in table.columns if c.startswith("p_")] == ["p_apple", "p_mango", "p_zebra"]
+        for position, name in enumerate(names):
+            np.testing.assert_allclose(table[f"p_{name}"], expected[:, position], rtol=0, atol=1e-6)
+        assert table["predicted"].tolist() == [names[p] for p in expected.argmax(axis=1)]
+        np.testing.assert_allclose(table["probability"], expected.max(axis=1), rtol=0, atol=1e-6)
+    assert len(set(table["predicted"])) > 1

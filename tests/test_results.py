@@ -25,6 +25,7 @@ from mtl.results import (
     write_episode_results,
     write_summary,
 )
+from mtl.results.tables import pooled_reliability
 from mtl.stats import (
     INTERVAL_FORMULA,
     NOT_MEASURED,
@@ -52,9 +53,10 @@ def _protocol(method, shot, *, dataset="miniimagenet", way=5, seed=1, episode_se
     }
 
 
-def _write_run(root, method, shot, accuracies, **protocol_overrides):
-    """A fake evaluated run, written by the real writer at the pipeline's paths."""
-    protocol = _protocol(method, shot, **protocol_overrides)
+def _write_run(root, method, shot, accuracies, calibration=None, **protocol_overrides):
+    """A fake evaluated run, written by the real writer at the pipeline's paths; ``calibration``: the
+    keys evaluate adds to its metrics.json (temperature, ece, nll, ..., reliability), if any."""
+    protocol = {**_protocol(method, shot, **protocol_overrides), **(calibration or {})}
     trained_on = protocol.get("trained_on", protocol["dataset"])
     run_dir = root / trained_on / "resnet12" / f"seed{protocol['seed']}" / method / f"{shot}shot"
     if trained_on != protocol["dataset"]:  # where evaluate_transfer writes it
@@ -94,7 +96,7 @@ def _summary(pairs):
 #: plots (and matplotlib), which sit above them with the summarize step.
 NOT_LOADED_BY = {
     "mtl.stats": ("pandas", "matplotlib", "scipy", "mtl.results"),
-    "mtl.results": ("matplotlib", "mtl.plots", "mtl.report"),
+    "mtl.results": ("matplotlib", "mtl.plots", "mtl.report", "torch"),
     "mtl.plots": ("mtl.report",),
 }
 
@@ -106,6 +108,15 @@ def test_a_layer_loads_nothing_above_it(module):
     # a fresh interpreter: this one has loaded everything already
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", f"importing {module} loads {result.stdout.strip()}"
+
+
+def test_pooling_reliability_tables_loads_no_torch():
+    """The summarize step pools the runs' reliability tables (NumPy sums): loading torch for it
+    took summarize of 30 runs from 169 to 704 MiB peak RSS."""
+    code = ("import sys; from mtl.results.tables import pooled_reliability; pooled_reliability([]); "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -204,9 +215,11 @@ HAND_MTL = {1: [0.6, 0.6, 0.5, 0.5], 2: [0.4, 0.6, 0.5, 0.5], 3: [0.6, 0.6, 0.6,
 T_975_1DOF = 12.706204736174698  # Student t quantile 0.975, 1 degree of freedom (two paired seeds)
 
 
-def _hand_runs(root, seeds=(1, 2, 3), ft_seeds=(1, 2, 3)):
-    runs = [_write_run(root, "ft", 1, HAND_FT[s], seed=s) for s in ft_seeds]
-    return runs + [_write_run(root, "mtl", 1, HAND_MTL[s], seed=s) for s in seeds]
+def _hand_runs(root, seeds=(1, 2, 3), ft_seeds=(1, 2, 3), calibration=None):
+    """ft and mtl on 4 episodes; ``calibration``: {(method, seed): metrics keys} where they have them."""
+    calibration = calibration or {}
+    runs = [_write_run(root, "ft", 1, HAND_FT[s], calibration.get(("ft", s)), seed=s) for s in ft_seeds]
+    return runs + [_write_run(root, "mtl", 1, HAND_MTL[s], calibration.get(("mtl", s)), seed=s) for s in seeds]
 
 
 def _expected_vs_ft(method_accuracies, ft_accuracies, seeds):
@@ -572,7 +585,8 @@ def test_summarize_runs_writes_every_output_of_the_summarize_step(tree, tmp_path
                        train_loss=[2.0, 1.5, 1.2], val_acc=[0.4, 0.5, 0.55])
     out = tmp_path / "summary"
     names = dict(csv_out="summary.csv", per_seed_csv_out="summary_per_seed.csv", md_out="summary.md",
-                 rst_out="summary.rst", accuracy_plot="accuracy.png", history_plot="history.png")
+                 rst_out="summary.rst", accuracy_plot="accuracy.png", reliability_plot="reliability.png",
+                 history_plot="history.png")
     summary = summarize_runs([m for m, _ in pairs], [e for _, e in pairs], [history],
                              **{key: out / name for key, name in names.items()})
     assert sorted(p.name for p in out.iterdir()) == sorted(names.values())
@@ -581,7 +595,8 @@ def test_summarize_runs_writes_every_output_of_the_summarize_step(tree, tmp_path
     assert (out / "summary.md").read_text() == summary_markdown(summary)
     assert (out / "summary.rst").read_text() == summary_rst(summary)
     assert len(pd.read_csv(out / "summary_per_seed.csv")) == len(pairs)
-    assert all((out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for png in ("accuracy.png", "history.png"))
+    assert all((out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+               for png in ("accuracy.png", "reliability.png", "history.png"))
 
 
 def _history(path, epochs, **columns):
@@ -776,6 +791,210 @@ def test_transfer_tables_render_and_plot_one_panel_row_per_pair(tmp_path, monkey
                for trained, tested, seeds, n in panels)
 
 
+# ----------------------------------------------------------------------------- calibration
+#: Per run (method, seed): temperature, ECE (points) and NLL (nats) with the temperature, then without.
+#: ft's ECE 4, 6, 11: mean 7, sd sqrt((9 + 1 + 16) / 2) = sqrt(13); its NLL 0.9, 0.8, 1.0: mean 0.9, sd 0.1.
+HAND_CALIBRATION = {
+    ("ft", 1): (1.5, 4.0, 0.90, 10.0, 1.20), ("ft", 2): (2.0, 6.0, 0.80, 14.0, 1.40),
+    ("ft", 3): (0.8, 11.0, 1.00, 12.0, 1.10),
+    ("mtl", 1): (1.2, 3.0, 0.70, 9.0, 1.00), ("mtl", 2): (1.1, 3.5, 0.75, 8.0, 0.90),
+    ("mtl", 3): (1.4, 5.5, 0.65, 13.0, 1.30),
+}
+CALIBRATION_NAMES = ("temperature", "ece", "nll", "ece_uncalibrated", "nll_uncalibrated")
+#: What each summary.csv calibration column averages over seeds.
+BY_HAND = {"ece": 1, "nll": 2, "ece_uncalibrated": 3, "nll_uncalibrated": 4}
+
+
+def _hand_calibration(seeds=(1, 2, 3)):
+    return {(method, seed): dict(zip(CALIBRATION_NAMES, values))
+            for (method, seed), values in HAND_CALIBRATION.items() if seed in seeds}
+
+
+def _over_seeds_by_hand(values):
+    """Mean and t(0.975, n-1) * sd / sqrt(n), sd with n-1, from the formula (NaN interval for one value)."""
+    from scipy.stats import t
+
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    mean = values.sum() / n
+    if n < 2:
+        return mean, math.nan
+    return mean, t.ppf(0.975, n - 1) * math.sqrt(((values - mean) ** 2).sum() / (n - 1)) / math.sqrt(n)
+
+
+def test_ece_and_nll_over_seeds_match_an_independent_computation(tmp_path):
+    runs = load_runs(_hand_runs(tmp_path, calibration=_hand_calibration()))
+    table, per_seed = build_summary(runs).set_index("method"), per_seed_table(runs)
+    for method in ("ft", "mtl"):
+        row = table.loc[method]
+        for name, at in BY_HAND.items():
+            mean, half = _over_seeds_by_hand([HAND_CALIBRATION[method, s][at] for s in (1, 2, 3)])
+            assert row[name] == pytest.approx(mean, rel=1e-12), (method, name)
+            if name in ("ece", "nll"):
+                assert row[f"{name}_ci95"] == pytest.approx(half, rel=1e-9), (method, name)
+        # each run's own values, seed by seed
+        mine = per_seed[per_seed["method"] == method].set_index("seed")
+        for at, name in enumerate(CALIBRATION_NAMES):
+            assert mine[name].to_dict() == {s: HAND_CALIBRATION[method, s][at] for s in (1, 2, 3)}, (method, name)
+    # by hand, ft: ECE 7 ± t(0.975, 2) * sqrt(13) / sqrt(3), NLL 0.9 ± t(0.975, 2) * 0.1 / sqrt(3)
+    ft = table.loc["ft"]
+    assert ft["ece"] == pytest.approx(7.0) and ft["ece_ci95"] == pytest.approx(T_975_2DOF * math.sqrt(13 / 3))
+    assert ft["nll"] == pytest.approx(0.9) and ft["nll_ci95"] == pytest.approx(T_975_2DOF * 0.1 / math.sqrt(3))
+    assert (ft["ece_uncalibrated"], ft["nll_uncalibrated"]) == pytest.approx((12.0, 3.7 / 3))
+    # the premise: the population sd or the normal quantile would give other intervals
+    assert ft["ece_ci95"] != pytest.approx(T_975_2DOF * np.std([4.0, 6.0, 11.0]) / math.sqrt(3), abs=0.5)
+    assert ft["ece_ci95"] != pytest.approx(1.96 * math.sqrt(13 / 3), abs=0.5)
+    columns = list(table.reset_index().columns)
+    assert columns[-6:] == ["ece", "ece_ci95", "ece_uncalibrated", "nll", "nll_ci95", "nll_uncalibrated"]
+
+
+def test_one_seed_gives_the_calibration_error_without_an_interval(tmp_path):
+    runs = load_runs(_hand_runs(tmp_path, seeds=(2,), ft_seeds=(2,), calibration=_hand_calibration((2,))))
+    ft = build_summary(runs).set_index("method").loc["ft"]
+    assert ft["interval"] == NOT_MEASURED
+    assert (ft["ece"], ft["nll"], ft["ece_uncalibrated"]) == (6.0, 0.8, 14.0)
+    assert math.isnan(ft["ece_ci95"]) and math.isnan(ft["nll_ci95"])
+
+
+def _strip_calibration(metrics_json):
+    """The metrics file as evaluate wrote it before calibration existed."""
+    metrics = json.loads(metrics_json.read_text())
+    for key in (*CALIBRATION_NAMES, "reliability", "calibration_episodes"):
+        metrics.pop(key, None)
+    metrics_json.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def test_metrics_files_from_before_calibration_still_load(tmp_path):
+    pytest.importorskip("matplotlib")
+    calibrated = _hand_runs(tmp_path / "new", calibration=_hand_calibration())
+    old = _hand_runs(tmp_path / "old")  # written without the keys
+    new_table, old_table = _summary(calibrated), _summary(old)
+    per_seed = per_seed_table(load_runs(old))
+    assert per_seed[list(CALIBRATION_NAMES)].isna().all().all()
+    calibration = ["ece", "ece_ci95", "ece_uncalibrated", "nll", "nll_ci95", "nll_uncalibrated"]
+    assert old_table[calibration].isna().all().all()
+    # everything else reads as it did
+    pd.testing.assert_frame_equal(old_table.drop(columns=calibration), new_table.drop(columns=calibration))
+    assert "## Calibration" not in summary_markdown(old_table) and "Calibration" not in summary_rst(old_table)
+    assert "## Calibration" in summary_markdown(new_table)
+    # one seed of mtl evaluated before calibration: mtl has no ECE (not a mean over two seeds), ft keeps its own
+    _strip_calibration(calibrated[-1][0])
+    mixed = _summary(calibrated).set_index("method")
+    assert mixed.loc["mtl", calibration].isna().all()
+    assert mixed.loc["ft", "ece"] == pytest.approx(7.0)
+    # the summarize step writes every file, the reliability plot included
+    out = tmp_path / "out"
+    names = dict(csv_out="summary.csv", per_seed_csv_out="summary_per_seed.csv", md_out="summary.md",
+                 accuracy_plot="accuracy.png", reliability_plot="reliability.png", history_plot="history.png")
+    history = _history(tmp_path / "fc100/resnet12/seed1/pretrain/history.csv", np.arange(1, 4),
+                       train_loss=[2.0, 1.5, 1.2])
+    summarize_runs([m for m, _ in old], [e for _, e in old], [history], **{k: out / v for k, v in names.items()})
+    assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _reliability_table(rng, bins=15):
+    """A run's table of sums per confidence bin, like evaluate's: counts, confidences within each
+    bin's edges, and how many of its queries were right."""
+    count = rng.integers(0, 40, bins)
+    count[rng.integers(bins)] = 0  # an empty bin, as high-confidence bins often are
+    confidence = count * (np.arange(bins) + rng.uniform(0, 1, bins)) / bins
+    correct = rng.binomial(count, np.linspace(0.3, 1.0, bins)).astype(float)
+    return {"bins": bins, "count": count.tolist(), "confidence": confidence.tolist(), "correct": correct.tolist()}
+
+
+def _random_calibration(rng):
+    """Everything evaluate adds to metrics.json, with random values and a consistent ECE."""
+    table = _reliability_table(rng)
+    gap = np.abs(np.subtract(table["correct"], table["confidence"])).sum()
+    return {"temperature": float(rng.uniform(0.3, 3.0)), "ece": float(100 * gap / np.sum(table["count"])),
+            "nll": float(rng.uniform(0.3, 1.2)), "ece_uncalibrated": float(rng.uniform(5.0, 25.0)),
+            "nll_uncalibrated": float(rng.uniform(0.8, 2.0)), "calibration_episodes": 200, "reliability": table}
+
+
+def test_pooled_reliability_is_the_sum_of_the_runs_tables(tmp_path):
+    rng = np.random.default_rng(3)
+    tables = {}
+    for shot in (1, 5):
+        for method in ("ft", "mtl"):
+            for seed in (1, 2, 3):
+                calibration = _random_calibration(rng)
+                tables[method, shot, seed] = calibration["reliability"]
+                _write_run(tmp_path, method, shot, _accuracies(seed), calibration, seed=seed)
+    pairs = [(js, js.with_name("episodes.csv")) for js in sorted(tmp_path.rglob("metrics.json"))]
+    pooled = pooled_reliability(load_runs(pairs))
+    assert set(pooled) == {("miniimagenet", "miniimagenet", "resnet12", method, shot)
+                           for method in ("ft", "mtl") for shot in (1, 5)}
+    for (_, _, _, method, shot), table in pooled.items():
+        mine = [tables[method, shot, seed] for seed in (1, 2, 3)]
+        for key in ("count", "confidence", "correct"):
+            by_loop = [sum(t[key][b] for t in mine) for b in range(15)]
+            assert table[key] == pytest.approx(by_loop, rel=1e-12), (method, shot, key)
+        queries = sum(sum(t["count"]) for t in mine)
+        gap = sum(abs(sum(t["correct"][b] for t in mine) - sum(t["confidence"][b] for t in mine)) for b in range(15))
+        assert table["ece"] == pytest.approx(100 * gap / queries, rel=1e-12)
+        assert table["bins"] == 15 and table["seeds"] == 3
+        # the pooled ECE is not the mean of the runs' ECEs (summary.csv's ece): the plot says which it is
+        runs_ece = [100 * np.abs(np.subtract(t["correct"], t["confidence"])).sum() / np.sum(t["count"]) for t in mine]
+        assert table["ece"] != pytest.approx(np.mean(runs_ece), abs=1e-6)
+    # a row with one seed evaluated before calibration existed has no table; the others keep theirs
+    _strip_calibration(tmp_path / "miniimagenet/resnet12/seed2/mtl/5shot/metrics.json")
+    partial = pooled_reliability(load_runs(pairs))
+    assert set(pooled) - set(partial) == {("miniimagenet", "miniimagenet", "resnet12", "mtl", 5)}
+    assert all(partial[key]["count"] == pooled[key]["count"] for key in partial)
+
+
+def test_the_reliability_plot_draws_each_bins_accuracy_against_its_confidence(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    import mtl.plots
+
+    rng = np.random.default_rng(8)
+    calibration = {(m, s): _random_calibration(rng) for m in ("ft", "mtl") for s in (1, 2, 3)}
+    runs = load_runs(_hand_runs(tmp_path, calibration=calibration))
+    summary, pooled = build_summary(runs), pooled_reliability(runs)
+    ax = Figure().subplots()
+    mtl.plots._reliability_panel(ax, summary, pooled, False)
+    lines = {line.get_label(): line for line in ax.lines}
+    assert lines["perfect calibration"].get_xydata().tolist() == [[0, 0], [100, 100]]
+    for method in ("ft", "mtl"):
+        tables = [calibration[method, s]["reliability"] for s in (1, 2, 3)]
+        count, confidence, correct = (np.sum([t[key] for t in tables], axis=0)
+                                      for key in ("count", "confidence", "correct"))
+        filled = count > 0
+        ece = 100 * np.abs(correct - confidence).sum() / count.sum()
+        (label,) = [name for name in lines if name.startswith(f"{method} (ECE ")]
+        assert label == f"{method} (ECE {ece:.1f})"
+        xy = lines[label].get_xydata()
+        assert xy[:, 0] == pytest.approx(100 * confidence[filled] / count[filled])
+        assert xy[:, 1] == pytest.approx(100 * correct[filled] / count[filled])
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == list(lines)
+    path = mtl.plots.plot_reliability(summary, pooled, tmp_path / "plots" / "reliability.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_summary_md_and_the_front_page_show_ece_before_and_after_calibration(tmp_path):
+    from docutils.core import publish_parts
+
+    from mtl.results.render import CALIBRATION_TITLES
+
+    table = _summary(_hand_runs(tmp_path, calibration=_hand_calibration()))
+    ft_ece = f"12.00 → 7.00 ± {T_975_2DOF * math.sqrt(13 / 3):.2f}"
+    ft_nll = f"1.233 → 0.900 ± {T_975_2DOF * 0.1 / math.sqrt(3):.3f}"
+    markdown = summary_markdown(table)
+    calibration = markdown[markdown.index("## Calibration"):]
+    assert "**miniimagenet, resnet12**" in calibration and "15 equal-width bins" in calibration
+    assert f"| 1 | ft | {ft_ece} | {ft_nll} |" in calibration
+    assert markdown.index("## Verdicts") < markdown.index("## Calibration")
+    tables = _front_page_tables(summary_rst(table))
+    assert [caption for caption, _, _ in tables] == ["miniimagenet, resnet12"] * 2
+    _, titles, rows = tables[1]
+    assert titles == list(CALIBRATION_TITLES)
+    assert rows[0] == ["1", "ft", ft_ece.replace(" ", "\u00a0"), ft_nll.replace(" ", "\u00a0")]
+    html = publish_parts(summary_rst(table), writer="html", settings_overrides={"halt_level": 2, "report_level": 2})
+    assert "Calibration" in html["html_body"] and "15 equal-width bins" in html["html_body"]
+
+
 # ----------------------------------------------------------------------------- the workflow tests' check
 def _written_tables(root, pairs):
     """summary.csv and summary_per_seed.csv as the workflow writes them (rounded), read back."""
@@ -787,15 +1006,17 @@ def _written_tables(root, pairs):
 
 
 def _random_runs(root, seeds, ft_seeds=None):
-    """ft and three methods on random episodes; each method's shift varies by seed and episode."""
-    runs, rng = [], np.random.default_rng(5)
+    """ft and three methods on random episodes; each method's shift varies by seed and episode, and
+    each run has random calibration errors."""
+    runs, rng, calibration_rng = [], np.random.default_rng(5), np.random.default_rng(6)
     for seed in seeds:
         base = _accuracies(seed)
         for method in ("ft", "proto", "mtl", "mtl_ht"):
             if method == "ft" and seed not in (ft_seeds or seeds):
                 continue
             shift = 0 if method == "ft" else rng.integers(-6, 9, N_EPISODES) / 75
-            runs.append(_write_run(root, method, 1, np.clip(base + shift, 0, 1), seed=seed))
+            runs.append(_write_run(root, method, 1, np.clip(base + shift, 0, 1), _random_calibration(calibration_rng),
+                                   seed=seed))
     return runs
 
 
@@ -814,13 +1035,30 @@ def test_the_workflow_check_accepts_what_the_summary_step_writes(tmp_path, case)
 @pytest.mark.parametrize("wrong", [
     "episode interval as ci95", "normal quantile for ci95", "episode interval as diff_vs_ft_ci95",
     "accuracy off by 0.02", "diff_vs_ft off by 0.02", "n_seeds as the paired count", "verdict from the episodes",
+    "ece interval with ddof=0", "ece interval over episodes", "nll interval from the normal quantile",
+    "ece before and after swapped", "nll off by 0.002", "ece_uncalibrated off by 0.02",
 ])
 def test_the_workflow_check_refuses_wrong_statistics(tmp_path, wrong):
+    from scipy.stats import t
+
     from tests.summary_check import assert_summary_matches_per_seed
 
     summary, per_seed = _written_tables(tmp_path, _random_runs(tmp_path, (1, 2, 3), ft_seeds=(1, 2)))
     others = summary["method"] != "ft"
-    if wrong == "episode interval as ci95":
+    n = summary["n_seeds"]
+    if wrong == "ece interval with ddof=0":
+        summary["ece_ci95"] = (summary["ece_ci95"] * np.sqrt((n - 1) / n)).round(2)
+    elif wrong == "ece interval over episodes":  # n the episodes of a run instead of the seeds
+        summary["ece_ci95"] = (summary["ece_ci95"] * np.sqrt(n) / np.sqrt(summary["episodes"])).round(2)
+    elif wrong == "nll interval from the normal quantile":
+        summary["nll_ci95"] = (summary["nll_ci95"] * 1.96 / t.ppf(0.975, n - 1)).round(3)
+    elif wrong == "ece before and after swapped":
+        summary[["ece", "ece_uncalibrated"]] = summary[["ece_uncalibrated", "ece"]].to_numpy()
+    elif wrong == "nll off by 0.002":
+        summary.loc[1, "nll"] += 0.002
+    elif wrong == "ece_uncalibrated off by 0.02":
+        summary.loc[3, "ece_uncalibrated"] += 0.02
+    elif wrong == "episode interval as ci95":
         summary["ci95"] = summary["episode_ci95"]
     elif wrong == "normal quantile for ci95":
         summary["ci95"] = (summary["ci95"] * 1.96 / 4.302652729911275).round(2)

@@ -20,4 +20,5 @@ with open_gpu_job(**gpu_job) as job:
         expected_backbone=dict(gpu_job["backbone"]),
         inference_batch_size=job.inference_batch_size,
         device=job.device,
+        unknown=snakemake.params.unknown,
     )

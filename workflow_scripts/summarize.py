@@ -14,5 +14,6 @@ summarize_runs(
     md_out=snakemake.output.md,
     rst_out=snakemake.output.rst,
     accuracy_plot=snakemake.output.accuracy_plot,
+    reliability_plot=snakemake.output.reliability_plot,
     history_plot=snakemake.output.history_plot,
 )

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
+
+# the tables' arithmetic is NumPy only, so the summarize step pools tables without loading torch;
+# pool_reliability is imported to be used from here as before
+from mtl.stats import expected_calibration_error, pool_reliability  # noqa: F401
 
 #: Equal-width confidence bins of the expected calibration error.
 ECE_BINS = 15
-#: The temperature search interval: beyond it a run's scores are degenerate (all queries alike).
+#: The temperature search interval, in units of the spread of the scores (their standard deviation
+#: about each query's mean score): beyond it a run's scores are degenerate (all queries alike).
 TEMPERATURE_RANGE = (1e-3, 1e3)
 
 
@@ -42,7 +46,11 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """The temperature minimising the mean NLL of ``targets`` (N,) under ``logits`` (N, C).
 
     The NLL is convex in 1/T, so a bounded search over log T finds its single minimum (to a
-    relative 1e-6). Scores that are all equal give every T the same NLL; then T = 1.
+    relative 1e-6). Scores that are all equal give every T the same NLL; then T = 1. The NLL depends
+    on ``logits / T`` alone, so the search interval follows the scale of the scores
+    (:data:`TEMPERATURE_RANGE` times their spread) and ``c * logits`` gets ``c`` times the
+    temperature: a prototype learner's minus squared distances can spread over 1e4 where a linear
+    head's spread over 1, and an interval fixed at 1e3 stopped its temperature at the edge.
     """
     from scipy.optimize import minimize_scalar
 
@@ -51,7 +59,8 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
         raise ValueError("no queries to fit a temperature on")
     if torch.all(logits == logits[:, :1]):
         return 1.0
-    low, high = (math.log(t) for t in TEMPERATURE_RANGE)
+    spread = float((logits - logits.mean(dim=-1, keepdim=True)).std())
+    low, high = (math.log(t * spread) for t in TEMPERATURE_RANGE)
     result = minimize_scalar(lambda log_t: negative_log_likelihood(logits, targets, math.exp(log_t)),
                              bounds=(low, high), method="bounded", options={"xatol": 1e-6})
     return float(math.exp(result.x))
@@ -71,22 +80,6 @@ def reliability(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS
         "confidence": torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence.double()).tolist(),
         "correct": torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct).tolist(),
     }
-
-
-def expected_calibration_error(table: dict) -> float:
-    """ECE in points (0-100) of a :func:`reliability` table (one run's, or several pooled)."""
-    count = np.asarray(table["count"], dtype=np.float64)
-    gap = np.abs(np.asarray(table["correct"]) - np.asarray(table["confidence"]))  # n_b * |acc_b - conf_b|
-    return float(100.0 * gap.sum() / count.sum())
-
-
-def pool_reliability(tables) -> dict:
-    """The :func:`reliability` table of several runs' queries together."""
-    tables = list(tables)
-    if not tables or len({t["bins"] for t in tables}) != 1:
-        raise ValueError("pool_reliability needs at least one table, all with the same number of bins")
-    return {"bins": tables[0]["bins"],
-            **{key: np.sum([t[key] for t in tables], axis=0).tolist() for key in ("count", "confidence", "correct")}}
 
 
 def calibration_report(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> dict:

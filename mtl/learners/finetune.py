@@ -12,8 +12,9 @@ Batched and bounded: the frozen trunk (every block before the adapted part) embe
 chunk of episodes once; the chunk's episodes are then adapted together, each with its own copy of
 the part, through ``torch.func`` (``vmap`` over episodes of ``grad`` of the support loss). Memory
 grows with the chunk x support size x the part's activations, not with the number of episodes:
-the chunk is sized from one image's activations to stay within :data:`MEMORY_BUDGET_BYTES`, and
-its size does not change results. With ``encoder_lr`` 0 this is ``ft`` exactly (a test checks it).
+the chunk is sized from one image's activations to stay within :data:`MEMORY_BUDGET_BYTES`. On a
+CPU a chunk is one episode (:data:`CPU_MAX_CHUNK`: a batched episode's result would depend on its
+chunk, to rounding that the steps amplify). With ``encoder_lr`` 0 this is ``ft`` exactly (a test checks it).
 """
 from __future__ import annotations
 
@@ -38,10 +39,15 @@ log = logging.getLogger(__name__)
 MEMORY_BUDGET_BYTES = 4 * 2**30
 #: Activations kept for the backward pass plus their gradients, relative to the forward outputs.
 _BACKWARD_FACTOR = 3
-#: On a CPU, batching episodes saves nothing: 4-16 episodes per chunk were the fastest and still
-#: 1.3-1.5x slower than a plain per-episode autograd loop (bench/RESULTS.md, bench/finetune.py);
-#: larger chunks only lose cache locality. The batching is for GPUs (many small kernels per step).
-CPU_MAX_CHUNK = 16
+#: On a CPU each episode is adapted alone. Batched, an episode's convolutions run as one grouped
+#: convolution over the chunk, whose rounding differs from a plain one (1e-7 after one step); 100
+#: steps of ``ft_all`` grow that to 1e-4 in the weights and 1e-2 in a query's probability, so an
+#: episode's result would depend on which episodes share its chunk, and a prediction on the same
+#: support set (adapted alone, :mod:`mtl.predict`) would differ from evaluate's (tests/test_predict.py).
+#: The cost: chunk 1 is 1.5x slower than the fastest chunk (16) on a CPU (bench/RESULTS.md,
+#: bench/finetune.py). The batching is for GPUs (many small kernels per step), where it keeps that
+#: rounding: there an episode's result depends on its chunk to rounding amplified by the steps.
+CPU_MAX_CHUNK = 1
 
 
 class Trunk(nn.Module):

@@ -37,7 +37,12 @@ episodes of T. Published figures are only shown for in-domain rows.
 
 Files (one run):
   ``episodes.csv``  columns ``episode`` (index into the shared episode file), ``accuracy`` (fraction 0..1)
-  ``metrics.json``  protocol + ``accuracy``/``ci95``/``std`` in % (see :data:`mtl.results.runs.METRICS_KEYS`)
+  ``metrics.json``  protocol + ``accuracy``/``ci95``/``std`` in % (see :data:`mtl.results.runs.METRICS_KEYS`),
+                    and the calibration of the run's probabilities (``mtl.results.runs.CALIBRATION_METRICS``)
+
+**Calibration.** Per run, ``ece`` and ``nll`` (evaluate: :mod:`mtl.learners.calibration`); across seeds,
+their mean with the t-interval over seeds of step 2, like accuracy. The reliability plot pools the
+runs' tables of sums per confidence bin instead (:func:`mtl.results.tables.pooled_reliability`).
 """
 # The names this package had as one module, so code written against it keeps working; new code
 # imports from the module that defines a name (training, for one, needs only mtl.stats).

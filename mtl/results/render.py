@@ -1,6 +1,6 @@
 """The summary as people read it: the verdict sentences, and the files of the summarize step
-(``summary.csv`` and the per-seed CSV rounded to 2 decimals, ``summary.md``, and ``summary.rst``, the
-front page of ``snakemake --report``), all from the tables of :mod:`mtl.results.tables`.
+(``summary.csv`` and the per-seed CSV, rounded to :data:`DECIMALS`, ``summary.md``, and ``summary.rst``,
+the front page of ``snakemake --report``), all from the tables of :mod:`mtl.results.tables`.
 """
 from __future__ import annotations
 
@@ -56,12 +56,19 @@ def _baseline_of(df: pd.DataFrame) -> str:
     return names[0]
 
 
+#: Decimals of the written tables, by column prefix: accuracies, differences and ECE in points to 2;
+#: NLL in nats to 3 (one run's is about 0.1-1.5); the temperature to 4 (a factor on the scores).
+DECIMALS = {("accuracy", "ci95", "seed_std", "episode_ci95", "diff_vs_", "reference_a", "reference_c", "ece"): 2,
+            ("nll",): 3, ("temperature",): 4}
+
+
 def _round(df: pd.DataFrame) -> pd.DataFrame:
-    """Accuracies and differences to 2 decimals; counts and text as they are."""
+    """Numbers to :data:`DECIMALS`; counts and text as they are."""
     rounded = df.copy()
     for column in rounded.columns:
-        if column.startswith(("accuracy", "ci95", "seed_std", "episode_ci95", "diff_vs_", "reference_a", "reference_c")):
-            rounded[column] = pd.to_numeric(rounded[column]).round(2)
+        for prefixes, decimals in DECIMALS.items():
+            if column.startswith(prefixes):
+                rounded[column] = pd.to_numeric(rounded[column]).round(decimals)
         if column.startswith("seeds_") and column != "seeds":
             rounded[column] = pd.to_numeric(rounded[column]).astype("Int64")
     return rounded
@@ -152,8 +159,55 @@ def _explanation(baseline: str, transfer: bool = False) -> list[str]:
     ] + transfer_note
 
 
+#: Columns of the calibration tables (summary.md and the report's front page), one per trained-on,
+#: dataset and backbone; each ECE and NLL cell reads "uncalibrated -> calibrated ± interval".
+CALIBRATION_TITLES = ("shot", "method", "ECE (points)", "NLL (nats)")
+CALIBRATION_EXPLANATION = (
+    "**ECE** is the expected calibration error of the probabilities of the test queries, in points "
+    "(0-100): a run's queries are grouped into 15 equal-width bins of confidence (the probability of the "
+    "predicted class), and ECE is the mean over queries of the gap between the accuracy and the mean "
+    "confidence of their bin. "
+    "**NLL** is the mean negative log-likelihood of the true class, in nats.",
+    "Each cell reads *uncalibrated → calibrated*: the learner's own probabilities (softmax of its scores), "
+    "then softmax(scores / T) with the temperature T each run fitted on validation episodes of the data it "
+    "was trained on (`calibration.episodes`; no test label). The calibrated value is the mean over training "
+    f"seeds of each run's value ± the 95% interval over seeds `{SEED_INTERVAL}`, as for accuracy; the "
+    "uncalibrated one is the mean over seeds. A temperature changes no prediction: the accuracies are the "
+    "same with and without it. Per run (with its temperature): summary_per_seed.csv.",
+)
+
+
+def _group_caption(trained_on: str, dataset: str, backbone: str) -> str:
+    """"fc100, resnet12", or "trained on fc100, tested on my_parts, resnet12" for transfer rows."""
+    tested = dataset if trained_on == dataset else f"trained on {trained_on}, tested on {dataset}"
+    return f"{tested}, {backbone}"
+
+
+def _before_after(before, after, interval, decimals: int) -> str:
+    """"14.20 → 3.10 ± 1.20": uncalibrated, then calibrated with its interval (empty where not recorded)."""
+    if pd.isna(after):
+        return ""
+    return f"{before:.{decimals}f} → {plus_minus(after, interval, decimals=decimals)}"
+
+
+def _calibration_groups(summary: pd.DataFrame) -> dict[str, list[list[str]]]:
+    """The calibration table's rows (:data:`CALIBRATION_TITLES`) per trained-on, dataset and backbone,
+    in the summary's order; rows evaluated before calibration existed are left out, and with them a
+    group that has no other row."""
+    groups: dict[str, list[list[str]]] = {}
+    for row in summary.itertuples(index=False):
+        if pd.isna(row.ece):
+            continue
+        groups.setdefault(_group_caption(getattr(row, TRAINED_ON), row.dataset, row.backbone), []).append([
+            str(row.shot), row.method, _before_after(row.ece_uncalibrated, row.ece, row.ece_ci95, 2),
+            _before_after(row.nll_uncalibrated, row.nll, row.nll_ci95, 3),
+        ])
+    return groups
+
+
 def summary_markdown(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
-    """The summary as Markdown: how to read it, the table, the verdicts, then reference sources."""
+    """The summary as Markdown: how to read it, the table, the verdicts, reference sources, then the
+    calibration tables (none when no run recorded its calibration)."""
     titles, rows, sources = _table_cells(summary, baseline)
     lines = ["# Few-shot test results", "", _protocol_line(summary), ""]
     lines += [f"- {text}" for text in _explanation(baseline, _has_transfer(summary))] + [""]
@@ -164,6 +218,13 @@ def summary_markdown(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
         lines += ["", "## Verdicts", ""] + [f"- {s}" for s in sentences]
     if sources:
         lines += [""] + [f"[{i}] {source}" for i, source in enumerate(sources, 1)]
+    groups = _calibration_groups(summary)
+    if groups:
+        lines += ["", "## Calibration", ""] + [f"- {text}" for text in CALIBRATION_EXPLANATION]
+        for caption, cells in groups.items():
+            lines += ["", f"**{caption}**", "", "| " + " | ".join(CALIBRATION_TITLES) + " |",
+                      "|" + "---|" * len(CALIBRATION_TITLES)]
+            lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
 
@@ -196,7 +257,8 @@ def summary_rst(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
     """The summary and verdicts as reStructuredText, for the front page of ``snakemake --report``.
 
     A compact table (:data:`FRONT_PAGE_COLUMNS`, the same cells as summary.md) per trained-on, dataset
-    and backbone, each cell's spaces non-breaking; the explanations and verdicts as in summary.md.
+    and backbone, each cell's spaces non-breaking; the explanations and verdicts as in summary.md; then
+    summary.md's calibration tables.
     """
     titles, rows, sources = _table_cells(summary, baseline)
     same_seeds = summary["seeds"].nunique() == 1
@@ -212,8 +274,7 @@ def summary_rst(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
 
     lines = ["Few-shot test results", "=====================", "", _protocol_line(summary), ""]
     for (source, dataset, backbone), group in groups.items():
-        tested = dataset if source == dataset else f"trained on {source}, tested on {dataset}"
-        lines += _rst_table([titles[i] for i in shown], group, f"{tested}, {backbone}")
+        lines += _rst_table([titles[i] for i in shown], group, _group_caption(source, dataset, backbone))
     lines += [f"The episode interval and **seeds above {baseline}** of each row are in results/summary.md "
               "and results/summary.csv; the verdicts below give each paired difference with its seeds.", ""]
     lines += [f"- {text}".replace("`", "``") for text in _explanation(baseline, _has_transfer(summary))] + [""]
@@ -221,5 +282,11 @@ def summary_rst(summary: pd.DataFrame, baseline: str = BASELINE) -> str:
     if sentences:
         lines += ["Verdicts", "--------", ""] + [f"- {s}" for s in sentences] + [""]
     lines += [f"[{i}] {source}" for i, source in enumerate(sources, 1)]
+    calibration = _calibration_groups(summary)
+    if calibration:
+        lines += ["", "Calibration", "-----------", ""]
+        for caption, cells in calibration.items():
+            lines += _rst_table(list(CALIBRATION_TITLES), [[c.replace(" ", NBSP) for c in r] for r in cells], caption)
+        lines += [f"- {text}".replace("`", "``") for text in CALIBRATION_EXPLANATION]
     return "\n".join(lines) + "\n"
 

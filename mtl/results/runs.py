@@ -3,7 +3,8 @@ runs, refusing duplicates and runs scored on different episodes.
 
 Files (one run):
   ``episodes.csv``  columns ``episode`` (index into the shared episode file), ``accuracy`` (fraction 0..1)
-  ``metrics.json``  protocol + ``accuracy``/``ci95``/``std`` in % (see :data:`METRICS_KEYS`)
+  ``metrics.json``  protocol + ``accuracy``/``ci95``/``std`` in % (see :data:`METRICS_KEYS`), and the
+                    calibration of its test queries (:data:`CALIBRATION_METRICS`, ``reliability``)
 
 A run written under a method's old name (``lr``, now ``logreg``: :data:`mtl.methods.RENAMED`)
 reads under its new name. A run records ``trained_on``, the dataset whose training produced its model, next to ``dataset``,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -48,6 +50,13 @@ COMPARED_FIELDS = ("way", "query", "episodes", "episode_seed", "episodes_sha256"
 #: One summary row; a run adds its training seed.
 ROW_KEY = (TRAINED_ON, "dataset", "backbone", "method", "shot")
 RUN_KEY = ROW_KEY + ("seed",)
+#: How well a run's probabilities match its test queries (:func:`mtl.learners.calibration.calibration_report`):
+#: the temperature fitted on validation episodes, ECE in points (0-100) and NLL in nats, with it and
+#: without it (temperature 1). Not required: a metrics file written before calibration existed lacks
+#: them, and its run reads them as NaN (:meth:`Run.calibration`).
+CALIBRATION_METRICS = ("temperature", "ece", "nll", "ece_uncalibrated", "nll_uncalibrated")
+#: The run's 15-bin table of sums over its test queries (count, confidence, correct per confidence bin).
+RELIABILITY = "reliability"
 
 
 def write_episode_results(path_csv, path_json, accuracies, protocol: Mapping, *, episode_ids=None) -> dict:
@@ -169,6 +178,16 @@ class Run:
     @property
     def is_transfer(self) -> bool:
         return is_transfer(self.metrics)
+
+    @property
+    def calibration(self) -> dict[str, float]:
+        """:data:`CALIBRATION_METRICS` of the run, NaN where its metrics file predates calibration."""
+        return {key: float(self.metrics.get(key, math.nan)) for key in CALIBRATION_METRICS}
+
+    @property
+    def reliability(self) -> dict | None:
+        """The run's reliability table (sums per confidence bin), None where its metrics file has none."""
+        return self.metrics.get(RELIABILITY)
 
     def _check_files_agree(self) -> None:
         """metrics.json and episodes.csv must come from the same evaluation (not a stale mix)."""

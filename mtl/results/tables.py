@@ -1,11 +1,13 @@
 """The tables: one row per run (``per_seed_table``) and one row per trained-on x dataset x backbone x
 method x shot across its training seeds (``build_summary``), with the paired differences to a
-baseline; full precision (the written files round, :mod:`mtl.results.render`).
+baseline and the calibration of the probabilities; full precision (the written files round,
+:mod:`mtl.results.render`). ``pooled_reliability`` adds up the runs' reliability tables per row.
 
 The aggregation is described in :mod:`mtl.results`.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -14,11 +16,21 @@ import pandas as pd
 
 from mtl.methods import NAMES
 from mtl.published import reference_for
-from mtl.results.runs import ROW_KEY, TRAINED_ON, Run, check_same_protocol, is_transfer
-from mtl.stats import NOT_MEASURED, SEED_INTERVAL, ci95, paired_difference, t_interval, verdict
+from mtl.errors import DataError
+from mtl.results.runs import CALIBRATION_METRICS, ROW_KEY, TRAINED_ON, Run, check_same_protocol, is_transfer
+from mtl.stats import (
+    NOT_MEASURED, SEED_INTERVAL, ci95, expected_calibration_error, paired_difference, pool_reliability, t_interval,
+    verdict,
+)
 
 METHOD_ORDER = NAMES  # the method registry's order
 BASELINE = "ft"
+#: The calibration columns of ``summary.csv``: ECE (points) and NLL (nats) of the calibrated
+#: probabilities, each the mean over seeds with its t-interval over seeds, then the mean over seeds
+#: of the learner's own probabilities (temperature 1), to show what calibration did.
+SUMMARY_CALIBRATION = ("ece", "ece_ci95", "ece_uncalibrated", "nll", "nll_ci95", "nll_uncalibrated")
+
+log = logging.getLogger(__name__)
 
 
 def _method_rank(method: str) -> tuple[int, str]:
@@ -44,7 +56,7 @@ _PER_SEED_PROTOCOL = (
 def per_seed_columns(baseline: str = BASELINE) -> list[str]:
     return [
         *_PER_SEED_PROTOCOL,
-        "accuracy", "ci95", "interval", f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95",
+        "accuracy", "ci95", "interval", f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95", *CALIBRATION_METRICS,
     ]
 
 
@@ -52,7 +64,8 @@ def per_seed_table(runs: Sequence[Run], *, baseline: str = BASELINE) -> pd.DataF
     """One row per run (training seed included), intervals over test episodes only.
 
     ``diff_vs_<baseline>`` pairs the run with the baseline run of the same seed on the same episodes
-    (and, for a transfer run, trained on the same dataset).
+    (and, for a transfer run, trained on the same dataset). The calibration columns are the run's own
+    (:data:`mtl.results.runs.CALIBRATION_METRICS`; NaN for a run evaluated before calibration existed).
     """
     by_key = {run.key: run for run in runs}
     rows = []
@@ -65,6 +78,7 @@ def per_seed_table(runs: Sequence[Run], *, baseline: str = BASELINE) -> pd.DataF
         if base is not None and base is not run:
             diff, ci = paired_difference(run.episodes.to_numpy(), base.episodes.loc[run.episodes.index].to_numpy())
         row[f"diff_vs_{baseline}"], row[f"diff_vs_{baseline}_ci95"] = diff, ci
+        row.update(run.calibration)
         rows.append(row)
     return _sorted(pd.DataFrame(rows, columns=per_seed_columns(baseline)), extra=["seed"])
 
@@ -77,7 +91,7 @@ def summary_columns(baseline: str = BASELINE) -> list[str]:
         "n_seeds", "seeds", "accuracy", "seed_std", "ci95", "interval", "episode_ci95",
         f"diff_vs_{baseline}", f"diff_vs_{baseline}_ci95", f"diff_vs_{baseline}_episode_ci95",
         f"seeds_paired_with_{baseline}", f"seeds_above_{baseline}", f"seeds_below_{baseline}", "verdict",
-        "reference_accuracy", "reference_ci95", "reference_source",
+        "reference_accuracy", "reference_ci95", "reference_source", *SUMMARY_CALIBRATION,
     ]
 
 
@@ -90,7 +104,9 @@ def build_summary(runs: Sequence[Run], *, baseline: str = BASELINE) -> pd.DataFr
     reference code's intervals. ``diff_vs_<baseline>`` is the mean over the seeds both share of the
     per-seed paired differences, with its t-interval, its episode interval, the number of seeds
     shared (``seeds_paired_with_<baseline>``: the ``n`` of that t-interval, at most ``n_seeds``) and
-    the number of them above/below the baseline. Values are full precision; :func:`write_summary` rounds.
+    the number of them above/below the baseline. ``ece`` and ``nll`` are the means over seeds of the
+    runs' calibration errors with their t-intervals over seeds, like ``accuracy`` (NaN where a seed was
+    evaluated before calibration existed). Values are full precision; :func:`write_summary` rounds.
     """
     groups: dict[tuple, dict[int, Run]] = {}
     for run in runs:
@@ -122,6 +138,20 @@ def _summary_row(key: tuple, runs_by_seed: Mapping[int, Run], groups: Mapping, b
     row["reference_accuracy"], row["reference_ci95"], row["reference_source"] = (
         reference if reference is not None else (math.nan, math.nan, "")
     )
+    row.update(_calibration_over_seeds([runs_by_seed[s] for s in seeds]))
+    return row
+
+
+def _calibration_over_seeds(runs: Sequence[Run]) -> dict:
+    """The :data:`SUMMARY_CALIBRATION` cells: per seed, the run's ECE and NLL; then, as for accuracy,
+    their mean and t-interval over seeds (no interval with one seed). NaN when a seed lacks them: a
+    mean over fewer seeds than the row's ``n_seeds`` would read as one over all of them."""
+    row = {}
+    for name in ("ece", "nll"):
+        calibrated = np.array([run.calibration[name] for run in runs])
+        uncalibrated = np.array([run.calibration[f"{name}_uncalibrated"] for run in runs])
+        mean, half, _ = t_interval(calibrated) if np.isfinite(calibrated).all() else (math.nan, math.nan, math.nan)
+        row.update({name: mean, f"{name}_ci95": half, f"{name}_uncalibrated": float(uncalibrated.mean())})
     return row
 
 
@@ -146,3 +176,30 @@ def _paired_over_seeds(key: tuple, runs_by_seed: Mapping[int, Run], groups: Mapp
     ]))
 
 
+
+
+# ----------------------------------------------------------------------------- reliability
+def pooled_reliability(runs: Sequence[Run]) -> dict[tuple, dict]:
+    """Per summary row (:data:`ROW_KEY`), the reliability table of the test queries of all its seeds
+    together (the runs' tables are sums per confidence bin, so they pool by adding), with ``ece``,
+    the expected calibration error of the pooled queries in points, and ``seeds``, how many runs
+    were pooled. A row with a seed evaluated before calibration existed has no table: pooling the
+    other seeds alone would pass for the row.
+    """
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.row_key, []).append(run)
+    pooled = {}
+    for key, group in groups.items():
+        missing = [str(run.metrics_path) for run in group if run.reliability is None]
+        if missing:
+            log.warning("no reliability table in %s (evaluated before calibration existed): %s is left out of "
+                        "the reliability plot; rerun evaluate for it", ", ".join(missing), dict(zip(ROW_KEY, key)))
+            continue
+        try:
+            table = pool_reliability(run.reliability for run in group)
+        except ValueError as error:
+            raise DataError(f"the reliability tables of {[str(run.metrics_path) for run in group]} cannot be pooled "
+                            f"({error}); rerun evaluate for them") from None
+        pooled[key] = {**table, "ece": expected_calibration_error(table), "seeds": len(group)}
+    return pooled

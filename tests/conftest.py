@@ -63,6 +63,10 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    # Keep the collection's order (longest units first, pytest_collection_modifyitems); xdist's
+    # default would reorder units by their number of tests, sending the few long Slurm tests last.
+    config.option.loadscopereorder = False
+
     class ByWorkUnit(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return work_unit(nodeid)

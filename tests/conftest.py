@@ -18,9 +18,11 @@ pytest_plugins = ["tests.fault_record"]
 
 # ----------------------------------------------------------------------------- test processes
 # Half the suite's time is one process waiting on one core (a fault story's reruns, a Slurm job's
-# status checks, unit tests), so where pytest-xdist is installed (the `test` extra) a run uses up to
-# MAX_PROCESSES test processes, one per core (`-n 0`: this process only; `-n N`: N). Tests go out in
-# work units that must stay in one process:
+# status checks, unit tests), so where pytest-xdist is installed (the `test` extra) a run of the
+# whole suite (no files or tests named: `pytest`, `pytest -m "not slow"`) uses up to MAX_PROCESSES
+# test processes, one per core (`-n 0`: this process only; `-n N`: N). A run that names files or
+# tests stays in this process unless `-n` is given: starting a process that imports torch costs more
+# than a few modules take. Tests go out in work units that must stay in one process:
 #  - every test that needs the local Slurm (one per machine: /etc/slurm and its daemons);
 #  - the tests that read the shared tiny runs below (each runs once, in the process that reads it);
 #  - otherwise a module (its module- and session-scoped fixtures run once in each process it is in).
@@ -45,13 +47,14 @@ def work_unit(nodeid: str) -> str:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config) -> None:
-    """Test processes by default where pytest-xdist is installed, as above; one process for a fault
-    record, which needs every fault test's outcome in the process that writes it."""
+    """Test processes for the whole suite where pytest-xdist is installed, as above; one process for a
+    fault record, which needs every fault test's outcome in the process that writes it."""
     if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
         return
     if config.getoption("fault_record", False):
         config.option.numprocesses = 0
-    elif config.option.numprocesses is None and not config.getoption("usepdb", False):
+    elif (config.option.numprocesses is None and not config.option.file_or_dir
+          and not config.getoption("usepdb", False)):
         config.option.numprocesses = "auto"  # one per core ...
         config.option.maxprocesses = config.option.maxprocesses or MAX_PROCESSES  # ... up to MAX_PROCESSES
 

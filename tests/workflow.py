@@ -132,7 +132,7 @@ def job_counts(output: str) -> dict[str, int]:
 class FinishedRun:
     """A workflow run that has finished in ``workdir`` with ``config``: what several tests read.
 
-    Tests read a shared run, never write to it (``unchanged`` says whether one did); a test that
+    Tests read a shared run, never write to it (``changes`` lists what one wrote); a test that
     must change something works on ``copy_to(folder)``."""
 
     workdir: Path

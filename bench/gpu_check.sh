@@ -26,10 +26,12 @@ check() {
         echo "nvidia-smi: not found"
     fi
 
-    echo; echo "== Agreement tests: $PY -m pytest tests/gpu -m gpu -v -rA =="
+    # -p no:xdist: in this one process on the one GPU (tests/conftest.py starts several where
+    # pytest-xdist is installed)
+    echo; echo "== Agreement tests: $PY -m pytest -p no:xdist tests/gpu -m gpu -v -rA =="
     local tests=0
     if "$PY" -c "import pytest" 2>/dev/null; then
-        timeout --kill-after=10 240 "$PY" -u -m pytest tests/gpu -m gpu -v -rA
+        timeout --kill-after=10 240 "$PY" -u -m pytest -p no:xdist tests/gpu -m gpu -v -rA
         tests=$?
         [[ $tests -eq 124 ]] && echo "gpu_check: the agreement tests stopped after 240 s (timeout)" >&2
     else

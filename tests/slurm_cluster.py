@@ -447,13 +447,15 @@ def run_workflow_on_slurm(
     set_resources: dict | None = None,
     timeout: int = 600,
     env: dict[str, str] | None = None,
+    max_threads: int | None = None,
 ) -> WorkflowRun:
     """Run the workflow under profiles/slurm in ``workdir`` and say which jobs went through sbatch.
 
     ``config`` is the whole workflow config (default: the `tiny` scenario); ``set_resources`` is
     added to the profile (see :func:`profile_for`); ``env``, variables added to the environment
-    (jobs inherit it). The run is bounded by ``timeout -s INT``: the plugin ignores SIGTERM while it
-    waits on Slurm, and SIGINT makes Snakemake scancel its jobs.
+    (jobs inherit it); ``max_threads``, the CPUs a job may ask for (default: the node's). The run is
+    bounded by ``timeout -s INT``: the plugin ignores SIGTERM while it waits on Slurm, and SIGINT
+    makes Snakemake scancel its jobs.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -471,7 +473,7 @@ def run_workflow_on_slurm(
         "--slurm-init-seconds-before-status-checks", "2",
         "--slurm-keep-successful-logs",
         # the rules' own threads (and the profile's) may exceed the test node's CPUs
-        "--max-threads", str(cluster.cpus),
+        "--max-threads", str(max_threads or cluster.cpus),
         "--verbose",
         *extra_args,
     ]  # fmt: skip

@@ -214,6 +214,9 @@ def test_ft_all_accuracies_equal_a_per_episode_autograd_loop(setup):
     assert not np.allclose(run(setup, "all", 0.0), expected)
 
 
+# Three evaluations at the methods' own 100 steps (10 s, ft_all most of it): in the full suite (CI);
+# the quick loop keeps evaluate's fine-tuning path through tests/test_predict.py's ft_last contract.
+@pytest.mark.slow
 def test_evaluate_scores_ft_last_on_the_shared_episode_file(setup):
     folder = setup["folder"]
     digests = {}

@@ -52,7 +52,9 @@ def test_gpu_request_sets_cuda_visible_devices(slurm_cluster: SlurmCluster, tmp_
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_whole_workflow_runs_through_slurm_and_gpu_rules_get_a_slurm_gpu(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    result = run_workflow_on_slurm(slurm_cluster, tmp_path / "run", ["all"], timeout=1200)
+    # One CPU per job (the scenario's jobs run one torch thread, `threads: 1`): the node's two CPUs
+    # and two GPUs then run two jobs at a time; asking for both CPUs would run them one by one.
+    result = run_workflow_on_slurm(slurm_cluster, tmp_path / "run", ["all"], timeout=1200, max_threads=1)
 
     assert_all_remote_jobs_went_through_slurm(result, slurm_cluster)
     # Downloads are a localrule: they run where snakemake runs, never on a compute node.

@@ -1,5 +1,6 @@
 """`snakemake ablation` through the CLI: the full protocol's plan (dry run) holds every arm for both
-datasets and shots; a tiny real run writes the table, every arm scored on the same saved episodes."""
+datasets and shots; a tiny real run writes the table, every arm scored on the same saved episodes,
+with the inference batch size config.yaml leaves to measurement (`auto`)."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,15 @@ import pandas as pd
 import pytest
 import yaml
 
+from mtl.batching import CACHE_FILE, CANDIDATES
 from mtl.methods import NAMES, meta_trained
-from tests.workflow import REPO, deep_merge, job_counts, run_snakemake, scenario_config
+from tests.workflow import REPO, deep_merge, inference_cache, job_counts, run_snakemake, scenario_config
 
-#: The tiny scenario cut to one shot: two seeds x eleven arms still runs about 40 jobs.
-TINY_ABLATION = {"protocol": {"seeds": [1, 2], "shots": [1], "test_episodes": 10}}
+#: The tiny scenario cut to one shot: two seeds x eleven arms still runs about 40 jobs. Four test and
+#: four calibration episodes: ft_last and ft_all adapt each episode alone for 100 steps, most of the
+#: run's CPU time at 10 + 10 (what they compute is tested in tests/test_finetune.py); the claims here
+#: (every arm in the table, scored on one episode file) hold for any count.
+TINY_ABLATION = {"protocol": {"seeds": [1, 2], "shots": [1], "test_episodes": 4}, "calibration": {"episodes": 4}}
 
 
 def planned_metrics(output: str) -> set[tuple[str, str, str, str]]:
@@ -96,3 +101,13 @@ def test_the_no_pretrain_arm_starts_from_the_untrained_encoder(ablation_run):
         assert not torch.equal(start, pretrained)
         protocol = torch.load(run / f"seed{seed}/mtl_last/1shot/model.pt", weights_only=True)["protocol"]
         assert protocol["method"] == "mtl_last" and protocol["scope"] == "last"
+
+
+@pytest.mark.slow
+def test_inference_batch_size_was_measured_and_cached_for_the_next_jobs(ablation_run):
+    """inference.batch_size: auto, measured on this machine for this model (the test runs of this
+    session share one cache, new each session: the entry cannot come from an earlier run)."""
+    cache = json.loads((inference_cache() / CACHE_FILE).read_text())
+    entries = [entry for key, entry in cache.items() if key.endswith("resnet12 width 0.125 | 16 px")]
+    assert entries and all(entry["batch_size"] in CANDIDATES for entry in entries)
+    assert not (ablation_run[0] / "results/.cache").exists()  # MTL_INFERENCE_CACHE replaced the default folder

@@ -1,7 +1,11 @@
 """The whole workflow through the Snakemake CLI: every rule, both shots, all five methods, training
 seeds as replicates, the across-seed summary, its verdicts and the report; that numbers depend
 only on the seed, not on which other seeds run or on --cores; and transfer evaluation (models
-trained on digits scored on a test-only folder) beside unchanged in-domain rows."""
+trained on digits scored on a test-only folder) beside unchanged in-domain rows.
+
+The runs are the session's shared ones (tests/conftest.py): tiny_two_seeds (seeds 1 and 2, two jobs
+at a time) and tiny_seed_two_alone (seed 2 alone, one job at a time); transfer is added to a copy of
+the first."""
 from __future__ import annotations
 
 import copy
@@ -10,34 +14,24 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
-from mtl.batching import CACHE_FILE, CANDIDATES
 from mtl.data.hdf5 import HDF5Split
 from mtl.stats import SEED_INTERVAL
 from tests.summary_check import assert_summary_matches_per_seed
-from tests.workflow import REPO, SCENARIOS, inference_cache, job_counts, run_snakemake, scenario_config
+from tests.workflow import REPO, SCENARIOS, job_counts, run_snakemake
 
 METHODS = ["ft", "logreg", "proto", "mtl", "mtl_ht"]  # config.yaml's default `methods`
 #: What a run's numbers are; identical reruns must reproduce these columns exactly.
 NUMBERS = ["accuracy", "ci95", "diff_vs_ft", "diff_vs_ft_ci95"]
-
-
-def tiny(seeds):
-    return scenario_config("tiny", {"protocol": {"seeds": seeds}})
-
-
-@pytest.fixture(scope="module")
-def two_seeds(tmp_path_factory):
-    """The tiny scenario with training seeds 1 and 2, run once for the tests of this module."""
-    workdir = tmp_path_factory.mktemp("two_seeds")
-    result = run_snakemake(workdir, tiny([1, 2]), "all", timeout=1800)
-    return workdir, job_counts(result.stdout + result.stderr)
+#: The jobs of the training chain and its in-domain scoring (what adding transfer must not rerun).
+IN_DOMAIN_RULES = {"build_hdf5", "pretrain", "meta_train", "evaluate", "export_model"}
 
 
 @pytest.mark.slow
-def test_each_seed_replicates_the_training_chain(two_seeds):
-    workdir, counts = two_seeds
+def test_each_seed_replicates_the_training_chain(tiny_two_seeds):
+    workdir, counts = tiny_two_seeds.workdir, tiny_two_seeds.counts
     # seeds x shots: 2 x 2 x (mtl, mtl_ht) meta-trained; 2 x 2 x 5 methods evaluated
     assert counts["pretrain"] == 2 and counts["meta_train"] == 8 and counts["evaluate"] == 20, counts
     assert counts["episodes"] == 2, "the test episodes are shared by every seed"
@@ -47,8 +41,8 @@ def test_each_seed_replicates_the_training_chain(two_seeds):
 
 
 @pytest.mark.slow
-def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
-    workdir, _ = two_seeds
+def test_summary_aggregates_over_seeds_and_states_verdicts(tiny_two_seeds):
+    workdir = tiny_two_seeds.workdir
     summary = pd.read_csv(workdir / "results/summary.csv")
     assert len(summary) == 10  # 5 methods x 2 shots
     assert sorted(summary["method"].unique()) == sorted(METHODS) and sorted(summary["shot"].unique()) == [1, 5]
@@ -84,45 +78,35 @@ def test_summary_aggregates_over_seeds_and_states_verdicts(two_seeds):
 
 
 @pytest.mark.slow
-def test_inference_batch_size_was_measured_and_cached_for_the_next_jobs(two_seeds):
-    """inference.batch_size: auto, measured on this machine for this model (the test runs of this
-    session share one cache, new each session: the entry cannot come from an earlier run)."""
-    cache = json.loads((inference_cache() / CACHE_FILE).read_text())
-    entries = [entry for key, entry in cache.items() if key.endswith("resnet12 width 0.125 | 16 px")]
-    assert entries and all(entry["batch_size"] in CANDIDATES for entry in entries)
-    assert not (two_seeds[0] / "results/.cache").exists()  # MTL_INFERENCE_CACHE replaced the default folder
-
-
-@pytest.mark.slow
-def test_report_front_page_shows_the_summary_and_verdicts(two_seeds):
-    workdir, _ = two_seeds
-    run_snakemake(workdir, tiny([1, 2]), "--report", str(workdir / "report.html"))
-    html = (workdir / "report.html").read_text()
+def test_report_front_page_shows_the_summary_and_verdicts(tiny_two_seeds, tmp_path):
+    report = tmp_path / "report.html"  # outside the shared run's folder, which tests only read
+    run_snakemake(tiny_two_seeds.workdir, None, "--report", str(report),
+                  "--configfile", str(tiny_two_seeds.workdir / "config.yaml"))  # its config, as written
+    html = report.read_text()
     assert len(html) > 10_000 and "Verdicts" in html and "mtl vs ft, digits 3-way 5-shot" in html
 
 
 @pytest.mark.slow
-def test_a_seed_gives_the_same_numbers_alone_and_on_any_core_count(two_seeds, tmp_path):
-    """Seed 2 alone (twice: --cores 1 and --cores 2) reproduces its rows of the two-seed run exactly."""
-    workdir, _ = two_seeds
-    alone, again = tmp_path / "alone", tmp_path / "again"
-    alone.mkdir()
-    again.mkdir()
-    run_snakemake(alone, tiny([2]), "all", cores=1, timeout=1800)
-    run_snakemake(again, tiny([2]), "all", cores=2, timeout=1800)
-
-    for name in ("summary.csv", "summary_per_seed.csv"):
-        assert (alone / "results" / name).read_bytes() == (again / "results" / name).read_bytes(), name
-
-    with_others = pd.read_csv(workdir / "results/summary_per_seed.csv")
+def test_a_seed_gives_the_same_numbers_alone_and_on_any_core_count(tiny_two_seeds, tiny_seed_two_alone):
+    """Seed 2 alone, one job at a time (--cores 1), reproduces its rows of the two-seed run (--cores 2:
+    two jobs at a time) exactly, and its trained weights bit for bit."""
+    with_others = pd.read_csv(tiny_two_seeds.workdir / "results/summary_per_seed.csv")
     with_others = with_others[with_others["seed"] == 2].reset_index(drop=True)
-    by_itself = pd.read_csv(alone / "results/summary_per_seed.csv")
+    by_itself = pd.read_csv(tiny_seed_two_alone.workdir / "results/summary_per_seed.csv")
     pd.testing.assert_frame_equal(by_itself[NUMBERS], with_others[NUMBERS])
+    pd.testing.assert_frame_equal(by_itself, with_others)  # every column of a per-seed row, not only the numbers
+    run = "results/digits/resnet12/seed2"
+    for trained in [f"{run}/pretrain/encoder.pt"] + [f"{run}/{m}/{k}shot/model.pt" for m in ("mtl", "mtl_ht")
+                                                    for k in (1, 5)]:
+        alone, together = (torch.load(root / trained, weights_only=True)["state_dict"]
+                           for root in (tiny_seed_two_alone.workdir, tiny_two_seeds.workdir))
+        assert alone.keys() == together.keys() and all(torch.equal(alone[k], together[k]) for k in alone), trained
 
-    one_seed = pd.read_csv(alone / "results/summary.csv")
+    one_seed = pd.read_csv(tiny_seed_two_alone.workdir / "results/summary.csv")
     assert (one_seed["interval"] == "training variance not measured (1 seed)").all()
     assert one_seed["ci95"].isna().all()
-    assert "training variance not measured, so no verdict" in (alone / "results/summary.md").read_text()
+    text = (tiny_seed_two_alone.workdir / "results/summary.md").read_text()
+    assert "training variance not measured, so no verdict" in text
 
 
 def test_dry_run_of_the_default_config_lists_a_training_chain_per_seed(tmp_path):
@@ -168,20 +152,24 @@ def with_transfer(config):
 
 
 @pytest.fixture(scope="module")
-def transfer_run(tmp_path_factory):
-    """two_seeds' configuration plus a test-only folder scored with the models trained on digits."""
-    workdir = tmp_path_factory.mktemp("transfer")
+def transfer_run(tmp_path_factory, tiny_two_seeds):
+    """A copy of tiny_two_seeds with a test-only folder added and scored with the models trained on
+    digits: what a user does who adds `transfer` to a finished run."""
+    workdir = tiny_two_seeds.copy_to(tmp_path_factory.mktemp("transfer") / "run").workdir
     write_digit_folder(workdir / "my_digits")
-    result = run_snakemake(workdir, with_transfer(tiny([1, 2])), "all", timeout=1800)
+    result = run_snakemake(workdir, with_transfer(tiny_two_seeds.config), "all", timeout=1800)
     return workdir, job_counts(result.stdout + result.stderr)
 
 
 @pytest.mark.slow
 def test_transfer_rows_score_the_digits_models_on_a_test_only_folder(transfer_run):
     workdir, counts = transfer_run
-    assert counts["build_test_hdf5"] == 1 and counts["build_hdf5"] == 1
-    assert counts["pretrain"] == 2 and counts["evaluate"] == counts["evaluate_transfer"] == 20, counts
-    assert counts["episodes"] == 4  # digits and my_digits, each shot
+    assert counts["build_test_hdf5"] == 1 and counts["evaluate_transfer"] == 20, counts
+    assert counts["download"] == 1 and counts["episodes"] == 2  # my_digits' (digits' are the finished run's)
+    # No in-domain job reran (digits' download neither, or its split would be rebuilt): their params,
+    # inputs and code are those of the run without transfer, so a run with transfer from scratch
+    # trains and scores them as it did.
+    assert not IN_DOMAIN_RULES & counts.keys() and counts["summarize"] == 1, counts
     assert sorted(p.name for p in (workdir / "data/my_digits").iterdir()) == ["test.h5"]
     assert HDF5Split(workdir / "data/my_digits/test.h5").image_shape == (16, 16, 3)  # backbone.image_size
     assert not (workdir / "results/my_digits/resnet12").exists()  # never trained
@@ -230,12 +218,12 @@ def test_transfer_scored_every_method_and_seed_on_the_same_target_episodes(trans
 
 
 @pytest.mark.slow
-def test_transfer_leaves_the_in_domain_numbers_as_they_were(transfer_run, two_seeds):
+def test_transfer_leaves_the_in_domain_numbers_as_they_were(transfer_run, tiny_two_seeds):
     """The digits rows of the transfer run equal those of the same configuration without transfer."""
     for name, keys in (("summary_per_seed.csv", ["method", "shot", "seed"]), ("summary.csv", ["method", "shot"])):
         with_transfer_rows = pd.read_csv(transfer_run[0] / "results" / name)
         in_domain = with_transfer_rows[with_transfer_rows["dataset"] == "digits"].reset_index(drop=True)
-        without = pd.read_csv(two_seeds[0] / "results" / name)
+        without = pd.read_csv(tiny_two_seeds.workdir / "results" / name)
         assert len(in_domain) == len(without) > 0 and (without["trained_on"] == "digits").all()
         pd.testing.assert_frame_equal(in_domain, without)
         assert in_domain[keys + NUMBERS].equals(without[keys + NUMBERS])

@@ -1,5 +1,8 @@
 """`snakemake predict` and `mtl-predict` on the tiny workflow: a saved test episode written out as
-folders gets exactly evaluate's predictions; bad input stops it with nothing written."""
+folders gets exactly evaluate's predictions; bad input stops it with nothing written.
+
+They predict in a copy of the session's one-seed run (tests/conftest.py, tiny_seed_two_alone: seed 2,
+one image per forward pass, as the exact-equality contract needs)."""
 from __future__ import annotations
 
 import subprocess
@@ -13,21 +16,18 @@ from PIL import Image
 from mtl.data.episodes import load_episodes
 from mtl.data.hdf5 import HDF5Split
 from mtl.model_file import read_model_file
-from tests.workflow import run_snakemake, scenario_config
+from tests.workflow import run_snakemake
 
 pytestmark = pytest.mark.slow
 WAY, SHOT, QUERY = 3, 5, 5  # the tiny scenario's 5-shot episodes
+SEED = 2  # the run's one training seed
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("predict_workflow")
-    # One image per forward pass, in evaluate and in predict: a backend's kernels may differ with the
-    # batch's size (oneDNN below 16 images: features ~4e-6 apart), and ft's inner loop is sensitive
-    # enough for that to flip predictions; the contract is exact equality given the same features.
-    config = scenario_config("tiny", {"inference": {"batch_size": 1}})
-    run_snakemake(workdir, config, "all", timeout=1800)
-    return workdir, config
+def tiny_run(tmp_path_factory, tiny_seed_two_alone):
+    """A copy of the shared run (predictions are written into the workflow's folder)."""
+    run = tiny_seed_two_alone.copy_to(tmp_path_factory.mktemp("predict_workflow") / "run")
+    return run.workdir, run.config
 
 
 def write_test_episode(workdir, root, index=0):
@@ -44,7 +44,7 @@ def write_test_episode(workdir, root, index=0):
     return root / "support", root / "query", np.repeat([f"c{p}" for p in range(WAY)], QUERY)
 
 
-def evaluated_correct(workdir, method, seed=1, index=0) -> int:
+def evaluated_correct(workdir, method, seed=SEED, index=0) -> int:
     table = pd.read_csv(workdir / f"results/digits/resnet12/seed{seed}/{method}/{SHOT}shot/episodes.csv")
     return round(float(table.loc[table["episode"] == index, "accuracy"].iloc[0]) * WAY * QUERY)
 
@@ -53,8 +53,9 @@ def test_every_trained_run_is_exported_as_a_file_that_stands_alone(tiny_run):
     workdir, config = tiny_run
     for method in config["methods"]:
         for shot in (1, 5):
-            backbone, info = read_model_file(workdir / f"results/models/digits/resnet12/{method}/{shot}shot/seed1.pt")
-            assert (info["method"], info["shot"], info["seed"], info["trained_on"]) == (method, shot, 1, "digits")
+            model = workdir / f"results/models/digits/resnet12/{method}/{shot}shot/seed{SEED}.pt"
+            backbone, info = read_model_file(model)
+            assert (info["method"], info["shot"], info["seed"], info["trained_on"]) == (method, shot, SEED, "digits")
             assert info["stored_image_size"] == 16 and len(info["data_sha256"]["train"]) == 64
             assert info["config"]["protocol"]["way"] == WAY and info["commit"]
 

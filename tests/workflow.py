@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -122,3 +123,46 @@ def job_counts(output: str) -> dict[str, int]:
         elif in_table and counts and not words:
             in_table = False
     return counts
+
+
+# ----------------------------------------------------------------------------- finished runs, shared
+
+
+@dataclass
+class FinishedRun:
+    """A workflow run that has finished in ``workdir`` with ``config``: what several tests read.
+
+    Tests read a shared run, never write to it (``changes`` lists what one wrote); a test that
+    must change something works on ``copy_to(folder)``."""
+
+    workdir: Path
+    config: dict
+    counts: dict[str, int]  # the jobs it ran, by rule (job_counts)
+    listing: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def copy_to(self, dest: Path) -> FinishedRun:
+        """A copy Snakemake sees as finished: modification times are kept (Snakemake reruns a job
+        whose inputs are newer than its outputs) and so is .snakemake/metadata (the params, code and
+        inputs each output was made with), whose records are kept per relative path."""
+        shutil.copytree(self.workdir, dest, symlinks=True)
+        return FinishedRun(dest, self.config, {})
+
+    def changes(self) -> list[str]:
+        """What differs from the listing taken when the run finished (empty: nobody wrote to it)."""
+        now = file_listing(self.workdir)
+        return sorted({path for path in self.listing.keys() | now.keys() if self.listing.get(path) != now.get(path)})
+
+
+def file_listing(workdir: Path) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime in ns)} of every file but Snakemake's own per-invocation logs."""
+    return {str(path.relative_to(workdir)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in workdir.rglob("*") if path.is_file() and ".snakemake/log" not in path.as_posix()}
+
+
+def finish_run(workdir: Path, config: dict, *targets: str, cores: int = 2) -> FinishedRun:
+    """Run ``targets`` (default: all) in a new ``workdir`` and return it as a FinishedRun."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = run_snakemake(workdir, config, *(targets or ("all",)), cores=cores, timeout=1800)
+    run = FinishedRun(workdir, config, job_counts(result.stdout + result.stderr))
+    run.listing = file_listing(workdir)
+    return run

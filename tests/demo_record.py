@@ -170,10 +170,9 @@ def render_run(record: dict) -> str:
         cost = f": {minutes} min {seconds:02d} s wall"
         if record.get("cpu_s") is not None:
             cost += f", {round(record['cpu_s']):,} CPU s"
-    return (f"Recorded on {record['date']} in a fresh clone of commit {record['commit']}, on a "
-            f"{m['cores']}-core {m['cpu']} VM ({m['cpu_generation']}; torch {m['torch']}, its {m['cpu_capability']} "
-            f"kernels){cost}; "
-            "the numbers are in [tests/demo_record.json](tests/demo_record.json).\n")
+    return (f"Recorded on {record['date']} in a fresh clone of commit {record['commit']} on a "
+            f"{m['cores']}-core {m['cpu']} VM ({m['cpu_generation']}; torch {m['torch']}, {m['cpu_capability']} "
+            f"kernels){cost} ([the record](tests/demo_record.json)).\n")
 
 
 def render_prediction(record: dict) -> str:

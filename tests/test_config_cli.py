@@ -71,6 +71,7 @@ def replace_a_query_image(workdir: Path) -> None:
     (workdir / "query/b.png").write_bytes(b"another query")
 
 
+@pytest.mark.slow  # six Snakemake dry runs (13 s): out of the quick loop, in CI
 def test_predict_reruns_when_the_images_in_its_folders_change(tmp_path):
     """Snakemake dated each folder by its own mtime, which a change inside a class folder (or a
     file replaced in place) leaves alone: "Nothing to be done", and the old predictions stayed.

@@ -178,6 +178,7 @@ def assert_same_weights(folder: Path, reference: Path) -> None:
         torch.testing.assert_close(ours[name], theirs[name], atol=TOLERANCE, rtol=0, msg=name)
 
 
+@pytest.mark.slow  # two gloo worker processes train (8 s): out of the quick loop, in CI
 def test_two_workers_train_as_one_process_does(tmp_path, splits, one_process):
     log = tmp_path / "pretrain.log"
     launch(pretrain, pretrain_kwargs(tmp_path, splits, gpus=2), processes=2, device="cpu", threads=1, log_path=log)

@@ -58,7 +58,7 @@ def main() -> None:
     for method in args.methods:
         for shot in args.shots:
             episodes = load_episodes(results / "episodes" / f"{args.way}way{shot}shot.npz")
-            calibration = calibration_episode_set(data / "val.h5", args.way, shot, args.query,
+            calibration = calibration_episode_set(val, args.way, shot, args.query,
                                                   args.calibration_episodes, args.episode_seed)
             for seed in args.seeds:
                 run = results / args.backbone / f"seed{seed}"

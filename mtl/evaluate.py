@@ -102,13 +102,14 @@ def evaluate(
 
     temperature, calibration = 1.0, {"calibration_episodes": 0}
     if calibration_episodes:
-        calibration_set = calibration_episode_set(val_h5, way, shot, n_query, calibration_episodes,
+        val = HDF5Split(val_h5)
+        calibration_set = calibration_episode_set(val, way, shot, n_query, calibration_episodes,
                                                   episodes.meta["seed"])
         # fresh learners of the calibration episodes draw from a stream of their own: the test
         # episodes' learners are the same with or without calibration
         learner = learner_for(settings, backbone, seed=protocol["seed"], meta_init=meta_init,
                               purpose=Purpose.CALIBRATION_LEARNERS)
-        logits = score_episodes(learner, HDF5Split(val_h5), (calibration_set.support, calibration_set.query),
+        logits = score_episodes(learner, val, (calibration_set.support, calibration_set.query),
                                 way=way, shot=shot, query=n_query, progress=True, **scoring)
         temperature = fit_temperature(logits, query_targets(len(calibration_set), way, n_query))
         calibration = {"calibration_episodes": len(calibration_set), "calibration_split": str(val_h5)}
@@ -145,10 +146,9 @@ def query_targets(episodes: int, way: int, query: int) -> torch.Tensor:
     return torch.as_tensor(relabel(way, query)).expand(episodes, -1)
 
 
-def calibration_episode_set(val_h5, way: int, shot: int, query: int, count: int, seed: int) -> EpisodeSet:
+def calibration_episode_set(val: HDF5Split, way: int, shot: int, query: int, count: int, seed: int) -> EpisodeSet:
     """The validation episodes a run's temperature is fitted on: drawn like the test episodes (the
     same episode seed, another stream), so every method and seed of a dataset/shot shares them."""
-    val = HDF5Split(val_h5)
     sampler = EpisodeSampler(val.labels, way, shot, query, seed, count=count, class_names=val.class_names,
                              purpose=Purpose.CALIBRATION_EPISODES)
     return EpisodeSet.from_episodes(sampler.sample(count), sampler.meta())

@@ -46,26 +46,37 @@ def _save_png(figure, path_png) -> Path:
     return Path(path_png)
 
 
-# ----------------------------------------------------------------------------- test accuracy
-def plot_accuracies(summary: pd.DataFrame, per_seed: pd.DataFrame, path_png) -> Path:
-    """Per (trained on, tested on) dataset x shot: each seed's accuracy as a point, the across-seed
-    mean ± t-interval, published marks. A transfer pair (models of one dataset scored on another)
-    gets its own row of panels, after the in-domain ones."""
+def _panel_grid(summary: pd.DataFrame, plot: str, path_png, height: float):
+    """A figure with one panel per (trained on, tested on) dataset pair (rows) x shot (columns): the
+    figure, its axes, and (axes, (trained_on, dataset, shot), summary rows) of every panel that has
+    rows; a panel without rows is hidden."""
     if summary.empty:
-        raise MTLError(f"plot_accuracies({path_png}): the summary table is empty; nothing to plot")
+        raise MTLError(f"{plot}({path_png}): the summary table is empty; nothing to plot")
     pairs = list(dict.fromkeys(zip(summary[TRAINED_ON], summary["dataset"])))
     shots = sorted(dict.fromkeys(summary["shot"]))
-    figure, axes = _figure(len(pairs), len(shots), 4.4, 3.6)
+    figure, axes = _figure(len(pairs), len(shots), 4.4, height)
+    panels = []
     for i, (trained_on, dataset) in enumerate(pairs):
         for j, shot in enumerate(shots):
             rows = summary[(summary[TRAINED_ON] == trained_on) & (summary["dataset"] == dataset)
                            & (summary["shot"] == shot)]
             if rows.empty:
                 axes[i][j].set_visible(False)
-                continue
-            seeds = per_seed[(per_seed[TRAINED_ON] == trained_on) & (per_seed["dataset"] == dataset)
-                             & (per_seed["shot"] == shot)]
-            _accuracy_panel(axes[i][j], rows, seeds, summary["backbone"].nunique() > 1)
+            else:
+                panels.append((axes[i][j], (trained_on, dataset, shot), rows))
+    return figure, axes, panels
+
+
+# ----------------------------------------------------------------------------- test accuracy
+def plot_accuracies(summary: pd.DataFrame, per_seed: pd.DataFrame, path_png) -> Path:
+    """Per (trained on, tested on) dataset x shot: each seed's accuracy as a point, the across-seed
+    mean ± t-interval, published marks. A transfer pair (models of one dataset scored on another)
+    gets its own row of panels, after the in-domain ones."""
+    figure, axes, panels = _panel_grid(summary, "plot_accuracies", path_png, height=3.6)
+    for ax, (trained_on, dataset, shot), rows in panels:
+        seeds = per_seed[(per_seed[TRAINED_ON] == trained_on) & (per_seed["dataset"] == dataset)
+                         & (per_seed["shot"] == shot)]
+        _accuracy_panel(ax, rows, seeds, summary["backbone"].nunique() > 1)
     _shared_legend(figure, axes)
     figure.suptitle(f"Test accuracy: one point per training seed, mean ± {SEED_INTERVAL}", fontsize="medium")
     return _save_png(figure, path_png)
@@ -114,19 +125,9 @@ def plot_reliability(summary: pd.DataFrame, reliability: Mapping[tuple, Mapping]
     :func:`mtl.results.tables.pooled_reliability`), the diagonal of perfect calibration, and the
     pooled queries' ECE in the legend. A row without a table (evaluated before calibration existed)
     is left out; a panel left empty says so."""
-    if summary.empty:
-        raise MTLError(f"plot_reliability({path_png}): the summary table is empty; nothing to plot")
-    pairs = list(dict.fromkeys(zip(summary[TRAINED_ON], summary["dataset"])))
-    shots = sorted(dict.fromkeys(summary["shot"]))
-    figure, axes = _figure(len(pairs), len(shots), 4.4, 4.2)
-    for i, (trained_on, dataset) in enumerate(pairs):
-        for j, shot in enumerate(shots):
-            rows = summary[(summary[TRAINED_ON] == trained_on) & (summary["dataset"] == dataset)
-                           & (summary["shot"] == shot)]
-            if rows.empty:
-                axes[i][j].set_visible(False)
-                continue
-            _reliability_panel(axes[i][j], rows, reliability, summary["backbone"].nunique() > 1)
+    figure, _, panels = _panel_grid(summary, "plot_reliability", path_png, height=4.2)
+    for ax, _, rows in panels:
+        _reliability_panel(ax, rows, reliability, summary["backbone"].nunique() > 1)
     figure.suptitle("Reliability of the calibrated probabilities: accuracy vs mean confidence per confidence bin\n"
                     "(test queries of all seeds pooled; ECE in points)", fontsize="medium")
     return _save_png(figure, path_png)

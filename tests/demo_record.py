@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -118,8 +119,6 @@ def write_record(wall_s: float | None, cpu_s: float | None, folder: Path = REPO)
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 

@@ -11,7 +11,7 @@ import torch
 from mtl.batching import CACHE_ENV
 from mtl.data.hdf5 import write_split
 from tests.slurm_cluster import SKIP_REASON, SlurmCluster, in_ci, local_slurm_cluster, slurm_tests_requested, why_unavailable
-from tests.workflow import FinishedRun, finish_run, scenario_config, use_inference_cache
+from tests.workflow import FinishedRun, StartedRun, finish_run, scenario_config, start_run, use_inference_cache
 
 # Records what the fault tests tried (--fault-record) and which injectors fired in each.
 pytest_plugins = ["tests.fault_record"]
@@ -26,14 +26,16 @@ pytest_plugins = ["tests.fault_record"]
 #  - every test that needs the local Slurm (one per machine: /etc/slurm and its daemons);
 #  - the tests that read the shared tiny runs below (each runs once, in the process that reads it);
 #  - otherwise a module (its module- and session-scoped fixtures run once in each process it is in).
-# The heaviest units go out first, so that no process is left alone with a long one at the end.
+# The heaviest units go out first, so that no process is left alone with a long one at the end; the
+# shared runs (two CPUs busy) start beside the Slurm unit (which mostly waits on Slurm's status checks),
+# and the fault suite (its reruns one job at a time: one CPU) after it, beside the ablation run.
 MAX_PROCESSES = 4
 SLURM_UNIT = "tests that need the local Slurm"
 SHARED_RUNS_UNIT = "tests that read the shared tiny runs"
 SHARED_RUN_MODULES = ("tests/test_workflow_full.py", "tests/test_workflow_predict.py")
-SHARED_RUN_FIXTURES = ("tiny_two_seeds", "tiny_seed_two_alone")
+SHARED_RUN_FIXTURES = ("tiny_two_seeds", "tiny_seed_two_alone", "seed_two_alone_started")
 #: Longest first, as measured (bench/RESULTS.md, "Where CI's time goes"); other units keep their order.
-LONGEST_UNITS = (SLURM_UNIT, "tests/test_faults.py", SHARED_RUNS_UNIT, "tests/test_workflow_ablation.py")
+LONGEST_UNITS = (SLURM_UNIT, SHARED_RUNS_UNIT, "tests/test_faults.py", "tests/test_workflow_ablation.py")
 
 
 def work_unit(nodeid: str) -> str:
@@ -148,15 +150,24 @@ def _shared(run: FinishedRun) -> Iterator[FinishedRun]:
 
 
 @pytest.fixture(scope="session")
-def tiny_two_seeds(tmp_path_factory) -> Iterator[FinishedRun]:
-    """The tiny scenario with training seeds 1 and 2 (``--cores 2``: two jobs at a time)."""
+def seed_two_alone_started(tmp_path_factory) -> Iterator[StartedRun]:
+    """tiny_seed_two_alone's run, started in the background (stopped at the end if nobody read it)."""
+    started = start_run(tmp_path_factory.mktemp("seed_two_alone"), tiny_with_seeds([2]), cores=1)
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_two_seeds(tmp_path_factory, seed_two_alone_started) -> Iterator[FinishedRun]:
+    """The tiny scenario with training seeds 1 and 2 (``--cores 2``: two jobs at a time). The seed-2
+    run goes on beside it (its one job at a time would leave a core idle after it)."""
     yield from _shared(finish_run(tmp_path_factory.mktemp("two_seeds"), tiny_with_seeds([1, 2]), cores=2))
 
 
 @pytest.fixture(scope="session")
-def tiny_seed_two_alone(tmp_path_factory) -> Iterator[FinishedRun]:
+def tiny_seed_two_alone(seed_two_alone_started) -> Iterator[FinishedRun]:
     """Seed 2 of tiny_two_seeds alone, one job at a time (``--cores 1``)."""
-    yield from _shared(finish_run(tmp_path_factory.mktemp("seed_two_alone"), tiny_with_seeds([2]), cores=1))
+    yield from _shared(seed_two_alone_started.finish())
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -159,10 +160,50 @@ def file_listing(workdir: Path) -> dict[str, tuple[int, int]]:
             for path in workdir.rglob("*") if path.is_file() and ".snakemake/log" not in path.as_posix()}
 
 
+class StartedRun:
+    """A workflow run going on in the background (``start_run``); ``finish()`` waits for it."""
+
+    def __init__(self, workdir: Path, config: dict, targets: tuple[str, ...], cores: int):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir, self.config = workdir, config
+        self.command = snakemake_command(workdir, config, *targets, cores=cores)
+        # Snakemake's output goes to a file beside the folder: a pipe nobody reads until the end would
+        # fill up and stall the run.
+        self.output = open(workdir.parent / f"{workdir.name}.snakemake-output.txt", "w+")  # noqa: SIM115
+        self.process = subprocess.Popen(self.command, stdout=self.output, stderr=subprocess.STDOUT, text=True,
+                                        env=snakemake_env(), start_new_session=True)
+
+    def finish(self, timeout: int = 1800) -> FinishedRun:
+        """Wait for the run; a FinishedRun, or an AssertionError with the end of its output."""
+        try:
+            returncode = self.process.wait(timeout=timeout)
+        finally:
+            self.stop()
+        self.output.seek(0)
+        text = self.output.read()
+        self.output.close()
+        if returncode != 0:
+            raise AssertionError(f"snakemake failed ({returncode}): {' '.join(self.command)}\n{text[-10000:]}")
+        run = FinishedRun(self.workdir, self.config, job_counts(text))
+        run.listing = file_listing(self.workdir)
+        return run
+
+    def stop(self) -> None:
+        """Stop the run and its jobs if it still goes on (a session that never asked for it)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)  # Snakemake's own clean stop
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start_run(workdir: Path, config: dict, *targets: str, cores: int = 2) -> StartedRun:
+    """Start ``targets`` (default: all) in a new ``workdir`` in the background (see StartedRun)."""
+    return StartedRun(workdir, config, targets or ("all",), cores)
+
+
 def finish_run(workdir: Path, config: dict, *targets: str, cores: int = 2) -> FinishedRun:
     """Run ``targets`` (default: all) in a new ``workdir`` and return it as a FinishedRun."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    result = run_snakemake(workdir, config, *(targets or ("all",)), cores=cores, timeout=1800)
-    run = FinishedRun(workdir, config, job_counts(result.stdout + result.stderr))
-    run.listing = file_listing(workdir)
-    return run
+    return start_run(workdir, config, *targets, cores=cores).finish()

@@ -103,6 +103,7 @@ def batchnorm_parts(out_dir: str, device) -> None:
     torch.save(out, Path(out_dir) / f"rank{ranks.rank()}.pt")
 
 
+@pytest.mark.slow  # three gloo worker processes (7-9 s): out of the quick loop, in CI
 def test_synchronised_batchnorm_on_gloo_equals_batchnorm_on_the_whole_batch(tmp_path):
     launch(batchnorm_parts, {"out_dir": str(tmp_path)}, processes=3, device="cpu", threads=1,
            log_path=tmp_path / "log")
@@ -250,6 +251,7 @@ def test_two_workers_killed_mid_run_resume_with_any_process_count(tmp_path, spli
     assert f"resuming from epoch {state['epochs_done'] + 1}" in (killed / "resume.log").read_text()
 
 
+@pytest.mark.slow  # two gloo worker processes start and fail (4 s): out of the quick loop, in CI
 def test_a_failing_worker_fails_the_launch_with_a_message_naming_the_log(tmp_path, splits):
     kwargs = pretrain_kwargs(tmp_path, splits, gpus=2)
     kwargs["backbone"] = {"name": "no-such-net"}

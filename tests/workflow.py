@@ -168,10 +168,11 @@ class StartedRun:
         self.workdir, self.config = workdir, config
         self.command = snakemake_command(workdir, config, *targets, cores=cores)
         # Snakemake's output goes to a file beside the folder: a pipe nobody reads until the end would
-        # fill up and stall the run.
-        self.output = open(workdir.parent / f"{workdir.name}.snakemake-output.txt", "w+")  # noqa: SIM115
-        self.process = subprocess.Popen(self.command, stdout=self.output, stderr=subprocess.STDOUT, text=True,
-                                        env=snakemake_env(), start_new_session=True)
+        # fill up and stall the run. The child keeps its own handle on the file.
+        self.output = workdir.parent / f"{workdir.name}.snakemake-output.txt"
+        with open(self.output, "w") as output:
+            self.process = subprocess.Popen(self.command, stdout=output, stderr=subprocess.STDOUT,
+                                            env=snakemake_env(), start_new_session=True)
 
     def finish(self, timeout: int = 1800) -> FinishedRun:
         """Wait for the run; a FinishedRun, or an AssertionError with the end of its output."""
@@ -179,9 +180,7 @@ class StartedRun:
             returncode = self.process.wait(timeout=timeout)
         finally:
             self.stop()
-        self.output.seek(0)
-        text = self.output.read()
-        self.output.close()
+        text = self.output.read_text()
         if returncode != 0:
             raise AssertionError(f"snakemake failed ({returncode}): {' '.join(self.command)}\n{text[-10000:]}")
         run = FinishedRun(self.workdir, self.config, job_counts(text))
